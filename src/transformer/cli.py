@@ -1,0 +1,119 @@
+"""Console entry points: thin Hydra wrappers around ``train``, ``evaluate`` and ``Translator``.
+
+Mistakes a user can fix (``UserError``) print one line, ``error: ...``, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from transformer.config import DecodeConfig, config_dir, register_configs
+from transformer.errors import UserError
+
+
+def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
+    """Run ``task`` under Hydra with the packaged configs, turning UserErrors into one line."""
+    register_configs()
+
+    def guarded(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except UserError as e:
+            logging.getLogger("transformer").debug("user error", exc_info=True)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(guarded)()
+
+
+def quiet_logging() -> None:
+    """decode/evaluate: INFO to stderr, so stdout carries only translations or scores."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def decode_config(cfg: DictConfig) -> DecodeConfig:
+    return DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
+
+
+# train ------------------------------------------------------------------------------
+
+
+def _train(cfg: DictConfig) -> float:
+    from transformer.train.loop import train
+
+    if not cfg.run_dir:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    metrics = train(cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "test"} | {"test": {k: v for k, v in metrics.get("test", {}).items() if not k.endswith("detail")}}, indent=2))
+    return metrics["best_valid_bleu"]
+
+
+def train_cli() -> None:
+    hydra_entry("train", _train)
+
+
+# evaluate ---------------------------------------------------------------------------
+
+
+def _evaluate(cfg: DictConfig) -> dict:
+    quiet_logging()
+    from transformer.evaluate import evaluate
+
+    data = OmegaConf.to_object(cfg.data) if cfg.src_file is None else None
+    result = evaluate(
+        cfg.checkpoint, data=data, split=cfg.split, src_file=cfg.src_file, ref_file=cfg.ref_file,
+        decode=decode_config(cfg), output=cfg.output, device=cfg.device,
+    )
+    print(result["bleu_detail"])
+    print(f"chrF2 = {result['chrf']:.2f}  ({result['chrf_signature']})")
+    print(f"BLEU (lowercased) = {result['bleu_lc']:.2f}")
+    print(f"hypotheses: {result['hypotheses_file']}")
+    return result
+
+
+def evaluate_cli() -> None:
+    hydra_entry("evaluate", _evaluate)
+
+
+# decode -----------------------------------------------------------------------------
+
+
+def _decode(cfg: DictConfig) -> None:
+    quiet_logging()
+    from transformer.data.corpus import open_text
+    from transformer.decode.translator import Translator
+
+    translator = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, ensemble=cfg.ensemble, config=decode_config(cfg))
+    if cfg.sentence is not None:
+        lines: Any = [cfg.sentence]
+    elif cfg.input:
+        lines = (line for _, line in open_text(cfg.input))
+    else:
+        lines = sys.stdin
+    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
+    try:
+        for i, hyps in enumerate(translator.translate_stream(lines, chunk=1 if lines is sys.stdin and sys.stdin.isatty() else 64)):
+            if translator.config.n_best > 1:
+                # n-best format (as fairseq/Moses): line index ||| translation ||| score
+                for h in hyps:
+                    out.write(f"{i} ||| {h.text} ||| {h.score:.4f}\n")
+            elif cfg.scores:
+                out.write(f"{hyps[0].score:.4f}\t{hyps[0].text}\n")
+            else:
+                out.write(hyps[0].text + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def decode_cli() -> None:
+    hydra_entry("decode", _decode)
+

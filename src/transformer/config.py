@@ -1,0 +1,193 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Every YAML file under ``configs/`` is merged onto these dataclasses, so a misspelt key
+fails when the config is composed, before any work starts. Each field's comment is its
+documentation (``transformer-train --help`` lists the groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of the encoder-decoder Transformer (Vaswani et al. 2017)."""
+
+    d_model: int = 512  # width of embeddings and residual stream
+    n_heads: int = 8  # attention heads; d_model must divide evenly
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    d_ff: int = 2048  # hidden width of the position-wise feed-forward block
+    dropout: float = 0.1  # on embeddings and every residual branch
+    attention_dropout: float = 0.0  # on attention probabilities
+    activation_dropout: float = 0.0  # inside the feed-forward block
+    activation: str = "relu"  # relu | gelu
+    norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
+    positional: str = "sinusoidal"  # sinusoidal | learned
+    max_positions: int = 1024  # longest sequence (in subwords, with BOS/EOS) the model accepts
+    share_embeddings: bool = True  # one embedding for source and target (needs a joint vocabulary)
+    tie_output: bool = True  # output projection shares the target embedding matrix
+    src_vocab_size: int = 0  # filled from the tokenizer at training time
+    tgt_vocab_size: int = 0  # filled from the tokenizer at training time
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel corpus comes from and how it is tokenized and batched."""
+
+    name: str = "builtin"  # a label for logs and run cards
+    source: str = "builtin"  # builtin | files | hub
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # files: paths per split. Plain text pairs (src/tgt, optionally .gz), or one TSV/JSONL file.
+    format: str = "text"  # text | tsv | jsonl
+    train_src: Optional[str] = None
+    train_tgt: Optional[str] = None
+    valid_src: Optional[str] = None
+    valid_tgt: Optional[str] = None
+    test_src: Optional[str] = None
+    test_tgt: Optional[str] = None
+    train_file: Optional[str] = None  # tsv/jsonl: one file per split holding both sides
+    valid_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # hub: a Hugging Face dataset by name
+    hub_name: Optional[str] = None  # e.g. wmt14
+    hub_config: Optional[str] = None  # e.g. de-en
+    train_split: str = "train"
+    valid_split: str = "validation"
+    test_split: str = "test"
+    translation_field: Optional[str] = "translation"  # dict column {src_lang: .., tgt_lang: ..}; null for flat columns
+    src_field: Optional[str] = None  # flat-column names (jsonl/hub) when translation_field is null
+    tgt_field: Optional[str] = None
+    streaming: bool = False  # hub: iterate without downloading the whole corpus first
+    # builtin corpus sizes
+    builtin_train: int = 20000
+    builtin_valid: int = 500
+    builtin_test: int = 500
+    builtin_seed: int = 1234
+    # tokenizer
+    vocab_size: int = 8000  # SentencePiece BPE pieces (per side when joint_vocab is false)
+    joint_vocab: bool = True
+    tokenizer_sample: int = 2000000  # sentences fed to SentencePiece training (at most)
+    # batching
+    max_len: int = 256  # longer pairs (in subwords) are dropped from training, with a count
+    max_tokens: int = 4096  # token budget per batch (padded source or target, whichever is larger)
+    valid_max_sentences: int = 0  # cap on validation sentences used for BLEU during training (0: all)
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop."""
+
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
+    max_steps: int = 10000  # optimizer updates
+    max_epochs: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
+    update_freq: int = 1  # gradient accumulation: batches per optimizer update
+    lr: float = 5e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | noam | constant
+    warmup_steps: int = 4000
+    min_lr: float = 0.0  # floor of the cosine schedule
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0  # 0 disables gradient clipping
+    eval_every: int = 1000  # steps between validation loss + BLEU (each also saves a checkpoint)
+    save_every: int = 0  # extra checkpoints between evaluations (0: only at evaluations)
+    log_every: int = 50  # steps between training log lines
+    eval_beam_size: int = 1  # search used for validation BLEU (1: greedy)
+    keep_last: int = 3  # step checkpoints kept besides last and best
+    patience: int = 0  # early stopping: evaluations without a better BLEU (0: off)
+    average_last: int = 0  # average the last N kept checkpoints at the end (0: off)
+    max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch intra-op threads (0: PyTorch's default)
+    resume: Optional[str] = None  # run directory or checkpoint to continue from
+    progress: bool = True  # show a tqdm progress bar
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings shared by decode, evaluate and validation."""
+
+    beam_size: int = 5  # 1: greedy
+    n_best: int = 1
+    length_penalty: float = 1.0  # GNMT alpha (lp_style=gnmt) or exponent (lp_style=average)
+    lp_style: str = "gnmt"  # gnmt | average | none
+    max_len_a: float = 1.5  # hypotheses stop at a * source length + b subwords
+    max_len_b: int = 10
+    min_len: int = 0
+    early_stop: str = "exact"  # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
+    batch_tokens: int = 4096  # source tokens per decoding batch
+    sampling: bool = False  # sample instead of search (back-translation)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    evaluate_test: bool = True  # score the test split with the best checkpoint at the end
+    run_dir: Optional[str] = None  # filled with Hydra's output directory
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = MISSING  # checkpoint file or run directory (uses best.pt)
+    data: DataConfig = field(default_factory=DataConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    split: str = "test"  # split of the data config to score
+    src_file: Optional[str] = None  # or score these files instead of a data split
+    ref_file: Optional[str] = None
+    output: Optional[str] = None  # hypotheses file (default: next to the checkpoint)
+    device: str = "auto"
+
+
+@dataclass
+class DecodeRunConfig:
+    checkpoint: str = MISSING  # checkpoint file or run directory (uses best.pt)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    input: Optional[str] = None  # a file to translate (default: stdin)
+    sentence: Optional[str] = None  # or one sentence given on the command line
+    output: Optional[str] = None  # default: stdout
+    scores: bool = False  # print "score<TAB>translation"
+    device: str = "auto"
+    ensemble: list[str] = field(default_factory=list)  # extra checkpoints averaged with the first
+
+
+def register_configs() -> None:
+    """Register schemas so YAML files are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="decode_schema", node=DecodeRunConfig)
+
+
+def config_dir() -> str:
+    """Absolute path of the YAML configs, installed (package data) or in a source checkout."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict of a dataclass or OmegaConf node, for checkpoints and logs."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)

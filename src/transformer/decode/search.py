@@ -1,0 +1,417 @@
+"""Turning next-token distributions into translations: greedy, beam search and sampling.
+
+Search is written against a tiny `Scorer` protocol (start / select / step) rather than
+against the model, so that one code path serves a cached model, an uncached model and
+an ensemble, and so that it can be tested with scripted distributions whose best
+sequences are known exactly. Everything is batched over sentences: sentences that
+finish are dropped from the batch so later steps only pay for the ones still running,
+and results are handed back in input order.
+
+Conventions shared by all searches:
+
+* ``max_len`` counts generated tokens including EOS (BOS is not generated); at the
+  last allowed position only EOS may be chosen, so every hypothesis finishes.
+* ``min_len`` counts tokens before EOS: EOS gets log-prob ``-inf`` while fewer than
+  ``min_len`` tokens have been generated.
+* PAD and BOS are never generated.
+* Impossible choices carry ``float('-inf')``, never a large negative constant, so a
+  hypothesis that would need one is recognised as dead rather than merely unlikely.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from transformer.vocab import BOS, EOS, PAD
+
+NEG_INF = float("-inf")
+
+
+class Scorer(Protocol):
+    """Anything that scores next tokens: one model (cached or uncached) or an ensemble."""
+
+    def start(self, src: Tensor) -> Any:
+        """Encode src (B, S) LongTensor padded with PAD; return an opaque decoder state with B rows."""
+
+    def select(self, state: Any, index: Tensor) -> Any:
+        """State whose rows are state's rows at `index` (LongTensor (N,)): used to expand each
+        sentence to `beam` rows, to reorder beams, and to drop finished sentences."""
+
+    def step(self, state: Any, prefix: Tensor) -> tuple[Tensor, Any]:
+        """prefix (N, t) LongTensor: every row starts with BOS and holds the t tokens so far.
+        Returns (log_probs (N, V) float32, normalised log-softmax over the target vocabulary,
+        new state). A cached implementation uses only prefix[:, -1] and appends to its
+        key/value cache; an uncached one reruns the whole prefix. After `select`, the state
+        corresponds to the selected rows' prefixes."""
+
+
+class Ensemble:
+    """Several scorers over one vocabulary acting as one: the mean of their probabilities.
+
+    Averaging probabilities (not log-probs) is what fairseq does; it keeps the result a
+    normalised distribution, so search and scores need no special case for ensembles.
+    """
+
+    def __init__(self, scorers: Sequence[Scorer]) -> None:
+        if not scorers:
+            raise ValueError("an ensemble needs at least one scorer")
+        self.scorers = list(scorers)
+
+    def start(self, src: Tensor) -> list[Any]:
+        return [s.start(src) for s in self.scorers]
+
+    def select(self, state: list[Any], index: Tensor) -> list[Any]:
+        return [s.select(st, index) for s, st in zip(self.scorers, state)]
+
+    def step(self, state: list[Any], prefix: Tensor) -> tuple[Tensor, list[Any]]:
+        outputs = [s.step(st, prefix) for s, st in zip(self.scorers, state)]
+        stacked = torch.stack([lp for lp, _ in outputs])  # (M, N, V)
+        log_probs = torch.logsumexp(stacked, dim=0) - math.log(len(self.scorers))  # (N, V)
+        return log_probs, [st for _, st in outputs]
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # target ids WITHOUT BOS, ending with EOS if it finished, no PAD
+    score: float  # the ranking score (log-prob after length penalty)
+    log_prob: float  # sum of token log-probs (including EOS)
+    token_log_probs: list[float]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def max_lengths(src_lengths: Tensor, a: float, b: int, limit: int) -> Tensor:
+    """Per sentence: floor(a * len + b) generated tokens including EOS, capped at `limit`.
+
+    At least 1, so that even an empty source can emit EOS.
+    """
+    lengths = torch.floor(a * src_lengths.double() + b).long()  # (B,)
+    return lengths.clamp(min=1, max=max(limit, 1))
+
+
+def length_penalty(length: float | Tensor, alpha: float, style: str = "gnmt") -> float | Tensor:
+    """Divisor of a hypothesis's log-prob, so that longer outputs are not unfairly punished.
+
+    style "gnmt" (Wu et al. 2016): ((5 + len) / 6) ** alpha; "average": len ** alpha;
+    "none": 1. Works on ints, floats and tensors alike.
+    """
+    if isinstance(length, Tensor):
+        length = length.double()
+    if style == "gnmt":
+        return ((5 + length) / 6) ** alpha
+    if style == "average":
+        return length**alpha
+    if style == "none":
+        return length * 0 + 1.0
+    raise ValueError(f"unknown length penalty style {style!r} (gnmt | average | none)")
+
+
+_penalty = length_penalty  # beam_search's `length_penalty` argument shadows the function
+
+
+def _src_lengths(src: Tensor) -> Tensor:
+    return (src != PAD).sum(dim=1)  # (B,)
+
+
+def _constrain(log_probs: Tensor, t: int, min_len: int, max_len: Tensor) -> Tensor:
+    """Apply the rules of the search to the model's log-probs for the (t+1)-th token.
+
+    max_len (N,) per row. The scorer's tensor is not modified (it may be cached).
+    """
+    out = log_probs.clone()  # (N, V)
+    out[:, PAD] = NEG_INF
+    out[:, BOS] = NEG_INF
+    if t < min_len:
+        out[:, EOS] = NEG_INF
+    force = t + 1 >= max_len  # (N,) last allowed position: EOS only
+    if bool(force.any()):
+        out[force] = NEG_INF
+        out[force, EOS] = log_probs[force, EOS]
+    return out
+
+
+# ------------------------------------------------------------------ greedy and sampling
+
+
+def _decode_rows(
+    scorer: Scorer,
+    src: Tensor,
+    copies: int,
+    choose: Callable[[Tensor], Tensor],
+    max_len_a: float,
+    max_len_b: int,
+    max_len_limit: int,
+    min_len: int,
+) -> list[list[Hypothesis]]:
+    """Left-to-right decoding with one row per output; `choose` picks each row's next token.
+
+    Each sentence gets `copies` independent rows. A row stops when it emits EOS and
+    is dropped from the batch; its score is its log-prob (no length penalty). A row
+    left with no possible token (the scorer gave them all probability 0) ends with EOS
+    at log-prob -inf.
+    """
+    batch, device = src.size(0), src.device
+    rows = torch.arange(batch * copies, device=device)  # (N,) output slot: sentence * copies + k
+    max_len = max_lengths(_src_lengths(src), max_len_a, max_len_b, max_len_limit)
+    max_len = max_len.repeat_interleave(copies)  # (N,)
+    state = scorer.start(src)
+    if copies > 1:
+        state = scorer.select(state, torch.arange(batch, device=device).repeat_interleave(copies))
+    tokens = torch.full((batch * copies, 1), BOS, dtype=torch.long, device=device)  # (N, t+1)
+    token_lps = torch.zeros(batch * copies, 0, device=device)  # (N, t)
+    results: list[Hypothesis | None] = [None] * (batch * copies)
+    t = 0
+    while rows.numel() > 0:
+        log_probs, state = scorer.step(state, tokens)
+        log_probs = _constrain(log_probs, t, min_len, max_len)  # (N, V)
+        dead = ~torch.isfinite(log_probs).any(dim=1)  # (N,) nothing possible: finish now
+        choice = torch.where(dead, EOS, choose(log_probs.masked_fill(dead[:, None], 0.0)))  # (N,)
+        chosen_lp = log_probs.gather(1, choice[:, None])  # (N, 1)
+        tokens = torch.cat([tokens, choice[:, None]], dim=1)
+        token_lps = torch.cat([token_lps, chosen_lp], dim=1)
+        done = choice == EOS  # (N,)
+        for i in done.nonzero().flatten().tolist():
+            lps = token_lps[i].tolist()
+            total = float(token_lps[i].double().sum())
+            hyp = Hypothesis(tokens[i, 1:].tolist(), score=total, log_prob=total, token_log_probs=lps)
+            results[int(rows[i])] = hyp
+        if bool(done.any()):
+            keep = (~done).nonzero().flatten()  # (N',)
+            rows, max_len, tokens, token_lps = rows[keep], max_len[keep], tokens[keep], token_lps[keep]
+            if keep.numel() > 0:
+                state = scorer.select(state, keep)
+        t += 1
+    return [[h for h in results[s * copies : (s + 1) * copies] if h is not None] for s in range(batch)]
+
+
+def greedy_search(
+    scorer: Scorer,
+    src: Tensor,
+    *,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    max_len_limit: int = 1024,
+    min_len: int = 0,
+) -> list[list[Hypothesis]]:
+    """The most probable next token at every step; one hypothesis per sentence.
+
+    Scores are plain log-probs. Equals `beam_search(beam_size=1)` token for token whenever
+    that beam search stops at its first finished hypothesis (see `beam_search`).
+    """
+    return _decode_rows(
+        scorer, src, 1, lambda lp: lp.argmax(dim=1), max_len_a, max_len_b, max_len_limit, min_len
+    )
+
+
+def filter_logits(log_probs: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Tempered, truncated logits to sample from: what `sample` draws with.
+
+    log_probs (N, V). Temperature divides first; top_k keeps the k best (0: all; ties
+    at the k-th value are all kept); top_p keeps the smallest set of best tokens whose
+    tempered probability reaches top_p (1.0: all). Removed tokens get -inf.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use greedy_search for argmax)")
+    logits = log_probs / temperature  # (N, V)
+    if 0 < top_k < logits.size(1):
+        kth = logits.topk(top_k, dim=1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p < 1.0:
+        probs, order = logits.softmax(dim=1).sort(dim=1, descending=True)  # (N, V)
+        mass_before = probs.cumsum(dim=1) - probs  # (N, V) mass of strictly better tokens
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, NEG_INF)
+    return logits
+
+
+def sample(
+    scorer: Scorer,
+    src: Tensor,
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    max_len_limit: int = 1024,
+    min_len: int = 0,
+) -> list[list[Hypothesis]]:
+    """`n` independent samples per sentence (e.g. for back-translation).
+
+    Tokens are drawn from `filter_logits`; a hypothesis's log_prob and token_log_probs
+    are the model's own (untempered, unfiltered), so they can be compared with search.
+    Pass a seeded `generator` (on src's device) for reproducible samples.
+    """
+
+    def choose(log_probs: Tensor) -> Tensor:
+        probs = filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=1)  # (N, V)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+
+    return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len)
+
+
+# ------------------------------------------------------------------------- beam search
+
+
+def _first_live(is_eos: Tensor, beam: int) -> Tensor:
+    """Column indices of the first `beam` non-EOS candidates of each row, in rank order.
+
+    is_eos (B, C) with candidates sorted best first; returns (B, beam).
+    """
+    columns = is_eos.size(1)
+    key = is_eos.long() * columns + torch.arange(columns, device=is_eos.device)  # (B, C) EOS sorts last
+    return key.argsort(dim=1)[:, :beam]
+
+
+def _sentence_done(
+    finished: list[float],
+    live_log_probs: Tensor,
+    length: int,
+    max_len: int,
+    beam: int,
+    n_best: int,
+    alpha: float,
+    style: str,
+    early_stop: str,
+) -> bool:
+    """Whether a sentence can stop; see `beam_search` for the rule.
+
+    finished: scores of its finished hypotheses; live_log_probs (beam,) of the live beams,
+    which hold `length` tokens.
+    """
+    if length >= max_len:
+        return True  # the last step forced EOS on every live beam
+    best_live = float(live_log_probs.max())
+    if best_live == NEG_INF:
+        return True  # nothing left alive
+    if len(finished) < beam:
+        return False
+    if early_stop == "fairseq":
+        return True
+    worst_kept = sorted(finished, reverse=True)[n_best - 1]
+    # Over lengths length+1 .. max_len the penalty is monotone, so x / lp(L) peaks at an end.
+    bound = max(best_live / _penalty(length + 1, alpha, style), best_live / _penalty(max_len, alpha, style))
+    return bound <= worst_kept
+
+
+def beam_search(
+    scorer: Scorer,
+    src: Tensor,
+    *,
+    beam_size: int = 5,
+    n_best: int = 1,
+    length_penalty: float = 1.0,
+    lp_style: str = "gnmt",
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    max_len_limit: int = 1024,
+    min_len: int = 0,
+    early_stop: str = "exact",
+) -> list[list[Hypothesis]]:
+    """Beam search over all sentences at once; `n_best` hypotheses each, best first.
+
+    Each step every sentence ranks its beam * V extensions by running log-prob and keeps
+    the best 2 * beam: among the first `beam` of them, those ending in EOS become
+    finished hypotheses with score log_prob / length_penalty(len incl. EOS) (the rule
+    fairseq uses); the first `beam` not ending in EOS are the next beams. Taking 2 * beam
+    guarantees `beam` live candidates, as at most one EOS comes from each beam. At step 0
+    only the first beam of a sentence is alive (the others hold -inf), so its copies do
+    not produce duplicates.
+
+    Stopping rule per sentence (finished sentences are dropped from the batch):
+
+    * it always stops after the step at its maximum length (EOS was forced on every
+      live beam) or when no beam has a finite log-prob left;
+    * otherwise it needs at least `beam` finished hypotheses (fairseq's rule), and with
+      ``early_stop="exact"`` (the default) also that no live beam can still enter the
+      n-best: log-probs only decrease, so a live beam's best reachable score is its
+      log-prob divided by the largest penalty reachable for lengths up to the maximum
+      (penalties are monotone in length, so that is one of the two ends of the range);
+      the sentence stops once this bound is <= the n_best-th best finished score.
+      ``early_stop="fairseq"`` skips that check: cheaper, and identical whenever the
+      penalty does not grow with length (style "none", or alpha <= 0).
+
+    With beam_size=1 and ``early_stop="fairseq"``, or with a non-growing penalty, this is
+    greedy search. With a growing penalty the exact rule can keep a beam running after a
+    finished hypothesis and so may find a better-scoring output than greedy.
+
+    A sentence returns fewer than `n_best` hypotheses only if fewer sequences have a
+    nonzero probability under the constraints.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({beam_size})")
+    if early_stop not in ("exact", "fairseq"):
+        raise ValueError(f"unknown early_stop {early_stop!r} (exact | fairseq)")
+    alpha, style, k = length_penalty, lp_style, beam_size
+    batch, device = src.size(0), src.device
+    sentences = torch.arange(batch, device=device)  # (B',) input index of each running sentence
+    max_len = max_lengths(_src_lengths(src), max_len_a, max_len_b, max_len_limit)  # (B',)
+    state = scorer.select(scorer.start(src), sentences.repeat_interleave(k))
+    tokens = torch.full((batch * k, 1), BOS, dtype=torch.long, device=device)  # (N, t+1), N = B' * k
+    token_lps = torch.zeros(batch * k, 0, device=device)  # (N, t)
+    scores = torch.full((batch, k), NEG_INF, device=device)  # running log-probs
+    scores[:, 0] = 0.0
+    scores = scores.view(-1)  # (N,)
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    t = 0
+    while sentences.numel() > 0:
+        running = sentences.numel()
+        log_probs, state = scorer.step(state, tokens)
+        log_probs = _constrain(log_probs, t, min_len, max_len.repeat_interleave(k))  # (N, V)
+        vocab = log_probs.size(1)
+        candidates = (scores[:, None] + log_probs).view(running, k * vocab)  # (B', k*V)
+        top, flat = candidates.topk(min(2 * k, k * vocab), dim=1)  # (B', 2k)
+        source_row = flat // vocab + torch.arange(running, device=device)[:, None] * k  # (B', 2k) row in N
+        token = flat % vocab  # (B', 2k)
+        is_eos = token == EOS
+
+        # Finished: EOS among the first k candidates, with a finite log-prob.
+        new_finished = is_eos[:, :k] & torch.isfinite(top[:, :k])  # (B', k)
+        for i, j in new_finished.nonzero().tolist():
+            row, log_prob = int(source_row[i, j]), float(top[i, j])
+            finished[int(sentences[i])].append(
+                Hypothesis(
+                    tokens=tokens[row, 1:].tolist() + [EOS],
+                    score=log_prob / _penalty(t + 1, alpha, style),
+                    log_prob=log_prob,
+                    token_log_probs=token_lps[row].tolist() + [float(log_probs[row, EOS])],
+                )
+            )
+
+        # Continue: the first k non-EOS candidates.
+        live = _first_live(is_eos, k)  # (B', k)
+        source_row = source_row.gather(1, live).view(-1)  # (N,)
+        token = token.gather(1, live).view(-1)  # (N,)
+        scores = top.gather(1, live).view(-1)  # (N,)
+        tokens = torch.cat([tokens[source_row], token[:, None]], dim=1)  # (N, t+2)
+        token_lps = torch.cat([token_lps[source_row], log_probs[source_row, token][:, None]], dim=1)
+
+        live_scores = scores.view(running, k)  # (B', k)
+        done = torch.tensor(
+            [
+                _sentence_done(
+                    [h.score for h in finished[s]], live_scores[i], t + 1, int(max_len[i]),
+                    k, n_best, alpha, style, early_stop,
+                )
+                for i, s in enumerate(sentences.tolist())
+            ],
+            dtype=torch.bool,
+            device=device,
+        )  # (B',)
+        keep_rows = (~done).repeat_interleave(k)  # (N,)
+        sentences, max_len = sentences[~done], max_len[~done]
+        tokens, token_lps, scores = tokens[keep_rows], token_lps[keep_rows], scores[keep_rows]
+        if sentences.numel() > 0:
+            state = scorer.select(state, source_row[keep_rows])
+        t += 1
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]

@@ -1,0 +1,200 @@
+"""From text to translations: the Python API and the code behind decode, evaluate and
+validation BLEU.
+
+``ModelScorer`` adapts a ``Transformer`` to the search protocol (cached incremental
+decoding by default; ``cached=False`` reruns the full prefix and is the reference in tests).
+``translate_ids`` batches sentences by length, searches, and restores input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transformer.config import DecodeConfig
+from transformer.data.batching import pad
+from transformer.data.tokenizer import Tokenizer
+from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
+from transformer.errors import UserError
+from transformer.model import Transformer
+from transformer.runtime import resolve_device
+from transformer.vocab import BOS, EOS
+
+log = logging.getLogger(__name__)
+
+
+class ModelScorer:
+    """One model as a search scorer."""
+
+    def __init__(self, model: Transformer, cached: bool = True):
+        self.model, self.cached = model, cached
+
+    def start(self, src: Tensor) -> dict:
+        memory, mask = self.model.encode(src)
+        if self.cached:
+            return self.model.start_cache(memory, mask)
+        return {"memory": memory, "mask": mask}
+
+    def select(self, state: dict, index: Tensor) -> dict:
+        if self.cached:
+            return self.model.select_cache(state, index)
+        return {"memory": state["memory"].index_select(0, index), "mask": state["mask"].index_select(0, index)}
+
+    def step(self, state: dict, prefix: Tensor) -> tuple[Tensor, dict]:
+        if self.cached:
+            hidden = self.model.decode_step(prefix[:, -1:], state)  # (N, D)
+        else:
+            hidden = self.model.decode(prefix, state["memory"], state["mask"])[:, -1]
+        return F.log_softmax(self.model.output(hidden).float(), dim=-1), state
+
+
+def make_scorer(models: Sequence[Transformer], cached: bool = True) -> Scorer:
+    scorers = [ModelScorer(m, cached) for m in models]
+    return scorers[0] if len(scorers) == 1 else Ensemble(scorers)
+
+
+def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int) -> list[list[Hypothesis]]:
+    """Run the search ``cfg`` asks for on one padded batch."""
+    lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, max_len_limit=max_positions - 1, min_len=cfg.min_len)
+    if cfg.sampling:
+        return sample(scorer, src, n=cfg.n_best, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths)
+    if cfg.beam_size <= 1:
+        return greedy_search(scorer, src, **lengths)
+    return beam_search(
+        scorer, src, beam_size=cfg.beam_size, n_best=min(cfg.n_best, cfg.beam_size),
+        length_penalty=cfg.length_penalty, lp_style=cfg.lp_style, early_stop=cfg.early_stop, **lengths,
+    )
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length and cut so rows x longest <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and lengths[i] * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def fit_source(ids: list[int], limit: int, line: int) -> list[int]:
+    """Sources longer than the model's positions are cut (keeping EOS), with a warning:
+    one over-long line must not stop a whole file."""
+    if len(ids) <= limit:
+        return ids
+    log.warning("input line %d has %d subwords, more than model.max_positions=%d: translating its first %d", line, len(ids), limit, limit - 1)
+    return ids[: limit - 1] + [EOS]
+
+
+@torch.inference_mode()
+def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True) -> list[list[Hypothesis]]:
+    """Hypotheses for every source (id lists ending in EOS), in input order."""
+    model = models[0]
+    device = next(model.parameters()).device
+    limit = model.cfg.max_positions
+    src_ids = [fit_source(ids, limit, i + 1) for i, ids in enumerate(src_ids)]
+    scorer = make_scorer(models, cached)
+    results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
+    for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
+        src = pad([src_ids[i] for i in batch]).to(device)
+        for i, hyps in zip(batch, search(scorer, src, cfg, limit)):
+            results[i] = hyps
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class Translation:
+    """One hypothesis: detokenized text, its score, subword pieces and, on request,
+    cross-attention (target pieces x source pieces, averaged over layers and heads)."""
+
+    text: str
+    score: float
+    log_prob: float
+    tokens: list[str]
+    attention: Optional[Tensor] = None
+
+
+class Translator:
+    """Translate text with one checkpoint (or an ensemble of checkpoints sharing a vocabulary).
+
+    >>> t = Translator.from_checkpoint("outputs/run")      # a run directory or a .pt file
+    >>> t.translate(["twenty-one apples"], beam_size=5)
+    """
+
+    def __init__(self, models: Sequence[Transformer], tokenizer: Tokenizer, config: Optional[DecodeConfig] = None):
+        self.models = [m.eval() for m in models]
+        self.tokenizer = tokenizer
+        self.config = config or DecodeConfig()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", ensemble: Iterable[str | Path] = (), config: Optional[DecodeConfig] = None) -> "Translator":
+        from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+
+        dev = resolve_device(device)
+        first = load_checkpoint(resolve_checkpoint(str(path)))
+        model, tokenizer = model_from_checkpoint(first)
+        models = [model]
+        for extra in ensemble:
+            other, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(str(extra))), tokenizer)
+            models.append(other)
+        return cls([m.to(dev) for m in models], tokenizer, config)
+
+    def options(self, **overrides: Any) -> DecodeConfig:
+        """This translator's decode settings with ``overrides`` (names of DecodeConfig)."""
+        known = {f.name for f in fields(DecodeConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(f"unknown decode option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(self.config, **overrides)
+
+    def hypotheses(self, sentences: Sequence[str], attention: bool = False, **overrides: Any) -> list[list[Translation]]:
+        """n-best Translations per sentence, best first."""
+        cfg = self.options(**overrides)
+        src_ids = self.tokenizer.encode_src(sentences)
+        results = translate_ids(self.models, src_ids, cfg)
+        out = []
+        for ids, hyps in zip(src_ids, results):
+            texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+            out.append([
+                Translation(text, h.score, h.log_prob, self.tokenizer.tgt_pieces(h.tokens),
+                            self.attention(ids, h.tokens) if attention else None)
+                for text, h in zip(texts, hyps)
+            ])
+        return out
+
+    def translate(self, sentences: Sequence[str] | str, **overrides: Any) -> list[str] | str:
+        """Best translation of each sentence (a string for a string)."""
+        single = isinstance(sentences, str)
+        best = [hyps[0].text for hyps in self.hypotheses([sentences] if single else sentences, **overrides)]
+        return best[0] if single else best
+
+    def translate_stream(self, lines: Iterable[str], chunk: int = 64, **overrides: Any) -> Iterator[list[Translation]]:
+        """n-best lists for an endless stream of lines, in order, ``chunk`` lines at a time."""
+        buffer: list[str] = []
+        for line in lines:
+            buffer.append(line.rstrip("\r\n"))
+            if len(buffer) == chunk:
+                yield from self.hypotheses(buffer, **overrides)
+                buffer = []
+        if buffer:
+            yield from self.hypotheses(buffer, **overrides)
+
+    @torch.inference_mode()
+    def attention(self, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
+        """Cross-attention (T, S) of the first model for a forced target (row t: the step that
+        produced tgt_ids[t]), mean over layers and heads; every row sums to one."""
+        model = self.models[0]
+        device = next(model.parameters()).device
+        src = torch.tensor([src_ids[: model.cfg.max_positions]], device=device)
+        tgt = torch.tensor([[BOS] + list(tgt_ids[:-1])], device=device)  # row t predicts tgt_ids[t]
+        weights = model.cross_attention(src, tgt)  # (L, 1, H, T, S)
+        return weights.mean(dim=(0, 2))[0].float().cpu()

@@ -1,0 +1,91 @@
+"""Multi-head attention through ``F.scaled_dot_product_attention``, with a key/value cache.
+
+Self-attention projects Q, K and V with one fused matmul; cross-attention projects Q
+from the decoder and K, V (fused) from the encoder output once per source batch.
+Masks are boolean (True = may attend), never large negative numbers, so fp16/bf16 are safe.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """(B, T, D) -> (B, H, T, Dh)."""
+    b, t, d = x.shape
+    return x.view(b, t, n_heads, d // n_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, Dh) -> (B, T, D)."""
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Softmax(QK^T/sqrt(d)) spelled out, for pictures and tests; search uses SDPA."""
+    scores = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention; ``causal`` for the decoder, which may also keep a K/V cache."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, causal: bool):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
+        self.n_heads, self.dropout, self.causal = n_heads, dropout, causal
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, cache: Optional[dict] = None) -> Tensor:
+        """x (B, T, D). mask (B, 1, 1, T) for padded keys. With ``cache``, x holds only the
+        newest positions and their K/V are appended to cache['k'], cache['v']."""
+        q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        causal = self.causal
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+                causal = causal and q.size(2) > 1
+            cache["k"], cache["v"] = k, v
+        if causal and q.size(2) != k.size(2):
+            raise ValueError("causal attention over a cache takes one new position at a time")
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over encoder keys/values; K/V are computed once per source batch."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder output (B, S, D) -> K, V each (B, H, S, Dh)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, need_weights: bool = False):
+        """x (B, T, D); mask (B, 1, 1, S) True for real source tokens."""
+        q = split_heads(self.q(x), self.n_heads)
+        k, v = kv
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = self.out(merge_heads(y))
+        if need_weights:
+            return out, attention_weights(q, k, mask)  # (B, H, T, S)
+        return out

@@ -1,0 +1,256 @@
+"""The encoder-decoder Transformer, readable top to bottom.
+
+    src ids -> scaled embedding + positions -> encoder layers -> memory
+    tgt ids -> scaled embedding + positions -> decoder layers (causal self, cross, FFN) -> logits
+
+``encode`` and ``decode`` are separate so search can encode once and decode step by step
+with a key/value cache (``start_cache`` / ``select_cache``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.config import ModelConfig
+from transformer.model.attention import CrossAttention, SelfAttention
+from transformer.vocab import PAD
+
+POSITIONAL = ("sinusoidal", "sinusoidal_fairseq", "learned")
+
+
+def sinusoid_table(n_positions: int, d_model: int, style: str = "sinusoidal") -> Tensor:
+    """Fixed positional encodings (n_positions, d_model): sines in the first half, cosines in
+    the second. ``sinusoidal``: the paper's frequencies 10000^(-2i/d) for positions 0, 1, ...
+    (as Marian lays them out); ``sinusoidal_fairseq``: fairseq's 10000^(-i/(d/2-1)) for
+    positions 1, 2, ... (as M2M100 does), so exported models match exactly."""
+    half = d_model // 2
+    if style == "sinusoidal":
+        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) * 2 / d_model)
+        positions = torch.arange(n_positions, dtype=torch.float64)
+    else:
+        freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / (half - 1)))
+        positions = torch.arange(1, n_positions + 1, dtype=torch.float64)
+    angles = positions[:, None] * freqs[None, :]
+    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table[:, :half] = torch.sin(angles)
+    table[:, half : 2 * half] = torch.cos(angles)
+    return table.float()
+
+
+def padding_mask(ids: Tensor) -> Tensor:
+    """(B, S) ids -> (B, 1, 1, S) bool, True where a key is a real token."""
+    return (ids != PAD)[:, None, None, :]
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d_model), plus positions, then dropout."""
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: Optional[nn.Embedding] = None):
+        super().__init__()
+        self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
+        self.scale = math.sqrt(cfg.d_model)
+        self.max_positions = cfg.max_positions
+        if cfg.positional == "learned":
+            self.positions = nn.Embedding(cfg.max_positions, cfg.d_model)
+        else:
+            self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional), persistent=False)
+            self.positions = None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+        """ids (B, T) at positions start..start+T-1 -> (B, T, D)."""
+        end = start + ids.size(1)
+        if end > self.max_positions:
+            raise ValueError(
+                f"sequence of {end} subwords exceeds model.max_positions={self.max_positions}; "
+                "shorten the input or train with a larger model.max_positions"
+            )
+        if self.positions is not None:
+            pos = self.positions.weight[start:end]
+        else:
+            pos = self.table[start:end]
+        return self.dropout(self.tokens(ids) * self.scale + pos.to(self.tokens.weight.dtype))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.activation = {"relu": F.relu, "gelu": F.gelu}[cfg.activation]
+        self.dropout = nn.Dropout(cfg.activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+
+class Sublayer(nn.Module):
+    """Residual connection around one block, with the LayerNorm before it (pre-norm) or
+    after the sum (post-norm, as in the paper)."""
+
+    def __init__(self, d_model: int, dropout: float, norm_first: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, block) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(block(self.norm(x)))
+        return self.norm(x + self.dropout(block(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, causal=False)
+        self.ffn = FeedForward(cfg)
+        self.attn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.attn_sub(x, lambda h: self.self_attn(h, mask))
+        return self.ffn_sub(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, causal=True)
+        self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg)
+        self.self_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: Optional[dict] = None) -> Tensor:
+        x = self.self_sub(x, lambda h: self.self_attn(h, cache=cache))
+        x = self.cross_sub(x, lambda h: self.cross_attn(h, kv, src_mask))
+        return self.ffn_sub(x, self.ffn)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.positional not in POSITIONAL:
+            raise ValueError(f"model.positional={cfg.positional!r}: expected one of {', '.join(POSITIONAL)}")
+        if cfg.activation not in ("relu", "gelu"):
+            raise ValueError(f"model.activation={cfg.activation!r}: expected relu or gelu")
+        if cfg.share_embeddings and cfg.src_vocab_size != cfg.tgt_vocab_size:
+            raise ValueError("model.share_embeddings=true needs one joint vocabulary (data.joint_vocab=true)")
+        self.cfg = cfg
+        self.tgt_embed = Embedding(cfg.tgt_vocab_size, cfg)
+        shared = self.tgt_embed.tokens if cfg.share_embeddings else None
+        self.src_embed = Embedding(cfg.src_vocab_size, cfg, tokens=shared)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        # Pre-norm stacks end with a LayerNorm; post-norm layers are already normalised.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_output:
+            self.output.weight = self.tgt_embed.tokens.weight
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform matrices, zero biases, N(0, d^-1/2) embeddings with a zero PAD row;
+        deterministic under ``torch.manual_seed``."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.d_model**-0.5)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> memory (B, S, D) and its key mask (B, 1, 1, S)."""
+        mask = padding_mask(src)
+        x = self.src_embed(src)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Teacher-forced decoder: tgt (B, T) starting with BOS -> hidden states (B, T, D).
+        Right padding needs no target mask: the causal mask already hides later positions."""
+        x = self.tgt_embed(tgt)
+        for layer in self.decoder:
+            x = layer(x, layer.cross_attn.memory_kv(memory), src_mask)
+        return self.decoder_norm(x)
+
+    def forward(self, src: Tensor, tgt: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, T, V) for every target position, or (M, V) for the M positions where
+        ``keep`` (B, T) is True: training skips the output projection on padding."""
+        memory, mask = self.encode(src)
+        hidden = self.decode(tgt, memory, mask)
+        return self.output(hidden if keep is None else hidden[keep])
+
+    # Incremental decoding -------------------------------------------------------------
+
+    def start_cache(self, memory: Tensor, src_mask: Tensor) -> dict:
+        """Decoder state for step-by-step search: cross-attention K/V computed once,
+        an empty self-attention cache per layer."""
+        return {
+            "memory_kv": [layer.cross_attn.memory_kv(memory) for layer in self.decoder],
+            "self": [{} for _ in self.decoder],
+            "mask": src_mask,
+            "pos": 0,
+        }
+
+    def decode_step(self, tokens: Tensor, cache: dict) -> Tensor:
+        """tokens (N, 1): the newest token of each row -> hidden state (N, D); appends to cache."""
+        x = self.tgt_embed(tokens, start=cache["pos"])
+        for layer, kv, self_cache in zip(self.decoder, cache["memory_kv"], cache["self"]):
+            x = layer(x, kv, cache["mask"], cache=self_cache)
+        cache["pos"] += tokens.size(1)
+        return self.decoder_norm(x)[:, -1]
+
+    @staticmethod
+    def select_cache(cache: dict, index: Tensor) -> dict:
+        """The cache rows at ``index`` (N,): beam expansion, reordering, dropping rows."""
+        return {
+            "memory_kv": [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache["memory_kv"]],
+            "self": [{name: t.index_select(0, index) for name, t in c.items()} for c in cache["self"]],
+            "mask": cache["mask"].index_select(0, index),
+            "pos": cache["pos"],
+        }
+
+    def cross_attention(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Cross-attention probabilities (L, B, H, T, S) of every decoder layer for a forced
+        target, for attention pictures."""
+        memory, mask = self.encode(src)
+        x = self.tgt_embed(tgt)
+        weights = []
+        for layer in self.decoder:
+            kv = layer.cross_attn.memory_kv(memory)
+            x = layer.self_sub(x, lambda h: layer.self_attn(h))
+            captured = []
+
+            def cross(h, layer=layer, kv=kv):
+                out, w = layer.cross_attn(h, kv, mask, need_weights=True)
+                captured.append(w)
+                return out
+
+            x = layer.cross_sub(x, cross)
+            x = layer.ffn_sub(x, layer.ffn)
+            weights.append(captured[0])
+        return torch.stack(weights)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """A model with its vocabulary sizes already set in ``cfg``."""
+    if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+        raise ValueError("model.src_vocab_size and model.tgt_vocab_size must be set from the tokenizer")
+    return Transformer(cfg)

@@ -1,0 +1,121 @@
+"""Checkpoints: written atomically, read without executing pickled code.
+
+A checkpoint is a plain dict of tensors, numbers, strings and bytes: model weights,
+the model config and the tokenizer (so decode needs nothing else), and, for resuming,
+optimizer, scheduler, scaler, RNG states and the position in the epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from transformer.config import ModelConfig
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import UserError
+from transformer.model import Transformer, build_model
+
+log = logging.getLogger(__name__)
+
+FORMAT = "transformer-checkpoint-v1"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``:
+    a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """The checkpoint dict; a clear error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by this package (expected format {FORMAT})")
+    return ckpt
+
+
+def resolve_checkpoint(path: str, name: str = "best.pt") -> Path:
+    """A checkpoint file, or ``name`` inside a run directory's checkpoints/ folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        candidate = p / CHECKPOINT_DIR / name
+        if not candidate.is_file():
+            raise UserError(f"{p}: run directory holds no {CHECKPOINT_DIR}/{name}")
+        return candidate
+    return p
+
+
+def model_from_checkpoint(ckpt: dict, tokenizer: Optional[Tokenizer] = None) -> tuple[Transformer, Tokenizer]:
+    """Rebuild the model and its tokenizer. A tokenizer given separately must have the
+    vocabulary the model was trained with."""
+    cfg = ModelConfig(**ckpt["model_config"])
+    tok = tokenizer or Tokenizer.from_state(ckpt["tokenizer"])
+    if (tok.src_vocab_size, tok.tgt_vocab_size) != (cfg.src_vocab_size, cfg.tgt_vocab_size):
+        raise UserError(
+            f"tokenizer vocabulary ({tok.src_vocab_size} source / {tok.tgt_vocab_size} target pieces) does not match "
+            f"the checkpoint's model ({cfg.src_vocab_size} / {cfg.tgt_vocab_size}): use the tokenizer saved with that run"
+        )
+    if tokenizer is not None and tokenizer.to_state() != ckpt["tokenizer"]:
+        raise UserError("tokenizer differs from the one saved in the checkpoint (same size, other pieces): use the run's own tokenizer")
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model, tok
+
+
+def list_step_checkpoints(directory: Path) -> list[Path]:
+    """step_*.pt files, oldest first."""
+    return sorted(directory.glob("step_*.pt"))
+
+
+def newest_valid_checkpoint(directory: Path) -> Optional[tuple[Path, dict]]:
+    """``last.pt`` if it loads, else the newest step checkpoint that does (with a warning)."""
+    candidates = [directory / "last.pt"] + list(reversed(list_step_checkpoints(directory)))
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            log.warning("skipping unreadable checkpoint: %s", e)
+    return None
+
+
+def average_checkpoints(paths: list[Path]) -> dict:
+    """The first checkpoint with its model weights replaced by the mean over ``paths``."""
+    if not paths:
+        raise UserError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    for path in paths[1:]:
+        weights = load_checkpoint(path)["model"]
+        if weights.keys() != total.keys():
+            raise UserError(f"{path}: model weights do not match {paths[0]} (different architecture)")
+        for k, v in weights.items():
+            if v.is_floating_point():
+                total[k] += v.double()
+    first["model"] = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v for k, v in total.items()}
+    first["averaged_from"] = [str(p) for p in paths]
+    return first

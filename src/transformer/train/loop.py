@@ -1,0 +1,508 @@
+"""The training recipe, one straight line: setup -> loop -> final evaluation.
+
+One loop serves CPU and CUDA, one process or many (torchrun + DDP). Everything a resumed
+run needs is in the checkpoint: weights, optimizer, scaler, RNG states, and where in which
+epoch it stopped, so a killed run continues with the same batches and the same dropout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import nn
+
+from transformer.config import DecodeConfig, ModelConfig, TrainConfig
+from transformer.data.batching import Example, collate, encode_examples, shard, token_batches
+from transformer.data.corpus import load_split
+from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.decode.translator import translate_ids
+from transformer.errors import UserError
+from transformer.model import Transformer, build_model
+from transformer.runtime import resolve_device
+from transformer.train.checkpoint import (
+    CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, list_step_checkpoints,
+    load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
+)
+from transformer.train.loss import label_smoothed_loss
+from transformer.train.optim import build_optimizer, lr_at, set_lr
+from transformer.vocab import PAD
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch (this rank's shard) already consumed
+    best_bleu: float = -1.0
+    best_step: int = 0
+    evals_without_gain: int = 0
+    elapsed: float = 0.0  # training seconds before this process started
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU and CUDA, fp16 on CUDA; fp32 weights either way."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("trainer.precision=fp16 needs CUDA; use bf16 on CPU")
+    if precision not in ("bf16", "fp16"):
+        raise UserError(f"trainer.precision={precision!r}: expected fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class Trainer:
+    """State of one run: the model, optimizer, data and where it stands."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        t = cfg.trainer
+        self.dist, self.device = setup_distributed(t.device)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        resume = self.find_resume()
+
+        train_pairs = load_split(cfg.data, "train")
+        valid_pairs = load_split(cfg.data, "valid")
+        if cfg.data.valid_max_sentences > 0:
+            valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
+        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
+        self.train_examples = self.encode(train_pairs, "train")
+        self.train_lengths = [(len(e.src), len(e.tgt) - 1) for e in self.train_examples]
+        self.valid_examples = self.encode(valid_pairs, "valid")
+        self.valid_sources = [s for s, _ in valid_pairs]
+        self.valid_refs = [r for _, r in valid_pairs]
+        self.valid_source_ids = self.tokenizer.encode_src(self.valid_sources)  # BLEU needs every sentence
+
+        model_cfg = OmegaConf.to_object(cfg.model) if OmegaConf.is_config(cfg.model) else ModelConfig(**cfg.model)
+        model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size
+        self.model_cfg = model_cfg
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model: Transformer = build_model(model_cfg).to(self.device)
+        self.net: nn.Module = torch.compile(self.model) if t.compile else self.model
+        if self.dist.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = build_optimizer(self.model, t)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.progress = Progress()
+        self.stop_signal: Optional[int] = None
+        self.bad_steps = 0
+        seed_everything(t.seed + self.dist.rank)  # dropout streams differ across ranks
+        if resume is not None:
+            self.restore(*resume)
+        if self.dist.main:
+            log.info("model: %s parameters; %d training pairs, %d validation", f"{self.model.num_parameters():,}", len(self.train_examples), len(self.valid_examples))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.progress.step + 1 if resume else None)
+        else:
+            self.tb = None
+
+    # setup -------------------------------------------------------------------------
+
+    def find_resume(self) -> Optional[tuple[Path, dict]]:
+        """The checkpoint to continue from: ``trainer.resume`` (a run directory or file);
+        a run directory falls back to its newest readable checkpoint."""
+        target = self.cfg.trainer.resume
+        if not target:
+            return None
+        p = Path(target).expanduser()
+        if p.is_dir():
+            found = newest_valid_checkpoint(p / CHECKPOINT_DIR)
+            if found is None:
+                raise UserError(f"trainer.resume={target}: no readable checkpoint in {p / CHECKPOINT_DIR}")
+            if found[0].name != "last.pt":
+                log.warning("resuming from %s (last.pt was missing or unreadable)", found[0])
+            return found
+        path = resolve_checkpoint(str(p), "last.pt")
+        return path, load_checkpoint(path)
+
+    def setup_tokenizer(self, train_pairs, resume) -> Tokenizer:
+        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it."""
+        if resume is not None:
+            tok = Tokenizer.from_state(resume[1]["tokenizer"])
+        else:
+            tok = Tokenizer.load(self.run_dir)
+            if tok is None and self.dist.main:
+                d = self.cfg.data
+                tok = build_tokenizer(train_pairs, d.vocab_size, d.joint_vocab, d.tokenizer_sample)
+            if self.dist.world > 1:
+                box = [tok.to_state() if self.dist.main else None]
+                dist.broadcast_object_list(box, src=0)
+                tok = Tokenizer.from_state(box[0])
+        if self.dist.main:
+            tok.save(self.run_dir)
+        return tok
+
+    def encode(self, pairs, name: str) -> list[Example]:
+        src = self.tokenizer.encode_src([s for s, _ in pairs])
+        tgt = self.tokenizer.encode_tgt([t for _, t in pairs])
+        return encode_examples(src, tgt, min(self.cfg.data.max_len, self.cfg.model.max_positions), f"{self.cfg.data.name} {name}")
+
+    # checkpoints -------------------------------------------------------------------
+
+    def checkpoint(self) -> dict:
+        rngs = [rng_state()]
+        if self.dist.world > 1:
+            rngs = [None] * self.dist.world
+            dist.all_gather_object(rngs, rng_state())
+        return {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "model_config": vars(self.model_cfg).copy(),
+            "tokenizer": self.tokenizer.to_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": vars(self.progress).copy(),
+            "rng": rngs,
+            "world_size": self.dist.world,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self, best: bool = False) -> None:
+        """Write last.pt and a step checkpoint (keeping trainer.keep_last), best.pt when best."""
+        ckpt = self.checkpoint()  # collective under DDP: every rank calls save
+        if not self.dist.main:
+            return
+        step_path = self.ckpt_dir / f"step_{self.progress.step:08d}.pt"
+        atomic_save(ckpt, step_path)
+        atomic_save(ckpt, self.ckpt_dir / "last.pt")
+        if best:
+            atomic_save(ckpt, self.ckpt_dir / "best.pt")
+        for old in list_step_checkpoints(self.ckpt_dir)[: -max(self.cfg.trainer.keep_last, 1)]:
+            old.unlink(missing_ok=True)
+
+    def restore(self, path: Path, ckpt: dict) -> None:
+        if ckpt["tokenizer"] != self.tokenizer.to_state():
+            raise UserError(f"{path}: checkpoint vocabulary differs from the run's tokenizer")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{path}: weights do not fit model config ({str(e).splitlines()[0]})") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.progress = Progress(**ckpt["progress"])
+        if ckpt["world_size"] == self.dist.world:
+            set_rng_state(ckpt["rng"][self.dist.rank])
+        else:
+            log.warning("resuming a %d-process run with %d processes: batches continue, dropout randomness differs", ckpt["world_size"], self.dist.world)
+        if self.dist.main:
+            self.truncate_metrics(self.progress.step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step, self.progress.epoch, self.progress.batch_in_epoch)
+
+    # the loop ----------------------------------------------------------------------
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        all_batches = token_batches(self.train_lengths, self.cfg.data.max_tokens, self.cfg.trainer.seed, epoch)
+        return shard(all_batches, self.dist.rank, self.dist.world)
+
+    def train_step(self, group: list[list[int]]) -> dict:
+        """One optimizer update over ``group`` (update_freq batches). The loss is the sum over
+        every real target token of the update, across all ranks, divided by their count, so
+        accumulation and data parallelism give the same gradient as one large batch."""
+        t = self.cfg.trainer
+        self.net.train()
+        batches = [collate([self.train_examples[i] for i in b]).to(self.device) for b in group]
+        n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)), device=self.device)
+        if self.dist.world > 1:
+            dist.all_reduce(n_tokens)
+        loss_sum = torch.zeros((), device=self.device)
+        nll_sum = torch.zeros((), device=self.device)
+        for j, b in enumerate(batches):
+            sync = j == len(batches) - 1 or self.dist.world == 1
+            with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast(self.device, t.precision):
+                keep = b.tgt_out != PAD
+                logits = self.net(b.src, b.tgt_in, keep)  # (M, V)
+                loss, nll = label_smoothed_loss(logits, b.tgt_out[keep], t.label_smoothing)
+            self.scaler.scale(loss * self.dist.world / n_tokens).backward()
+            loss_sum += loss.detach()
+            nll_sum += nll.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf"))
+        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        lr = lr_at(self.progress.step + 1, t, self.model_cfg.d_model)
+        if finite or t.precision == "fp16":
+            set_lr(self.optimizer, lr)
+            self.scaler.step(self.optimizer)  # the scaler skips fp16 overflow steps itself
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.world > 1:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(nll_sum)
+        return {
+            "finite": finite,
+            "loss": (loss_sum / n_tokens).item(),
+            "nll": (nll_sum / n_tokens).item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "tokens": int(n_tokens.item()),
+        }
+
+    def guard(self, stats: dict) -> bool:
+        """False for a NaN/inf step (skipped); stop after trainer.max_bad_steps in a row,
+        keeping the weights from before the problem."""
+        if stats["finite"] or self.cfg.trainer.precision == "fp16" and math.isfinite(stats["loss"]):
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped", self.progress.step + 1, stats["loss"], stats["grad_norm"])
+        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+            self.save()
+            raise UserError(
+                f"{self.bad_steps} consecutive non-finite steps at step {self.progress.step}: stopped; weights from before "
+                f"the problem are in {self.ckpt_dir / 'last.pt'} (lower trainer.lr, or use fp32/bf16)"
+            )
+        return False
+
+    def run(self) -> dict:
+        t = self.cfg.trainer
+        start = time.time() - self.progress.elapsed
+        window = {"tokens": 0, "time": time.time()}
+        self.install_signal_handlers()
+        bar = None
+        if t.progress and self.dist.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
+        done = self.progress.step >= t.max_steps
+        while not done:
+            batches = self.epoch_batches(self.progress.epoch)
+            if not batches:
+                raise UserError(f"data.max_tokens={self.cfg.data.max_tokens} gives no batches for {self.dist.world} processes")
+            for k in range(self.progress.batch_in_epoch, len(batches), t.update_freq):
+                stats = self.train_step(batches[k : k + t.update_freq])
+                self.progress.batch_in_epoch = min(k + t.update_freq, len(batches))
+                if not self.guard(stats):
+                    continue
+                self.progress.step += 1
+                self.progress.elapsed = time.time() - start
+                window["tokens"] += stats["tokens"]
+                step = self.progress.step
+                if bar is not None:
+                    bar.update(1)
+                if step % t.log_every == 0 or step == 1:
+                    now = time.time()
+                    stats["tokens_per_s"] = window["tokens"] / max(now - window["time"], 1e-9)
+                    window = {"tokens": 0, "time": now}
+                    self.log_train(stats, bar)
+                stop = self.should_stop(start)
+                if step % t.eval_every == 0 or stop:
+                    best = self.validate()
+                    stop = stop or (t.patience > 0 and self.progress.evals_without_gain >= t.patience)
+                    self.save(best=best)
+                elif t.save_every and step % t.save_every == 0:
+                    self.save()
+                if stop:
+                    done = True
+                    break
+            else:
+                self.progress.epoch += 1
+                self.progress.batch_in_epoch = 0
+                if t.max_epochs and self.progress.epoch >= t.max_epochs:
+                    best = self.validate()
+                    self.save(best=best)
+                    done = True
+        if bar is not None:
+            bar.close()
+        return {"step": self.progress.step, "best_valid_bleu": self.progress.best_bleu, "best_step": self.progress.best_step, "minutes": (time.time() - start) / 60}
+
+    def should_stop(self, start: float) -> bool:
+        t = self.cfg.trainer
+        if self.stop_signal is not None:
+            log.warning("received signal %d: saving a checkpoint and stopping", self.stop_signal)
+            return True
+        if t.max_minutes and (time.time() - start) / 60 >= t.max_minutes:
+            log.info("trainer.max_minutes=%s reached", t.max_minutes)
+            return True
+        return self.progress.step >= t.max_steps
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    # logging and validation ----------------------------------------------------------
+
+    def log_train(self, stats: dict, bar) -> None:
+        if not self.dist.main:
+            return
+        step = self.progress.step
+        record = {"step": step, "epoch": self.progress.epoch, "minutes": round(self.progress.elapsed / 60, 3)}
+        record.update({k: stats[k] for k in ("loss", "nll", "grad_norm", "lr", "tokens_per_s")})
+        if self.device.type == "cuda":
+            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.append_metrics(record)
+        for k in ("loss", "nll", "grad_norm", "lr", "tokens_per_s"):
+            self.tb.add_scalar(f"train/{k}", stats[k], step)
+        if "peak_mem_mb" in record:
+            self.tb.add_scalar("train/peak_mem_mb", record["peak_mem_mb"], step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
+        else:
+            log.info("step %d loss %.4f nll %.4f lr %.2e gnorm %.2f %.0f tok/s", step, stats["loss"], stats["nll"], stats["lr"], stats["grad_norm"], stats["tokens_per_s"])
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop log records written after the checkpoint a resumed run starts from."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            path.write_text("".join(l for l in lines if json.loads(l)["step"] <= step), encoding="utf-8")
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def valid_loss(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for b in token_batches([(len(e.src), len(e.tgt)) for e in self.valid_examples], self.cfg.data.max_tokens, 0, 0, shuffle=False):
+            batch = collate([self.valid_examples[i] for i in b]).to(self.device)
+            with autocast(self.device, self.cfg.trainer.precision):
+                keep = batch.tgt_out != PAD
+                _, nll = label_smoothed_loss(self.model(batch.src, batch.tgt_in, keep), batch.tgt_out[keep], 0.0)
+            total += nll.item()
+            count += batch.n_tokens
+        return total / max(count, 1)
+
+    def validate(self) -> bool:
+        """Validation NLL and BLEU on rank 0; returns whether this is the best BLEU so far
+        (the same answer on every rank)."""
+        is_best = torch.zeros((), device=self.device)
+        if self.dist.main:
+            step = self.progress.step
+            nll = self.valid_loss()
+            t = self.cfg.trainer
+            decode_cfg = DecodeConfig(**{**OmegaConf.to_container(self.cfg.decode), "beam_size": t.eval_beam_size, "n_best": 1, "sampling": False})
+            hyps = translate_ids([self.model], self.valid_source_ids, decode_cfg)
+            texts = self.tokenizer.decode_tgt([h[0].tokens for h in hyps])
+            bleu = sacrebleu.corpus_bleu(texts, [self.valid_refs]).score
+            gain = bleu > self.progress.best_bleu
+            if gain:
+                self.progress.best_bleu, self.progress.best_step = bleu, step
+                self.progress.evals_without_gain = 0
+            else:
+                self.progress.evals_without_gain += 1
+            record = {"step": step, "minutes": round(self.progress.elapsed / 60, 3), "valid_nll": nll, "valid_ppl": math.exp(min(nll, 50)), "valid_bleu": bleu}
+            self.append_metrics(record)
+            self.tb.add_scalar("valid/nll", nll, step)
+            self.tb.add_scalar("valid/ppl", record["valid_ppl"], step)
+            self.tb.add_scalar("valid/bleu", bleu, step)
+            samples = "\n\n".join(f"    src: {s}\n    ref: {r}\n    hyp: {h}" for s, r, h in list(zip(self.valid_sources, self.valid_refs, texts))[:3])
+            self.tb.add_text("valid/translations", samples, step)
+            log.info("step %d: valid nll %.4f ppl %.2f BLEU %.2f (best %.2f at step %d)", step, nll, record["valid_ppl"], bleu, self.progress.best_bleu, self.progress.best_step)
+            is_best.fill_(float(gain))
+        if self.dist.world > 1:
+            dist.broadcast(is_best, src=0)
+            progress = [vars(self.progress)]
+            dist.broadcast_object_list(progress, src=0)
+            self.progress = Progress(**progress[0])
+        return bool(is_best.item())
+
+    def finish(self) -> dict:
+        """Averaging, then test scores of the best (or averaged) checkpoint."""
+        results: dict = {}
+        if not self.dist.main:
+            return results
+        t = self.cfg.trainer
+        final = self.ckpt_dir / "best.pt"
+        if t.average_last > 1:
+            paths = list_step_checkpoints(self.ckpt_dir)[-t.average_last :]
+            atomic_save(average_checkpoints(paths), self.ckpt_dir / "averaged.pt")
+            log.info("averaged %d checkpoints into %s", len(paths), self.ckpt_dir / "averaged.pt")
+            final = self.ckpt_dir / "averaged.pt"
+        if self.tb is not None:
+            self.tb.close()
+        if self.cfg.evaluate_test and final.exists():
+            from transformer.evaluate import evaluate
+
+            decode_cfg = DecodeConfig(**OmegaConf.to_container(self.cfg.decode))
+            results["test"] = evaluate(str(final), data=self.cfg.data, split="test", decode=decode_cfg, output=str(self.run_dir / "test.hyp.txt"), device=str(self.device))
+        return results
+
+
+def train(cfg: Any) -> dict:
+    """Train with a composed config (``TrainConfig`` node); returns the run's metrics."""
+    if not cfg.run_dir:
+        raise UserError("run_dir must be set (the CLI sets it to Hydra's output directory)")
+    if cfg.trainer.resume and Path(cfg.trainer.resume).is_dir():
+        cfg.run_dir = str(Path(cfg.trainer.resume).expanduser())
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg)
+    metrics = trainer.run()
+    metrics.update(trainer.finish())
+    metrics["run_dir"] = str(trainer.run_dir)
+    if trainer.dist.main:
+        (trainer.run_dir / "results.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics

@@ -1,0 +1,51 @@
+"""Optimizer and learning-rate schedules; ``lr_at`` is a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from transformer.config import TrainerConfig
+from transformer.errors import UserError
+
+SCHEDULES = ("inverse_sqrt", "cosine", "noam", "constant")
+
+
+def lr_at(step: int, cfg: TrainerConfig, d_model: int) -> float:
+    """Learning rate for optimizer update ``step`` (1-based).
+
+    inverse_sqrt: linear warmup to ``lr``, then lr * sqrt(warmup / step) (fairseq).
+    cosine: linear warmup, then cosine decay to ``min_lr`` at ``max_steps``.
+    noam: the paper's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), scaled by ``lr``.
+    constant: linear warmup, then ``lr``.
+    """
+    step = max(step, 1)
+    warmup = max(cfg.warmup_steps, 1)
+    if cfg.schedule == "noam":
+        return cfg.lr * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+    if step < warmup:
+        return cfg.lr * step / warmup
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(warmup / step)
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "constant":
+        return cfg.lr
+    raise UserError(f"trainer.schedule={cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """Adam(W) over the unique parameters; no weight decay on biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
