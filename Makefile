@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test multi30k clean
+.PHONY: help setup train test multi30k bench-train bench-decode clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ train: setup  ## train on the built-in corpus (minutes on a CPU), translate, pri
 	rm -rf $(RUN)
 	$(BIN)/transformer-train experiment=builtin run_dir=$(RUN) hydra.run.dir=$(RUN)
 	@echo "--- translations"
-	printf 'twenty-one\nthree hundred forty-five\nWe see seventy-seven red cars .\nthe nineteen small dogs\n' | \
+	printf 'twenty-one\nthree hundred forty-five\nWe see seventy-seven red cars.\nthe nineteen small dogs\n' | \
 		$(BIN)/transformer-decode checkpoint=$(RUN)
 	@echo "--- test BLEU"
 	$(BIN)/transformer-evaluate checkpoint=$(RUN) data=builtin
@@ -34,6 +34,13 @@ test: setup  ## run the tests
 
 multi30k: setup  ## the tuned Multi30k recipe: train (<= 60 min on 2 cores), then test2016 BLEU
 	$(BIN)/transformer-train experiment=multi30k_en_de run_dir=runs/multi30k hydra.run.dir=runs/multi30k
+
+bench-train: setup  ## training speed against Hugging Face Marian (tokens/s, ms/step, memory, MFU)
+	$(BIN)/python scripts/bench_train.py
+
+bench-decode: setup  ## decoding speed and BLEU against HF generate() and CTranslate2
+	$(BIN)/pip install -q -e '.[ct2]'
+	$(BIN)/python scripts/bench_decode.py
 
 clean:  ## remove .venv, runs and caches
 	rm -rf $(VENV) runs outputs multirun .pytest_cache src/*.egg-info

@@ -61,14 +61,14 @@ def test_numbers_out_of_range_are_rejected(n: int) -> None:
 
 # English ending -> German ending, covering gender, case and adjective endings.
 PHRASE_ENDINGS = {
-    "have one dog .": "einen Hund .",
-    "have one cat .": "eine Katze .",
-    "have one car .": "ein Auto .",
-    "is one dog .": "einen Hund .",
-    "red apples .": "rote Äpfel .",
-    "twenty-one apples .": "einundzwanzig Äpfel .",
-    "dog is red .": "Hund ist rot .",
-    "cars are big .": "Autos sind groß .",
+    "have one dog.": "einen Hund.",
+    "have one cat.": "eine Katze.",
+    "have one car.": "ein Auto.",
+    "is one dog.": "einen Hund.",
+    "red apples.": "rote Äpfel.",
+    "twenty-one apples.": "einundzwanzig Äpfel.",
+    "dog is red.": "Hund ist rot.",
+    "cars are big.": "Autos sind groß.",
 }
 
 

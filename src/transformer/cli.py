@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -52,6 +53,10 @@ def _train(cfg: DictConfig) -> float:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if k != "test"} | {"test": {k: v for k, v in metrics.get("test", {}).items() if not k.endswith("detail")}}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one report, from the process that wrote the run
+        from transformer.report import write_run_report
+
+        write_run_report(metrics["run_dir"], cfg, metrics)
     return metrics["best_valid_bleu"]
 
 
@@ -97,9 +102,25 @@ def _decode(cfg: DictConfig) -> None:
         lines = (line for _, line in open_text(cfg.input))
     else:
         lines = sys.stdin
+    chunk = 1 if lines is sys.stdin and sys.stdin.isatty() else 64
+    first: list[str] = []  # the first input line, for plot_attention
+
+    def remember_first(stream: Any) -> Any:
+        for line in stream:
+            if not first:
+                first.append(line.rstrip("\r\n"))
+            yield line
+
+    if cfg.plot_attention:
+        from transformer.plots import attention_picture, require_matplotlib
+
+        require_matplotlib()  # fail before translating, not after
     out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
     try:
-        for i, hyps in enumerate(translator.translate_stream(lines, chunk=1 if lines is sys.stdin and sys.stdin.isatty() else 64)):
+        for i, hyps in enumerate(translator.translate_stream(remember_first(lines), chunk=chunk)):
+            if i == 0 and cfg.plot_attention:
+                attention_picture(translator, first[0], cfg.plot_attention, cfg.attention_layer, cfg.attention_head)
+                logging.getLogger(__name__).info("cross-attention of line 1 written to %s", cfg.plot_attention)
             if translator.config.n_best > 1:
                 # n-best format (as fairseq/Moses): line index ||| translation ||| score
                 for h in hyps:

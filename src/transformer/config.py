@@ -21,8 +21,8 @@ class ModelConfig:
 
     d_model: int = 512  # width of embeddings and residual stream
     n_heads: int = 8  # attention heads; d_model must divide evenly
-    n_encoder_layers: int = 6
-    n_decoder_layers: int = 6
+    n_encoder_layers: int = 6  # encoder blocks
+    n_decoder_layers: int = 6  # decoder blocks
     d_ff: int = 2048  # hidden width of the position-wise feed-forward block
     dropout: float = 0.1  # on embeddings and every residual branch
     attention_dropout: float = 0.0  # on attention probabilities
@@ -43,37 +43,38 @@ class DataConfig:
 
     name: str = "builtin"  # a label for logs and run cards
     source: str = "builtin"  # builtin | files | hub
-    src_lang: str = "en"
-    tgt_lang: str = "de"
+    src_lang: str = "en"  # source language code (the key inside translation dicts)
+    tgt_lang: str = "de"  # target language code
     # files: paths per split. Plain text pairs (src/tgt, optionally .gz), or one TSV/JSONL file.
     format: str = "text"  # text | tsv | jsonl
-    train_src: Optional[str] = None
-    train_tgt: Optional[str] = None
-    valid_src: Optional[str] = None
-    valid_tgt: Optional[str] = None
-    test_src: Optional[str] = None
-    test_tgt: Optional[str] = None
+    train_src: Optional[str] = None  # text: training source file, one sentence a line
+    train_tgt: Optional[str] = None  # text: training target file, aligned line by line
+    valid_src: Optional[str] = None  # text: validation source file
+    valid_tgt: Optional[str] = None  # text: validation target file
+    test_src: Optional[str] = None  # text: test source file
+    test_tgt: Optional[str] = None  # text: test target file
     train_file: Optional[str] = None  # tsv/jsonl: one file per split holding both sides
-    valid_file: Optional[str] = None
-    test_file: Optional[str] = None
+    valid_file: Optional[str] = None  # tsv/jsonl: validation file
+    test_file: Optional[str] = None  # tsv/jsonl: test file
     # hub: a Hugging Face dataset by name
     hub_name: Optional[str] = None  # e.g. wmt14
     hub_config: Optional[str] = None  # e.g. de-en
-    train_split: str = "train"
-    valid_split: str = "validation"
-    test_split: str = "test"
+    train_split: str = "train"  # hub: split names in the dataset
+    valid_split: str = "validation"  # hub: e.g. validation or dev
+    test_split: str = "test"  # hub: e.g. test
     translation_field: Optional[str] = "translation"  # dict column {src_lang: .., tgt_lang: ..}; null for flat columns
     src_field: Optional[str] = None  # flat-column names (jsonl/hub) when translation_field is null
-    tgt_field: Optional[str] = None
+    tgt_field: Optional[str] = None  # flat-column name of the target side
     streaming: bool = False  # hub: iterate without downloading the whole corpus first
+    shuffle_buffer: int = 100000  # streaming: pairs read, sorted by length and batched at a time
     # builtin corpus sizes
-    builtin_train: int = 20000
-    builtin_valid: int = 500
-    builtin_test: int = 500
-    builtin_seed: int = 1234
+    builtin_train: int = 20000  # builtin: training pairs generated
+    builtin_valid: int = 500  # builtin: validation pairs (no source shared with training)
+    builtin_test: int = 500  # builtin: test pairs (no source shared with training or validation)
+    builtin_seed: int = 1234  # builtin: generator seed (the splits depend on it and on builtin_train)
     # tokenizer
     vocab_size: int = 8000  # SentencePiece BPE pieces (per side when joint_vocab is false)
-    joint_vocab: bool = True
+    joint_vocab: bool = True  # one BPE model for both languages (needed by model.share_embeddings)
     tokenizer_sample: int = 2000000  # sentences fed to SentencePiece training (at most)
     # batching
     max_len: int = 256  # longer pairs (in subwords) are dropped from training, with a count
@@ -85,7 +86,7 @@ class DataConfig:
 class TrainerConfig:
     """The optimisation loop."""
 
-    seed: int = 1
+    seed: int = 1  # initial weights, batch order and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
     max_steps: int = 10000  # optimizer updates
@@ -93,13 +94,13 @@ class TrainerConfig:
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
     update_freq: int = 1  # gradient accumulation: batches per optimizer update
     lr: float = 5e-4  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-9
-    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW beta1, beta2
+    eps: float = 1e-9  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not on biases, norms, embeddings)
     schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | noam | constant
-    warmup_steps: int = 4000
+    warmup_steps: int = 4000  # linear warmup to trainer.lr
     min_lr: float = 0.0  # floor of the cosine schedule
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy (0: plain NLL)
     clip_norm: float = 1.0  # 0 disables gradient clipping
     eval_every: int = 1000  # steps between validation loss + BLEU (each also saves a checkpoint)
     save_every: int = 0  # extra checkpoints between evaluations (0: only at evaluations)
@@ -120,52 +121,61 @@ class DecodeConfig:
     """Search settings shared by decode, evaluate and validation."""
 
     beam_size: int = 5  # 1: greedy
-    n_best: int = 1
+    n_best: int = 1  # hypotheses returned per sentence (at most beam_size)
     length_penalty: float = 1.0  # GNMT alpha (lp_style=gnmt) or exponent (lp_style=average)
     lp_style: str = "gnmt"  # gnmt | average | none
     max_len_a: float = 1.5  # hypotheses stop at a * source length + b subwords
-    max_len_b: int = 10
-    min_len: int = 0
+    max_len_b: int = 10  # see max_len_a
+    min_len: int = 0  # EOS is forbidden before this many subwords
     early_stop: str = "exact"  # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
     batch_tokens: int = 4096  # source tokens per decoding batch
     sampling: bool = False  # sample instead of search (back-translation)
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling: logits are divided by it
+    top_k: int = 0  # sampling: keep the k most likely subwords (0: all)
+    top_p: float = 1.0  # sampling: keep the smallest set holding this probability mass (1.0: all)
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """transformer-train (configs/train.yaml): model, data, optimisation and test-set search."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # group model/: tiny | small | base
+    data: DataConfig = field(default_factory=DataConfig)  # group data/: builtin | multi30k | files | hub
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # group trainer/: default | fast
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # group decode/: beam | greedy | sample
     evaluate_test: bool = True  # score the test split with the best checkpoint at the end
     run_dir: Optional[str] = None  # filled with Hydra's output directory
 
 
 @dataclass
 class EvaluateConfig:
+    """transformer-evaluate (configs/evaluate.yaml): score a checkpoint with sacreBLEU."""
+
     checkpoint: str = MISSING  # checkpoint file or run directory (uses best.pt)
-    data: DataConfig = field(default_factory=DataConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # group data/: builtin | multi30k | files | hub
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # group decode/: beam | greedy | sample
     split: str = "test"  # split of the data config to score
     src_file: Optional[str] = None  # or score these files instead of a data split
-    ref_file: Optional[str] = None
+    ref_file: Optional[str] = None  # references aligned line by line with src_file
     output: Optional[str] = None  # hypotheses file (default: next to the checkpoint)
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass
 class DecodeRunConfig:
+    """transformer-decode (configs/decode.yaml): translate text with a checkpoint."""
+
     checkpoint: str = MISSING  # checkpoint file or run directory (uses best.pt)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # group decode/: beam | greedy | sample
     input: Optional[str] = None  # a file to translate (default: stdin)
     sentence: Optional[str] = None  # or one sentence given on the command line
     output: Optional[str] = None  # default: stdout
     scores: bool = False  # print "score<TAB>translation"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     ensemble: list[str] = field(default_factory=list)  # extra checkpoints averaged with the first
+    plot_attention: Optional[str] = None  # write a PNG heat map of the first sentence's cross-attention here
+    attention_layer: int = -1  # decoder layer for plot_attention (-1: mean over layers)
+    attention_head: int = -1  # head for plot_attention (-1: mean over heads)
 
 
 def register_configs() -> None:

@@ -5,8 +5,8 @@ without downloading anything. It is a real translation task rather than a copy
 task: English number words must be reordered and compounded into German
 ("twenty-one" -> "einundzwanzig", "three hundred forty-five" ->
 "dreihundertfünfundvierzig"), and short phrases need German gender, case,
-plural and adjective endings ("I have one red apple ." -> "Ich habe einen roten
-Apfel .").
+plural and adjective endings ("I have one red apple." -> "Ich habe einen roten
+Apfel.").
 
 Every English input has exactly one correct German output and the vocabulary
 is small, so a small Transformer can learn the task in minutes on a CPU.
@@ -275,22 +275,22 @@ def _bare_number(rng: random.Random) -> tuple[str, str]:
 
 
 def _subject_verb_object(rng: random.Random) -> tuple[str, str]:
-    """Subject, verb, object: "I have twenty-one apples ." -> "Ich habe einundzwanzig Äpfel ."."""
+    """Subject, verb, object: "I have twenty-one apples." -> "Ich habe einundzwanzig Äpfel."."""
     subject_en, subject_de, person = rng.choice(_SUBJECTS)
     verb = rng.choice(_VERBS)
     object_en, object_de = _accusative_noun_phrase(rng)
     verb_en = verb.en_3sg if person == _THIRD_PERSON_SINGULAR else verb.en
     return (
-        f"{subject_en} {verb_en} {object_en} .",
-        f"{subject_de} {verb.de[person]} {object_de} .",
+        f"{subject_en} {verb_en} {object_en}.",
+        f"{subject_de} {verb.de[person]} {object_de}.",
     )
 
 
 def _there_is(rng: random.Random) -> tuple[str, str]:
-    """Existence: "There is one dog ." -> "Es gibt einen Hund ."."""
+    """Existence: "There is one dog." -> "Es gibt einen Hund."."""
     object_en, object_de = _accusative_noun_phrase(rng)
     verb_en = "is" if object_en.startswith("one ") else "are"
-    return f"There {verb_en} {object_en} .", f"Es gibt {object_de} ."
+    return f"There {verb_en} {object_en}.", f"Es gibt {object_de}."
 
 
 def _definite_plural_fragment(rng: random.Random) -> tuple[str, str]:
@@ -311,20 +311,20 @@ def _definite_plural_fragment(rng: random.Random) -> tuple[str, str]:
 def _predicative_adjective(rng: random.Random) -> tuple[str, str]:
     """A predicative adjective, singular or plural with a count.
 
-    "The dog is red ." -> "Der Hund ist rot ."
-    "The twelve cups are new ." -> "Die zwölf Tassen sind neu ."
+    "The dog is red." -> "Der Hund ist rot."
+    "The twelve cups are new." -> "Die zwölf Tassen sind neu."
     """
     noun = rng.choice(_NOUNS)
     adjective_en, adjective_de = rng.choice(_ADJECTIVES)
     if rng.random() < 0.5:
         return (
-            f"The {noun.en} is {adjective_en} .",
-            f"{_DEFINITE_NOMINATIVE[noun.gender]} {noun.de} ist {adjective_de} .",
+            f"The {noun.en} is {adjective_en}.",
+            f"{_DEFINITE_NOMINATIVE[noun.gender]} {noun.de} ist {adjective_de}.",
         )
     count = _sample_plural_count(rng)
     return (
-        f"The {number_to_english(count)} {noun.en_plural} are {adjective_en} .",
-        f"Die {number_to_german(count)} {noun.de_plural} sind {adjective_de} .",
+        f"The {number_to_english(count)} {noun.en_plural} are {adjective_en}.",
+        f"Die {number_to_german(count)} {noun.de_plural} sind {adjective_de}.",
     )
 
 

@@ -25,7 +25,8 @@ SPLITS = ("train", "valid", "test")
 
 
 def open_text(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line without newline) of a UTF-8 text file, gzipped when it ends in .gz."""
+    """(line number, line without newline) of a UTF-8 text file (a leading byte-order mark is
+    dropped), gzipped when it ends in .gz."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{path}: file not found")
@@ -34,7 +35,7 @@ def open_text(path: str) -> Iterator[tuple[int, str]]:
         with opener(p, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 try:
-                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")  # drop a BOM
                 except UnicodeDecodeError as e:
                     raise UserError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except (OSError, EOFError) as e:

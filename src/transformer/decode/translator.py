@@ -96,12 +96,13 @@ def fit_source(ids: list[int], limit: int, line: int) -> list[int]:
 
 
 @torch.inference_mode()
-def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True) -> list[list[Hypothesis]]:
-    """Hypotheses for every source (id lists ending in EOS), in input order."""
+def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True, first_line: int = 1) -> list[list[Hypothesis]]:
+    """Hypotheses for every source (id lists ending in EOS), in input order; warnings number
+    the sources from ``first_line``."""
     model = models[0]
     device = next(model.parameters()).device
     limit = model.cfg.max_positions
-    src_ids = [fit_source(ids, limit, i + 1) for i, ids in enumerate(src_ids)]
+    src_ids = [fit_source(ids, limit, first_line + i) for i, ids in enumerate(src_ids)]
     scorer = make_scorer(models, cached)
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
     for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
@@ -114,7 +115,7 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
 @dataclass
 class Translation:
     """One hypothesis: detokenized text, its score, subword pieces and, on request,
-    cross-attention (target pieces x source pieces, averaged over layers and heads)."""
+    cross-attention (target pieces x source pieces; by default the mean over layers and heads)."""
 
     text: str
     score: float
@@ -156,17 +157,18 @@ class Translator:
             raise UserError(f"unknown decode option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return replace(self.config, **overrides)
 
-    def hypotheses(self, sentences: Sequence[str], attention: bool = False, **overrides: Any) -> list[list[Translation]]:
-        """n-best Translations per sentence, best first."""
+    def hypotheses(self, sentences: Sequence[str], attention: bool = False, attention_layer: int = -1, attention_head: int = -1, first_line: int = 1, **overrides: Any) -> list[list[Translation]]:
+        """n-best Translations per sentence, best first; with ``attention``, each carries its
+        cross-attention of decoder ``attention_layer`` and ``attention_head`` (-1: the mean)."""
         cfg = self.options(**overrides)
         src_ids = self.tokenizer.encode_src(sentences)
-        results = translate_ids(self.models, src_ids, cfg)
+        results = translate_ids(self.models, src_ids, cfg, first_line=first_line)
         out = []
         for ids, hyps in zip(src_ids, results):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             out.append([
                 Translation(text, h.score, h.log_prob, self.tokenizer.tgt_pieces(h.tokens),
-                            self.attention(ids, h.tokens) if attention else None)
+                            self.attention(ids, h.tokens, attention_layer, attention_head) if attention else None)
                 for text, h in zip(texts, hyps)
             ])
         return out
@@ -180,21 +182,29 @@ class Translator:
     def translate_stream(self, lines: Iterable[str], chunk: int = 64, **overrides: Any) -> Iterator[list[Translation]]:
         """n-best lists for an endless stream of lines, in order, ``chunk`` lines at a time."""
         buffer: list[str] = []
+        done = 0  # lines translated so far, so warnings name the line of the whole stream
         for line in lines:
             buffer.append(line.rstrip("\r\n"))
             if len(buffer) == chunk:
-                yield from self.hypotheses(buffer, **overrides)
+                yield from self.hypotheses(buffer, first_line=done + 1, **overrides)
+                done += len(buffer)
                 buffer = []
         if buffer:
-            yield from self.hypotheses(buffer, **overrides)
+            yield from self.hypotheses(buffer, first_line=done + 1, **overrides)
 
     @torch.inference_mode()
-    def attention(self, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
+    def attention(self, src_ids: list[int], tgt_ids: list[int], layer: int = -1, head: int = -1) -> Tensor:
         """Cross-attention (T, S) of the first model for a forced target (row t: the step that
-        produced tgt_ids[t]), mean over layers and heads; every row sums to one."""
+        produced tgt_ids[t]) in decoder ``layer`` and ``head`` (-1: the mean over all);
+        every row sums to one."""
         model = self.models[0]
+        for name, index, count, what in (("attention_layer", layer, model.cfg.n_decoder_layers, "decoder layers"), ("attention_head", head, model.cfg.n_heads, "heads")):
+            if not -1 <= index < count:
+                raise UserError(f"{name}={index}: the model has {count} {what}; use 0..{count - 1}, or -1 for the mean")
         device = next(model.parameters()).device
         src = torch.tensor([src_ids[: model.cfg.max_positions]], device=device)
         tgt = torch.tensor([[BOS] + list(tgt_ids[:-1])], device=device)  # row t predicts tgt_ids[t]
-        weights = model.cross_attention(src, tgt)  # (L, 1, H, T, S)
-        return weights.mean(dim=(0, 2))[0].float().cpu()
+        weights = model.cross_attention(src, tgt)[:, 0]  # (L, H, T, S)
+        weights = weights.mean(dim=0) if layer == -1 else weights[layer]  # (H, T, S)
+        weights = weights.mean(dim=0) if head == -1 else weights[head]  # (T, S)
+        return weights.float().cpu()

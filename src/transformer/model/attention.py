@@ -80,8 +80,17 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, need_weights: bool = False):
-        """x (B, T, D); mask (B, 1, 1, S) True for real source tokens."""
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, need_weights: bool = False, groups: int = 1):
+        """x (B, T, D); mask (B, 1, 1, S) True for real source tokens.
+
+        ``groups`` > 1 (search, T = 1): x holds ``groups`` consecutive rows per source
+        sentence (its beams) and kv/mask one row per sentence; the beams become query
+        positions of one attention over their sentence, so memory is never copied per beam."""
+        if groups > 1:
+            n, _, d = x.shape
+            q = self.q(x).view(n // groups, groups, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, G, Dh)
+            y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)  # (B, H, G, Dh)
+            return self.out(y.transpose(1, 2).reshape(n, 1, d))
         q = split_heads(self.q(x), self.n_heads)
         k, v = kv
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)

@@ -128,9 +128,9 @@ class DecoderLayer(nn.Module):
         self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: Optional[dict] = None) -> Tensor:
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: Optional[dict] = None, groups: int = 1) -> Tensor:
         x = self.self_sub(x, lambda h: self.self_attn(h, cache=cache))
-        x = self.cross_sub(x, lambda h: self.cross_attn(h, kv, src_mask))
+        x = self.cross_sub(x, lambda h: self.cross_attn(h, kv, src_mask, groups=groups))
         return self.ffn_sub(x, self.ffn)
 
 
@@ -197,12 +197,14 @@ class Transformer(nn.Module):
     # Incremental decoding -------------------------------------------------------------
 
     def start_cache(self, memory: Tensor, src_mask: Tensor) -> dict:
-        """Decoder state for step-by-step search: cross-attention K/V computed once,
-        an empty self-attention cache per layer."""
+        """Decoder state for step-by-step search: cross-attention K/V computed once per
+        sentence, an empty self-attention cache per layer. ``groups`` rows (beams) share
+        each sentence's memory."""
         return {
             "memory_kv": [layer.cross_attn.memory_kv(memory) for layer in self.decoder],
             "self": [{} for _ in self.decoder],
             "mask": src_mask,
+            "groups": 1,
             "pos": 0,
         }
 
@@ -210,17 +212,30 @@ class Transformer(nn.Module):
         """tokens (N, 1): the newest token of each row -> hidden state (N, D); appends to cache."""
         x = self.tgt_embed(tokens, start=cache["pos"])
         for layer, kv, self_cache in zip(self.decoder, cache["memory_kv"], cache["self"]):
-            x = layer(x, kv, cache["mask"], cache=self_cache)
+            x = layer(x, kv, cache["mask"], cache=self_cache, groups=cache["groups"])
         cache["pos"] += tokens.size(1)
         return self.decoder_norm(x)[:, -1]
 
     @staticmethod
     def select_cache(cache: dict, index: Tensor) -> dict:
-        """The cache rows at ``index`` (N,): beam expansion, reordering, dropping rows."""
+        """The cache rows at ``index`` (N,): beam expansion, reordering, dropping rows.
+
+        Memory is kept once per sentence while every sentence owns an equal, contiguous run
+        of rows (as beam and greedy search keep them); reordering beams inside a sentence
+        then touches only the self-attention cache. Any other selection falls back to one
+        memory row per decoder row."""
+        sentence = torch.div(index, cache["groups"], rounding_mode="floor")  # old sentence of each new row
+        kept = torch.unique_consecutive(sentence)
+        groups = index.numel() // max(kept.numel(), 1)
+        if groups * kept.numel() != index.numel() or not torch.equal(kept.repeat_interleave(groups), sentence):
+            kept, groups = sentence, 1
+        same = kept.numel() == cache["mask"].size(0) and torch.equal(kept, torch.arange(kept.numel(), device=kept.device))
+        pick = (lambda t: t) if same else (lambda t: t.index_select(0, kept))
         return {
-            "memory_kv": [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache["memory_kv"]],
+            "memory_kv": [(pick(k), pick(v)) for k, v in cache["memory_kv"]],
             "self": [{name: t.index_select(0, index) for name, t in c.items()} for c in cache["self"]],
-            "mask": cache["mask"].index_select(0, index),
+            "mask": pick(cache["mask"]),
+            "groups": groups,
             "pos": cache["pos"],
         }
 

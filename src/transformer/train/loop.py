@@ -8,6 +8,7 @@ epoch it stopped, so a killed run continues with the same batches and the same d
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -17,17 +18,17 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import sacrebleu
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
-from transformer.config import DecodeConfig, ModelConfig, TrainConfig
-from transformer.data.batching import Example, collate, encode_examples, shard, token_batches
-from transformer.data.corpus import load_split
+from transformer.config import DecodeConfig, ModelConfig
+from transformer.data.batching import Batch, Example, collate, encode_examples, shard, token_batches
+from transformer.data.corpus import Pair, load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.decode.translator import translate_ids
 from transformer.errors import UserError
@@ -113,6 +114,39 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive groups of ``size`` items; the last group may be shorter."""
+    it = iter(items)
+    while group := list(itertools.islice(it, size)):
+        yield group
+
+
+def accumulate_gradients(
+    net: nn.Module, batches: list[Batch], n_tokens: Tensor, *, label_smoothing: float, precision: str,
+    scaler: Optional[torch.amp.GradScaler] = None, world: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Forward and backward over the batches of one update, adding to ``.grad`` the gradient of
+    (smoothed loss summed over every real target token) / ``n_tokens``, where ``n_tokens``
+    counts the update's tokens on all ranks. DDP averages gradients over ranks, so each rank
+    scales by ``world``: accumulation and data parallelism both equal one large batch.
+    Returns this rank's (smoothed loss sum, NLL sum)."""
+    device = batches[0].src.device
+    loss_sum = torch.zeros((), device=device)
+    nll_sum = torch.zeros((), device=device)
+    for j, b in enumerate(batches):
+        defer_sync = world > 1 and j < len(batches) - 1  # DDP all-reduces once, after the last batch
+        with net.no_sync() if defer_sync else contextlib.nullcontext():
+            with autocast(device, precision):
+                keep = b.tgt_out != PAD  # (B, T)
+                logits = net(b.src, b.tgt_in, keep)  # (M, V)
+                loss, nll = label_smoothed_loss(logits, b.tgt_out[keep], label_smoothing)
+            scaled = loss * world / n_tokens
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+        nll_sum += nll.detach()
+    return loss_sum, nll_sum
+
+
 class Trainer:
     """State of one run: the model, optimizer, data and where it stands."""
 
@@ -120,18 +154,28 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.dist, self.device = setup_distributed(t.device)
+        autocast(self.device, t.precision)  # a wrong precision fails now, not after data loading
+        if not self.dist.main:
+            logging.getLogger("transformer").setLevel(logging.WARNING)  # one rank tells the story
+        if self.dist.world > 1:  # Hydra names run directories by the clock: take rank 0's
+            box = [cfg.run_dir]
+            dist.broadcast_object_list(box, src=0)
+            cfg.run_dir = box[0]
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         resume = self.find_resume()
 
-        train_pairs = load_split(cfg.data, "train")
+        self.streaming = bool(cfg.data.streaming)
+        if self.streaming and cfg.data.source != "hub":
+            raise UserError(f"data.streaming=true needs data.source=hub (got {cfg.data.source!r}); other sources are read into memory")
+        train_pairs = None if self.streaming else load_split(cfg.data, "train")
         valid_pairs = load_split(cfg.data, "valid")
         if cfg.data.valid_max_sentences > 0:
             valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
         self.tokenizer = self.setup_tokenizer(train_pairs, resume)
-        self.train_examples = self.encode(train_pairs, "train")
+        self.train_examples = [] if train_pairs is None else self.encode(train_pairs, "train")
         self.train_lengths = [(len(e.src), len(e.tgt) - 1) for e in self.train_examples]
         self.valid_examples = self.encode(valid_pairs, "valid")
         self.valid_sources = [s for s, _ in valid_pairs]
@@ -143,21 +187,25 @@ class Trainer:
         self.model_cfg = model_cfg
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: Transformer = build_model(model_cfg).to(self.device)
-        self.net: nn.Module = torch.compile(self.model) if t.compile else self.model
+        self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped, maybe compiled
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if t.compile:
+            self.net = torch.compile(self.net)  # checkpoints keep self.model's plain state dict
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.progress = Progress()
         self.stop_signal: Optional[int] = None
+        self.interrupted = False
         self.bad_steps = 0
         seed_everything(t.seed + self.dist.rank)  # dropout streams differ across ranks
         if resume is not None:
             self.restore(*resume)
         if self.dist.main:
-            log.info("model: %s parameters; %d training pairs, %d validation", f"{self.model.num_parameters():,}", len(self.train_examples), len(self.valid_examples))
+            size = "streamed" if self.streaming else f"{len(self.train_examples)}"
+            log.info("model: %s parameters; %s training pairs, %d validation", f"{self.model.num_parameters():,}", size, len(self.valid_examples))
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.progress.step + 1 if resume else None)
@@ -183,14 +231,19 @@ class Trainer:
         path = resolve_checkpoint(str(p), "last.pt")
         return path, load_checkpoint(path)
 
-    def setup_tokenizer(self, train_pairs, resume) -> Tokenizer:
-        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it."""
+    def setup_tokenizer(self, train_pairs: Optional[list[Pair]], resume) -> Tokenizer:
+        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it; a
+        streamed corpus trains it on its first ``data.tokenizer_sample`` pairs."""
         if resume is not None:
             tok = Tokenizer.from_state(resume[1]["tokenizer"])
         else:
             tok = Tokenizer.load(self.run_dir)
             if tok is None and self.dist.main:
                 d = self.cfg.data
+                if train_pairs is None:
+                    from transformer.data.streaming import stream_pairs
+
+                    train_pairs = list(itertools.islice(stream_pairs(d), d.tokenizer_sample))
                 tok = build_tokenizer(train_pairs, d.vocab_size, d.joint_vocab, d.tokenizer_sample)
             if self.dist.world > 1:
                 box = [tok.to_state() if self.dist.main else None]
@@ -200,10 +253,14 @@ class Trainer:
             tok.save(self.run_dir)
         return tok
 
-    def encode(self, pairs, name: str) -> list[Example]:
+    def encode(self, pairs: list[Pair], name: str) -> list[Example]:
         src = self.tokenizer.encode_src([s for s, _ in pairs])
         tgt = self.tokenizer.encode_tgt([t for _, t in pairs])
-        return encode_examples(src, tgt, min(self.cfg.data.max_len, self.cfg.model.max_positions), f"{self.cfg.data.name} {name}")
+        return encode_examples(src, tgt, self.max_len, f"{self.cfg.data.name} {name}")
+
+    @property
+    def max_len(self) -> int:
+        return min(self.cfg.data.max_len, self.cfg.model.max_positions)
 
     # checkpoints -------------------------------------------------------------------
 
@@ -226,16 +283,17 @@ class Trainer:
         }
 
     def save(self, best: bool = False) -> None:
-        """Write last.pt and a step checkpoint (keeping trainer.keep_last), best.pt when best."""
+        """Write last.pt and a step checkpoint, best.pt when best; keep the newest
+        trainer.keep_last step checkpoints (or trainer.average_last, if more)."""
         ckpt = self.checkpoint()  # collective under DDP: every rank calls save
         if not self.dist.main:
             return
-        step_path = self.ckpt_dir / f"step_{self.progress.step:08d}.pt"
-        atomic_save(ckpt, step_path)
-        atomic_save(ckpt, self.ckpt_dir / "last.pt")
+        t = self.cfg.trainer
+        atomic_save(ckpt, self.ckpt_dir / "last.pt")  # first: a crash before the step file leaves last.pt the newest
+        atomic_save(ckpt, self.ckpt_dir / f"step_{self.progress.step:08d}.pt")
         if best:
             atomic_save(ckpt, self.ckpt_dir / "best.pt")
-        for old in list_step_checkpoints(self.ckpt_dir)[: -max(self.cfg.trainer.keep_last, 1)]:
+        for old in list_step_checkpoints(self.ckpt_dir)[: -max(t.keep_last, t.average_last, 1)]:
             old.unlink(missing_ok=True)
 
     def restore(self, path: Path, ckpt: dict) -> None:
@@ -251,6 +309,8 @@ class Trainer:
         if ckpt["world_size"] == self.dist.world:
             set_rng_state(ckpt["rng"][self.dist.rank])
         else:
+            # shards interleave, so the ranks together consumed the epoch's first world x position batches
+            self.progress.batch_in_epoch = self.progress.batch_in_epoch * ckpt["world_size"] // self.dist.world
             log.warning("resuming a %d-process run with %d processes: batches continue, dropout randomness differs", ckpt["world_size"], self.dist.world)
         if self.dist.main:
             self.truncate_metrics(self.progress.step)
@@ -258,31 +318,31 @@ class Trainer:
 
     # the loop ----------------------------------------------------------------------
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        all_batches = token_batches(self.train_lengths, self.cfg.data.max_tokens, self.cfg.trainer.seed, epoch)
-        return shard(all_batches, self.dist.rank, self.dist.world)
+    def epoch_batches(self, epoch: int) -> Iterator[list[Example]]:
+        """This rank's batches of ``epoch``, a pure function of the seed and the epoch."""
+        d, seed = self.cfg.data, self.cfg.trainer.seed
+        if self.streaming:
+            from transformer.data.streaming import stream_batches
 
-    def train_step(self, group: list[list[int]]) -> dict:
-        """One optimizer update over ``group`` (update_freq batches). The loss is the sum over
-        every real target token of the update, across all ranks, divided by their count, so
-        accumulation and data parallelism give the same gradient as one large batch."""
+            return stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world)
+        batches = shard(token_batches(self.train_lengths, d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
+        return ([self.train_examples[i] for i in b] for b in batches)
+
+    def train_step(self, group: list[list[Example]]) -> dict:
+        """One optimizer update over ``group`` (update_freq batches); see accumulate_gradients."""
         t = self.cfg.trainer
         self.net.train()
-        batches = [collate([self.train_examples[i] for i in b]).to(self.device) for b in group]
+        batches = [collate(examples).to(self.device) for examples in group]
         n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)), device=self.device)
         if self.dist.world > 1:
             dist.all_reduce(n_tokens)
-        loss_sum = torch.zeros((), device=self.device)
-        nll_sum = torch.zeros((), device=self.device)
-        for j, b in enumerate(batches):
-            sync = j == len(batches) - 1 or self.dist.world == 1
-            with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast(self.device, t.precision):
-                keep = b.tgt_out != PAD
-                logits = self.net(b.src, b.tgt_in, keep)  # (M, V)
-                loss, nll = label_smoothed_loss(logits, b.tgt_out[keep], t.label_smoothing)
-            self.scaler.scale(loss * self.dist.world / n_tokens).backward()
-            loss_sum += loss.detach()
-            nll_sum += nll.detach()
+        loss_sum, nll_sum = accumulate_gradients(
+            self.net, batches, n_tokens, label_smoothing=t.label_smoothing, precision=t.precision,
+            scaler=self.scaler, world=self.dist.world,
+        )
+        if self.dist.world > 1:  # before the finiteness test, so every rank takes the same decision
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(nll_sum)
         self.scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf"))
         finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
@@ -292,9 +352,6 @@ class Trainer:
             self.scaler.step(self.optimizer)  # the scaler skips fp16 overflow steps itself
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dist.world > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(nll_sum)
         return {
             "finite": finite,
             "loss": (loss_sum / n_tokens).item(),
@@ -315,7 +372,7 @@ class Trainer:
         if self.bad_steps >= self.cfg.trainer.max_bad_steps:
             self.save()
             raise UserError(
-                f"{self.bad_steps} consecutive non-finite steps at step {self.progress.step}: stopped; weights from before "
+                f"{self.bad_steps} consecutive non-finite steps after step {self.progress.step}: stopped; weights from before "
                 f"the problem are in {self.ckpt_dir / 'last.pt'} (lower trainer.lr, or use fp32/bf16)"
             )
         return False
@@ -324,70 +381,92 @@ class Trainer:
         t = self.cfg.trainer
         start = time.time() - self.progress.elapsed
         window = {"tokens": 0, "time": time.time()}
-        self.install_signal_handlers()
         bar = None
         if t.progress and self.dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=t.max_steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
         done = self.progress.step >= t.max_steps
-        while not done:
-            batches = self.epoch_batches(self.progress.epoch)
-            if not batches:
-                raise UserError(f"data.max_tokens={self.cfg.data.max_tokens} gives no batches for {self.dist.world} processes")
-            for k in range(self.progress.batch_in_epoch, len(batches), t.update_freq):
-                stats = self.train_step(batches[k : k + t.update_freq])
-                self.progress.batch_in_epoch = min(k + t.update_freq, len(batches))
-                if not self.guard(stats):
-                    continue
-                self.progress.step += 1
-                self.progress.elapsed = time.time() - start
-                window["tokens"] += stats["tokens"]
-                step = self.progress.step
-                if bar is not None:
-                    bar.update(1)
-                if step % t.log_every == 0 or step == 1:
-                    now = time.time()
-                    stats["tokens_per_s"] = window["tokens"] / max(now - window["time"], 1e-9)
-                    window = {"tokens": 0, "time": now}
-                    self.log_train(stats, bar)
-                stop = self.should_stop(start)
-                if step % t.eval_every == 0 or stop:
-                    best = self.validate()
-                    stop = stop or (t.patience > 0 and self.progress.evals_without_gain >= t.patience)
-                    self.save(best=best)
-                elif t.save_every and step % t.save_every == 0:
-                    self.save()
-                if stop:
-                    done = True
-                    break
-            else:
-                self.progress.epoch += 1
-                self.progress.batch_in_epoch = 0
-                if t.max_epochs and self.progress.epoch >= t.max_epochs:
-                    best = self.validate()
-                    self.save(best=best)
-                    done = True
+        with self.catch_signals():
+            while not done:
+                batches = itertools.islice(self.epoch_batches(self.progress.epoch), self.progress.batch_in_epoch, None)
+                for group in chunked(batches, t.update_freq):
+                    stats = self.train_step(group)
+                    self.progress.batch_in_epoch += len(group)
+                    if not self.guard(stats):
+                        continue
+                    self.progress.step += 1
+                    self.progress.elapsed = time.time() - start
+                    window["tokens"] += stats["tokens"]
+                    step = self.progress.step
+                    if bar is not None:
+                        bar.update(1)
+                    if step % t.log_every == 0 or step == 1:
+                        now = time.time()
+                        stats["tokens_per_s"] = window["tokens"] / max(now - window["time"], 1e-9)
+                        window = {"tokens": 0, "time": now}
+                        self.log_train(stats, bar)
+                    stop = self.stop_reason(start)
+                    if stop == "signal":  # save at once: no validation when the machine is being taken away
+                        log.warning("received signal %d: saved a checkpoint at step %d; continue with trainer.resume=%s", self.stop_signal or 0, step, self.run_dir)
+                        self.interrupted = True
+                        self.save()
+                    elif step % t.eval_every == 0 or stop:
+                        best = self.validate()
+                        if t.patience > 0 and self.progress.evals_without_gain >= t.patience:
+                            log.info("early stop: no better validation BLEU in %d evaluations (best %.2f at step %d)", t.patience, self.progress.best_bleu, self.progress.best_step)
+                            stop = "patience"
+                        self.save(best=best)
+                    elif t.save_every and step % t.save_every == 0:
+                        self.save()
+                    if stop:
+                        done = True
+                        break
+                else:
+                    if self.progress.batch_in_epoch == 0:
+                        raise UserError(f"data.max_tokens={self.cfg.data.max_tokens} gives no batches for {self.dist.world} processes")
+                    self.progress.epoch += 1
+                    self.progress.batch_in_epoch = 0
+                    if t.max_epochs and self.progress.epoch >= t.max_epochs:
+                        best = self.validate()
+                        self.save(best=best)
+                        done = True
         if bar is not None:
             bar.close()
-        return {"step": self.progress.step, "best_valid_bleu": self.progress.best_bleu, "best_step": self.progress.best_step, "minutes": (time.time() - start) / 60}
+        return {"step": self.progress.step, "best_valid_bleu": self.progress.best_bleu, "best_step": self.progress.best_step, "minutes": (time.time() - start) / 60, "interrupted": self.interrupted}
 
-    def should_stop(self, start: float) -> bool:
+    def stop_reason(self, start: float) -> str:
+        """Why to stop after this step ("" to go on): signal, time or steps. Under DDP every
+        rank gets the same answer, since a signal or the clock may reach them apart."""
         t = self.cfg.trainer
+        reasons = ("", "steps", "time", "signal")
         if self.stop_signal is not None:
-            log.warning("received signal %d: saving a checkpoint and stopping", self.stop_signal)
-            return True
-        if t.max_minutes and (time.time() - start) / 60 >= t.max_minutes:
+            reason = "signal"
+        elif t.max_minutes and (time.time() - start) / 60 >= t.max_minutes:
+            reason = "time"
+        else:
+            reason = "steps" if self.progress.step >= t.max_steps else ""
+        if self.dist.world > 1:
+            code = torch.tensor(reasons.index(reason), device=self.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            reason = reasons[int(code.item())]
+        if reason == "time":
             log.info("trainer.max_minutes=%s reached", t.max_minutes)
-            return True
-        return self.progress.step >= t.max_steps
+        return reason
 
-    def install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def catch_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, save and stop; a second one acts at once."""
         def handler(signum, frame):
             self.stop_signal = signum
+            signal.signal(signum, previous[signum] or signal.SIG_DFL)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # logging and validation ----------------------------------------------------------
 
@@ -410,11 +489,19 @@ class Trainer:
             log.info("step %d loss %.4f nll %.4f lr %.2e gnorm %.2f %.0f tok/s", step, stats["loss"], stats["nll"], stats["lr"], stats["grad_norm"], stats["tokens_per_s"])
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop log records written after the checkpoint a resumed run starts from."""
+        """Drop log records written after the checkpoint a resumed run starts from (and a
+        line cut short by a kill)."""
         path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            path.write_text("".join(l for l in lines if json.loads(l)["step"] <= step), encoding="utf-8")
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                if line.endswith("\n") and json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass
+        path.write_text("".join(kept), encoding="utf-8")
 
     def append_metrics(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -474,10 +561,14 @@ class Trainer:
             return results
         t = self.cfg.trainer
         final = self.ckpt_dir / "best.pt"
+        if self.interrupted:  # stopped by a signal: leave the run as it is, ready to resume
+            if self.tb is not None:
+                self.tb.close()
+            return results
         if t.average_last > 1:
             paths = list_step_checkpoints(self.ckpt_dir)[-t.average_last :]
             atomic_save(average_checkpoints(paths), self.ckpt_dir / "averaged.pt")
-            log.info("averaged %d checkpoints into %s", len(paths), self.ckpt_dir / "averaged.pt")
+            log.info("averaged the weights of %s into %s", ", ".join(p.name for p in paths), self.ckpt_dir / "averaged.pt")
             final = self.ckpt_dir / "averaged.pt"
         if self.tb is not None:
             self.tb.close()

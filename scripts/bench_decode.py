@@ -1,0 +1,240 @@
+"""Decoding speed and BLEU: our search against HF generate() on the exported model and
+CTranslate2 (fp32 and int8) on its conversion.
+
+All systems read the same source ids (our SentencePiece), the same length-sorted batches
+and the same limits (max 1.5 * source + 10 tokens, PAD and BOS never generated, score =
+log-prob / length, a sentence stops once `beam` hypotheses finished), and all outputs are
+detokenized by our tokenizer, so the table compares search and model execution only.
+Each (system, beam) runs in its own subprocess with the same thread count, so its peak
+memory is its own. Prints a markdown table with speed ratios against HF.
+
+    python scripts/bench_decode.py                                 # runs/multi30k on Multi30k test2016
+    python scripts/bench_decode.py --checkpoint runs/x --limit 300 --beam 5
+    python scripts/bench_decode.py --train-tiny                    # no checkpoint: train a small builtin model first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from transformer.config import DataConfig, DecodeConfig  # noqa: E402
+from transformer.data.batching import pad  # noqa: E402
+from transformer.data.corpus import load_files, load_split  # noqa: E402
+from transformer.decode.translator import length_batches, translate_ids  # noqa: E402
+from transformer.evaluate import score  # noqa: E402
+from transformer.vocab import BOS, EOS, PAD  # noqa: E402
+
+SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8")
+TINY_RUN = "runs/bench-tiny"
+
+
+def search_config(beam: int, batch_tokens: int) -> DecodeConfig:
+    """Our settings that HF generate() and CTranslate2 also implement."""
+    return DecodeConfig(beam_size=beam, lp_style="average", length_penalty=1.0, early_stop="fairseq", batch_tokens=batch_tokens)
+
+
+def max_new_tokens(batch_ids: list[list[int]], cfg: DecodeConfig) -> int:
+    """Our per-sentence limit (incl. EOS) for the longest source of a batch."""
+    return int(math.floor(cfg.max_len_a * max(len(s) for s in batch_ids) + cfg.max_len_b))
+
+
+def rss_mib() -> float:
+    """Current resident set size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def decode_ours(checkpoint: str, cfg: DecodeConfig):
+    from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+
+    model, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
+    model.eval()
+
+    def run(ids: list[list[int]]) -> list[list[int]]:
+        return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg)]
+
+    return run
+
+
+def decode_hf(export_dir: str, cfg: DecodeConfig):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(export_dir).eval()
+
+    @torch.inference_mode()
+    def run(ids: list[list[int]]) -> list[list[int]]:
+        out: list = [None] * len(ids)
+        for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
+            src = pad([ids[i] for i in batch])
+            seqs = model.generate(
+                input_ids=src, attention_mask=(src != PAD).long(), num_beams=cfg.beam_size, do_sample=False,
+                length_penalty=cfg.length_penalty, early_stopping=True, max_new_tokens=max_new_tokens([ids[i] for i in batch], cfg),
+            )
+            for i, row in zip(batch, seqs[:, 1:].tolist()):
+                out[i] = row[: row.index(EOS) + 1] if EOS in row else row
+        return out
+
+    return run
+
+
+def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer):
+    import ctranslate2
+
+    translator = ctranslate2.Translator(ct2_dir, device="cpu", inter_threads=1, intra_threads=threads)
+
+    def run(ids: list[list[int]]) -> list[list[int]]:
+        out: list = [None] * len(ids)
+        for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
+            pieces = [[tokenizer.src.id_to_piece(t) for t in ids[i]] for i in batch]
+            results = translator.translate_batch(
+                pieces, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, min_decoding_length=0,
+                max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg), suppress_sequences=[["<pad>"], ["<s>"]],
+                return_end_token=True,
+            )
+            for i, r in zip(batch, results):
+                out[i] = [tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]]
+        return out
+
+    return run
+
+
+def run_one(args) -> dict:
+    """One (system, beam) in this process: warm up, decode everything, report."""
+    from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+
+    torch.set_num_threads(args.threads)
+    system, beam = args.run_one.split(":")
+    cfg = search_config(int(beam), args.batch_tokens)
+    _, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
+    sources, references = load_files(args.src, args.ref)
+    sources, references = sources[: args.limit or None], references[: args.limit or None]
+    src_ids = tokenizer.encode_src(sources)
+    if system == "ours":
+        run = decode_ours(args.checkpoint, cfg)
+    elif system == "hf":
+        run = decode_hf(args.export, cfg)
+    else:
+        run = decode_ct2(args.ct2 + system[len("ct2"):], cfg, args.threads, tokenizer)
+    run(src_ids[:8])  # warm-up: lazy init, allocator
+    before = rss_mib()
+    start = time.perf_counter()
+    outputs = run(src_ids)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hyps = tokenizer.decode_tgt(outputs)
+    tokens = sum(len([t for t in o if t not in (EOS, PAD, BOS)]) for o in outputs)
+    return {
+        "system": system, "beam": int(beam), "sentences": len(src_ids), "seconds": seconds,
+        "sent_per_s": len(src_ids) / seconds, "tok_per_s": tokens / seconds,
+        "rss_increase_mib": max(peak - before, 0.0), "bleu": score(hyps, references)["bleu"],
+    }
+
+
+def train_tiny(run_dir: str) -> None:
+    """A small builtin model (about 2 minutes on 2 cores), only to exercise the benchmark."""
+    train = Path(sys.executable).parent / "transformer-train"
+    subprocess.run(
+        [str(train), "experiment=builtin", "trainer.max_steps=300", "trainer.eval_every=300", "trainer.warmup_steps=100",
+         "trainer.progress=false", "evaluate_test=false", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"],
+        check=True,
+    )
+
+
+def builtin_test_files(directory: Path) -> tuple[str, str]:
+    """The builtin corpus test split as two text files."""
+    pairs = load_split(DataConfig(), "test")
+    src, ref = directory / "builtin.test.en", directory / "builtin.test.de"
+    src.write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    ref.write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    return str(src), str(ref)
+
+
+def table(rows: list[dict]) -> str:
+    hf = {r["beam"]: r for r in rows if r["system"] == "hf"}
+    lines = [
+        "| system | beam | sentences/s | target tokens/s | peak RSS +MiB | BLEU | speed vs HF |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ratio = r["sent_per_s"] / hf[r["beam"]]["sent_per_s"] if r["beam"] in hf else float("nan")
+        lines.append(
+            f"| {r['system']} | {r['beam']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['rss_increase_mib']:.0f} "
+            f"| {r['bleu']:.2f} | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def benchmark(args, work: Path) -> list[dict]:
+    """Export and convert once, then every (system, beam) in its own subprocess."""
+    from transformer.export import convert_ct2, export
+
+    if not Path(args.checkpoint).exists():
+        if not Path(TINY_RUN, "checkpoints", "best.pt").exists():
+            train_tiny(TINY_RUN)
+        args.checkpoint = TINY_RUN
+        args.src, args.ref = builtin_test_files(work)
+    export_dir = export(args.checkpoint, str(work / "hf"))
+    if any(s.startswith("ct2") for s in args.systems):
+        convert_ct2(export_dir, work / "ct2-fp32")
+        convert_ct2(export_dir, work / "ct2-int8", quantization="int8")
+    rows = []
+    for beam in args.beam:
+        for system in args.systems:
+            cmd = [sys.executable, __file__, f"--run-one={system}:{beam}", f"--checkpoint={args.checkpoint}", f"--src={args.src}",
+                   f"--ref={args.ref}", f"--threads={args.threads}", f"--limit={args.limit}", f"--batch-tokens={args.batch_tokens}",
+                   f"--export={export_dir}", f"--ct2={work / 'ct2'}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{system} beam {beam}: {rows[-1]['sent_per_s']:.1f} sentences/s, BLEU {rows[-1]['bleu']:.2f}", file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    data = os.environ.get("MULTI30K_DIR", "../shared/data/multi30k")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=os.environ.get("TRANSFORMER_BENCH_CKPT", "runs/multi30k"), help="run directory or .pt")
+    parser.add_argument("--src", default=f"{data}/test2016.en.gz")
+    parser.add_argument("--ref", default=f"{data}/test2016.de.gz")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=0, help="first N sentences (0: all)")
+    parser.add_argument("--beam", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="source tokens per batch, for every system")
+    parser.add_argument("--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
+    parser.add_argument("--export", help=argparse.SUPPRESS)
+    parser.add_argument("--ct2", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(args)))
+        return
+    if not Path(args.checkpoint).exists() and not args.train_tiny:
+        print(f"no trained checkpoint at {args.checkpoint}: train one (make multi30k), pass --checkpoint, or add --train-tiny", file=sys.stderr)
+        sys.exit(2)
+    with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
+        rows = benchmark(args, Path(tmp))
+    print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

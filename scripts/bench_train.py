@@ -1,0 +1,208 @@
+"""Training-step speed: our Transformer against Hugging Face MarianMTModel of the same shapes.
+
+Both train on the same Multi30k batches (our BPE, our token-budget batching) with the same
+optimizer, label smoothing and clipping; each configuration runs in its own subprocess so
+peak memory is its own. Prints a markdown table: target tokens/s, ms/step, peak RSS (CPU)
+or peak allocated memory (CUDA), and MFU against a matmul peak measured in the same run.
+
+    python scripts/bench_train.py                      # small model, fp32 + bf16, ours vs HF
+    python scripts/bench_train.py --model base --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from transformer.config import DataConfig, ModelConfig, config_dir
+from transformer.data.batching import collate, encode_examples, token_batches
+from transformer.data.corpus import load_split
+from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.model import build_model
+from transformer.train.loop import autocast
+from transformer.train.loss import label_smoothed_loss
+from transformer.vocab import BOS, EOS, PAD
+
+
+def model_config(name: str, vocab: int) -> ModelConfig:
+    """Shapes from configs/model/<name>.yaml, with the vocabulary size filled in."""
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(Path(config_dir()) / "model" / f"{name}.yaml"))
+    cfg = OmegaConf.to_object(cfg)
+    cfg.src_vocab_size = cfg.tgt_vocab_size = vocab
+    return cfg
+
+
+def load_batches(args) -> tuple[list, int]:
+    """The first --steps + --warmup batches of epoch 0, and the vocabulary size."""
+    root = os.environ.get("MULTI30K_DIR", args.data)
+    data = DataConfig(name="multi30k", source="files", train_src=f"{root}/train.en.gz", train_tgt=f"{root}/train.de.gz")
+    pairs = load_split(data, "train")
+    spm_path = Path(args.cache) / "spm.model"
+    if spm_path.exists():
+        tok = Tokenizer(spm_path.read_bytes())
+    else:
+        tok = build_tokenizer(pairs, args.vocab, True, 2_000_000)
+        tok.save(Path(args.cache))
+    examples = encode_examples(tok.encode_src([s for s, _ in pairs]), tok.encode_tgt([t for _, t in pairs]), 128, "bench")
+    lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
+    order = token_batches(lengths, args.max_tokens, seed=1, epoch=0)[: args.steps + args.warmup]
+    return [collate([examples[i] for i in b]) for b in order], tok.src_vocab_size
+
+
+def hf_marian(cfg: ModelConfig):
+    """MarianMTModel with our shapes: post-norm, sinusoidal positions, scaled tied embeddings."""
+    from transformers import MarianConfig, MarianMTModel
+
+    mc = MarianConfig(
+        vocab_size=cfg.tgt_vocab_size, decoder_vocab_size=cfg.tgt_vocab_size, d_model=cfg.d_model,
+        encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
+        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function=cfg.activation,
+        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+        max_position_embeddings=cfg.max_positions, scale_embedding=True, share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, decoder_start_token_id=BOS,
+        forced_eos_token_id=EOS,
+    )
+    return MarianMTModel(mc)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a square matmul: the ceiling MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_flops(cfg: ModelConfig, batch) -> float:
+    """Matmul FLOPs of one training step (3x forward) on the batch's real tokens."""
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.tgt_vocab_size
+    src_tokens = int((batch.src != PAD).sum())
+    tgt_tokens = batch.n_tokens
+    s_len, t_len = batch.src.size(1), batch.tgt_in.size(1)
+    enc = cfg.n_encoder_layers * src_tokens * (2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * s_len * d)
+    dec = cfg.n_decoder_layers * tgt_tokens * (2 * 4 * d * d + 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * (t_len / 2 + s_len) * d)
+    dec += cfg.n_decoder_layers * src_tokens * 2 * 2 * d * d  # cross-attention K/V of the source
+    out = tgt_tokens * 2 * d * v
+    return 3.0 * (enc + dec + out)
+
+
+def run_one(args) -> dict:
+    """Time one (implementation, precision) configuration in this process."""
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batches, vocab = load_batches(args)
+    cfg = model_config(args.model, vocab)
+    ours = args.impl == "ours"
+    model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0)
+    times, tokens, flops = [], 0, 0.0
+    for i, batch in enumerate(batches):
+        b = batch.to(device)
+        sync(device)
+        start = time.perf_counter()
+        with autocast(device, args.precision):
+            if ours:
+                keep = b.tgt_out != PAD
+                loss, _ = label_smoothed_loss(model(b.src, b.tgt_in, keep), b.tgt_out[keep], 0.1)
+            else:
+                logits = model(input_ids=b.src, attention_mask=(b.src != PAD).long(), decoder_input_ids=b.tgt_in).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD, label_smoothing=0.1, reduction="sum")
+        (loss / b.n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            tokens += b.n_tokens
+            flops += train_flops(cfg, batch)
+    total = sum(times)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16 if args.precision == "fp16" else torch.float32
+    peak = matmul_peak(device, dtype)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "impl": args.impl, "precision": args.precision, "tokens_per_s": tokens / total,
+        "ms_per_step": 1000 * statistics.median(times), "peak_mem_mb": memory,
+        "tflops": flops / total / 1e12, "mfu": flops / total / peak, "peak_tflops": peak / 1e12,
+        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", help="a config name under configs/model")
+    parser.add_argument("--data", default="../shared/data/multi30k", help="Multi30k folder (or env MULTI30K_DIR)")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--impl", nargs="+", default=["ours", "hf"], help="ours and/or hf")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache", default="runs/bench", help="where the benchmark's BPE model is kept")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    if args.child:
+        args.impl, args.precision = args.impl[0], args.precision[0]
+        print(json.dumps(run_one(args)))
+        return
+    load_batches(args)  # train the shared BPE once, before the timed children
+    results = []
+    for precision in args.precision:
+        for impl in args.impl:
+            cmd = [sys.executable, __file__, "--child", "--impl", impl, "--precision", precision, "--model", args.model,
+                   "--data", args.data, "--vocab", str(args.vocab), "--max-tokens", str(args.max_tokens),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                   "--device", args.device, "--cache", args.cache]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
+                continue
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
+    print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
+          f"max_tokens={args.max_tokens} steps={args.steps} torch={torch.__version__}\n")
+    print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        peer = hf.get(r["precision"])
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        print(f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
+              f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

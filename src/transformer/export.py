@@ -1,0 +1,310 @@
+"""Export a checkpoint as a Hugging Face model directory, and from there to CTranslate2.
+
+Why these two targets: ``transformers`` is how most people load, share and serve a
+translation model, and CTranslate2 is the fastest CPU runtime for it. Nothing is
+approximated: a post-norm model *is* a ``MarianMTModel`` and a pre-norm model with
+fairseq positions *is* an ``M2M100ForConditionalGeneration`` once the fused Q/K/V
+matrices are split, so the export gives the same logits (to float rounding) and the
+same greedy and beam outputs. Combinations neither class can express (learned
+positions; post-norm with fairseq positions; pre-norm with paper positions or with
+separate source/target embeddings) are refused with a ``UserError`` that says what to
+train instead.
+
+    transformer-export checkpoint=runs/multi30k output=export/multi30k [ct2=export/multi30k-ct2 quantization=int8]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from transformer.config import ModelConfig
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import UserError
+from transformer.model import Transformer
+from transformer.vocab import BOS, EOS, PAD, UNK
+
+MARIAN, M2M100 = "marian", "m2m_100"
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture that computes exactly what ``cfg`` does, or a UserError."""
+    if cfg.positional == "learned":
+        raise UserError(
+            "model.positional=learned cannot be exported: Marian and M2M100 use fixed sinusoids "
+            "(train with model.positional=sinusoidal for post-norm or sinusoidal_fairseq for pre-norm)"
+        )
+    if not cfg.norm_first:
+        if cfg.positional != "sinusoidal":
+            raise UserError(
+                f"post-norm models export as MarianMTModel, which uses model.positional=sinusoidal, not {cfg.positional} "
+                "(train with model.positional=sinusoidal, or model.norm_first=true to export as M2M100)"
+            )
+        return MARIAN
+    if cfg.positional != "sinusoidal_fairseq":
+        raise UserError(
+            f"pre-norm models export as M2M100ForConditionalGeneration, which uses model.positional=sinusoidal_fairseq, "
+            f"not {cfg.positional} (train with model.positional=sinusoidal_fairseq, or model.norm_first=false to export as Marian)"
+        )
+    if not cfg.share_embeddings:
+        raise UserError(
+            "pre-norm models export as M2M100, which shares one embedding between source and target: "
+            "train with model.share_embeddings=true and data.joint_vocab=true (or post-norm, which Marian exports either way)"
+        )
+    return M2M100
+
+
+def hf_config(cfg: ModelConfig, family: str) -> Any:
+    """The transformers config of the same shapes, special ids and dropout rates."""
+    from transformers import M2M100Config, MarianConfig
+
+    common = dict(
+        vocab_size=cfg.src_vocab_size, d_model=cfg.d_model, max_position_embeddings=cfg.max_positions,
+        encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
+        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function=cfg.activation,
+        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=True,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, decoder_start_token_id=BOS, forced_eos_token_id=EOS,
+        tie_word_embeddings=cfg.tie_output,
+    )
+    if family == MARIAN:
+        return MarianConfig(
+            **common, decoder_vocab_size=cfg.tgt_vocab_size, share_encoder_decoder_embeddings=cfg.share_embeddings,
+            architectures=["MarianMTModel"],
+        )
+    return M2M100Config(**common, architectures=["M2M100ForConditionalGeneration"])
+
+
+def _linear(prefix: str, weight: Tensor, bias: Tensor) -> dict[str, Tensor]:
+    return {f"{prefix}.weight": weight, f"{prefix}.bias": bias}
+
+
+def _norm(prefix: str, norm: torch.nn.LayerNorm) -> dict[str, Tensor]:
+    return _linear(prefix, norm.weight, norm.bias)
+
+
+def _attention(prefix: str, names: Sequence[str], fused: torch.nn.Linear, out: torch.nn.Linear) -> dict[str, Tensor]:
+    """A fused projection (rows q|k|v or k|v) as separate q_proj/k_proj/v_proj, plus out_proj."""
+    parts = zip(names, fused.weight.chunk(len(names)), fused.bias.chunk(len(names)))
+    state = {k: v for name, w, b in parts for k, v in _linear(f"{prefix}.{name}_proj", w, b).items()}
+    return state | _linear(f"{prefix}.out_proj", out.weight, out.bias)
+
+
+def hf_state_dict(model: Transformer, family: str) -> dict[str, Tensor]:
+    """Our weights under the transformers names (tied copies and fixed position tables left out)."""
+    state: dict[str, Tensor] = {}
+    for i, layer in enumerate(model.encoder):
+        p = f"model.encoder.layers.{i}"
+        state |= _attention(f"{p}.self_attn", "qkv", layer.self_attn.qkv, layer.self_attn.out)
+        state |= _norm(f"{p}.self_attn_layer_norm", layer.attn_sub.norm)
+        state |= _linear(f"{p}.fc1", layer.ffn.fc1.weight, layer.ffn.fc1.bias)
+        state |= _linear(f"{p}.fc2", layer.ffn.fc2.weight, layer.ffn.fc2.bias)
+        state |= _norm(f"{p}.final_layer_norm", layer.ffn_sub.norm)
+    for i, layer in enumerate(model.decoder):
+        p = f"model.decoder.layers.{i}"
+        state |= _attention(f"{p}.self_attn", "qkv", layer.self_attn.qkv, layer.self_attn.out)
+        state |= _norm(f"{p}.self_attn_layer_norm", layer.self_sub.norm)
+        state |= _linear(f"{p}.encoder_attn.q_proj", layer.cross_attn.q.weight, layer.cross_attn.q.bias)
+        state |= _attention(f"{p}.encoder_attn", "kv", layer.cross_attn.kv, layer.cross_attn.out)
+        state |= _norm(f"{p}.encoder_attn_layer_norm", layer.cross_sub.norm)
+        state |= _linear(f"{p}.fc1", layer.ffn.fc1.weight, layer.ffn.fc1.bias)
+        state |= _linear(f"{p}.fc2", layer.ffn.fc2.weight, layer.ffn.fc2.bias)
+        state |= _norm(f"{p}.final_layer_norm", layer.ffn_sub.norm)
+    if family == M2M100:
+        state |= _norm("model.encoder.layer_norm", model.encoder_norm)
+        state |= _norm("model.decoder.layer_norm", model.decoder_norm)
+    # Every copy is given: with tie_word_embeddings=false transformers unties the shared ones too.
+    state["model.encoder.embed_tokens.weight"] = model.src_embed.tokens.weight
+    state["model.decoder.embed_tokens.weight"] = model.tgt_embed.tokens.weight
+    if model.cfg.share_embeddings:
+        state["model.shared.weight"] = model.tgt_embed.tokens.weight
+    state["lm_head.weight"] = model.output.weight
+    return {k: v.detach().float().clone() for k, v in state.items()}
+
+
+def to_hf(model: Transformer) -> Any:
+    """A transformers model (eval mode, float32) computing what ``model`` computes."""
+    from transformers import M2M100ForConditionalGeneration, MarianMTModel
+
+    family = hf_family(model.cfg)
+    config = hf_config(model.cfg, family)
+    cls = MarianMTModel if family == MARIAN else M2M100ForConditionalGeneration
+    hf = cls(config)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model, family), strict=False)
+    # Left to transformers: the sinusoid tables it builds itself and Marian's zero logits bias.
+    derived = ("embed_positions.weight", "embed_positions.weights", "final_logits_bias")
+    leftover = [k for k in missing if not k.endswith(derived)]
+    if unexpected or leftover:
+        raise RuntimeError(f"export mapping is out of date with transformers: unexpected {unexpected}, missing {leftover}")
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _vocab(processor_proto: bytes) -> dict[str, int]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=processor_proto)
+    return {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """SentencePiece models plus a ``MarianTokenizer`` (source.spm, target.spm, vocab.json) that
+    ``AutoTokenizer`` loads for either architecture: pieces + ``</s>`` with our ids."""
+    from transformers import MarianTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, tgt = Path(tmp, "source.spm"), Path(tmp, "target.spm")
+        src.write_bytes(tokenizer.src_proto)
+        tgt.write_bytes(tokenizer.tgt_proto)
+        Path(tmp, "vocab.json").write_text(json.dumps(_vocab(tokenizer.src_proto), ensure_ascii=False), encoding="utf-8")
+        target_vocab = None
+        if not tokenizer.joint:
+            target_vocab = Path(tmp, "target_vocab.json")
+            target_vocab.write_text(json.dumps(_vocab(tokenizer.tgt_proto), ensure_ascii=False), encoding="utf-8")
+        hf_tok = MarianTokenizer(
+            source_spm=str(src), target_spm=str(tgt), vocab=str(Path(tmp, "vocab.json")),
+            target_vocab_file=str(target_vocab) if target_vocab else None, separate_vocabs=not tokenizer.joint,
+            unk_token=tokenizer.src.id_to_piece(UNK), eos_token=tokenizer.src.id_to_piece(EOS), pad_token=tokenizer.src.id_to_piece(PAD),
+        )
+        hf_tok.save_pretrained(str(directory))
+    tokenizer.save(directory)  # spm.model (or spm.src.model + spm.tgt.model), as transformer-decode writes it
+
+
+def generation_config(beam_size: int, max_length: int) -> Any:
+    """Defaults for ``generate()`` that mirror our search: start from BOS, never emit PAD or BOS,
+    EOS forced at the last position, beam scores = log-prob / length (``lp_style=average``),
+    stop a sentence once ``beam_size`` hypotheses finished (``early_stop=fairseq``)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        num_beams=beam_size, max_length=max_length, length_penalty=1.0, early_stopping=True,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=BOS, forced_eos_token_id=EOS,
+        suppress_tokens=[PAD, BOS],
+    )
+
+
+def export(checkpoint: str, output: str, beam_size: int = 5, max_length: Optional[int] = None) -> Path:
+    """Write a transformers model directory (weights, config, generation config, tokenizer)."""
+    from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+
+    model, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
+    hf = to_hf(model)
+    hf.generation_config = generation_config(beam_size, max_length or min(model.cfg.max_positions, 256))
+    out = Path(output)
+    hf.save_pretrained(str(out))
+    save_hf_tokenizer(tokenizer, out)
+    return out
+
+
+def _pieces(vocab: dict[str, int]) -> list[str]:
+    """A piece -> id mapping as the list of pieces in id order."""
+    return [piece for piece, _ in sorted(vocab.items(), key=lambda item: item[1])]
+
+
+def _ct2_loader(family: str) -> Any:
+    """A CTranslate2 loader for our exports. The stock Marian loader assumes OPUS-MT conventions
+    (PAD is the last piece and dropped; the decoder starts from a zero vector) and the stock
+    M2M100 loader assumes PAD=1; ours start from BOS and have PAD=0."""
+    from ctranslate2.converters.transformers import BartLoader
+
+    class ExportLoader(BartLoader):
+        @property
+        def architecture_name(self) -> str:
+            return "MarianMTModel" if family == MARIAN else "M2M100ForConditionalGeneration"
+
+        def get_model_spec(self, model):
+            model.config.normalize_before = family == M2M100
+            model.config.normalize_embedding = False
+            return super().get_model_spec(model)
+
+        def set_position_encodings(self, spec, module):
+            # Marian's table starts at position 0; M2M100's row PAD+1 holds the first position.
+            spec.encodings = module.weight if family == MARIAN else module.weights[PAD + 1 :]
+
+        def get_vocabulary(self, model, tokenizer):
+            target = tokenizer.target_encoder if tokenizer.separate_vocabs else tokenizer.encoder
+            return _pieces(tokenizer.encoder), _pieces(target)
+
+        def set_vocabulary(self, spec, tokens):
+            spec.register_source_vocabulary(tokens[0])
+            spec.register_target_vocabulary(tokens[1])
+
+        def set_config(self, config, model, tokenizer):
+            pieces = _pieces(tokenizer.target_encoder if tokenizer.separate_vocabs else tokenizer.encoder)
+            config.bos_token, config.eos_token, config.unk_token = pieces[BOS], pieces[EOS], pieces[UNK]
+            config.decoder_start_token = pieces[BOS]
+
+    return ExportLoader()
+
+
+def convert_ct2(hf_dir: str | Path, output: str | Path, quantization: Optional[str] = None, force: bool = True) -> Path:
+    """Convert an export to a CTranslate2 model directory (``quantization``: int8, int8_float32,
+    float16, ...; None keeps float32). Uses ``ctranslate2.converters.TransformersConverter``
+    with a loader that knows our special ids."""
+    try:
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        raise UserError("ctranslate2 is not installed: pip install 'transformer[ct2]' (or pip install ctranslate2)") from None
+    from transformers import AutoModelForSeq2SeqLM, MarianTokenizer
+
+    class ExportConverter(TransformersConverter):
+        def _load(self):
+            model = AutoModelForSeq2SeqLM.from_pretrained(self._model_name_or_path)
+            tokenizer = MarianTokenizer.from_pretrained(self._model_name_or_path)
+            return _ct2_loader(model.config.model_type)(model, tokenizer)
+
+    return Path(ExportConverter(str(hf_dir)).convert(str(output), quantization=quantization, force=force))
+
+
+USAGE = """usage: transformer-export checkpoint=RUN_DIR_OR_PT output=DIR [beam_size=5] [max_length=N] [ct2=DIR] [quantization=int8]
+
+Writes a Hugging Face model directory (MarianMTModel for post-norm models, M2M100ForConditionalGeneration
+for pre-norm ones) with its tokenizer and generation config; with ct2=DIR also a CTranslate2 model."""
+
+OPTIONS = {"checkpoint": str, "output": str, "beam_size": int, "max_length": int, "ct2": str, "quantization": str}
+
+
+def parse_args(argv: Sequence[str]) -> dict:
+    """``key=value`` arguments, as the Hydra CLIs take them."""
+    args: dict = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in OPTIONS:
+            raise UserError(f"unexpected argument {arg!r}; expected key=value with key one of {', '.join(OPTIONS)}")
+        try:
+            args[key] = OPTIONS[key](value)
+        except ValueError:
+            raise UserError(f"{key}={value!r}: expected an integer") from None
+    for key in ("checkpoint", "output"):
+        if key not in args:
+            raise UserError(f"missing {key}=...\n{USAGE}")
+    if "quantization" in args and "ct2" not in args:
+        raise UserError("quantization= applies to the CTranslate2 model: give ct2=DIR too")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    try:
+        args = parse_args(argv)
+        out = export(args["checkpoint"], args["output"], args.get("beam_size", 5), args.get("max_length"))
+        print(f"transformers model: {out}")
+        if "ct2" in args:
+            print(f"CTranslate2 model: {convert_ct2(out, args['ct2'], args.get('quantization'))}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

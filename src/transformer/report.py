@@ -1,0 +1,279 @@
+"""What a finished run leaves for people: ``curves.png`` and a ``README.md`` run card in the
+run directory, and a summary table of a Hydra multirun sweep.
+
+``transformer-train`` calls ``write_run_report`` once training returns; Python users call it
+themselves after ``transformer.train(cfg)``, which stays free of plotting. A sweep
+(``transformer-train -m ...``) ends with ``MultirunSummary``, a Hydra callback registered in
+``configs/train.yaml``, which reads every job's ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from transformer.config import DataConfig, DecodeConfig, ModelConfig, config_dir, to_dict
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import UserError
+from transformer.model import build_model
+from transformer.plots import new_figure
+
+log = logging.getLogger(__name__)
+
+# Data keys that decide which test sentences a data group reads, per data.source.
+SPLIT_KEYS = {
+    "builtin": ("name", "builtin_train", "builtin_valid", "builtin_test", "builtin_seed"),
+    "files": ("name", "format", "src_lang", "tgt_lang", "test_src", "test_tgt", "test_file", "translation_field", "src_field", "tgt_field"),
+    "hub": ("name", "hub_name", "hub_config", "src_lang", "tgt_lang", "test_split", "translation_field", "src_field", "tgt_field", "streaming"),
+}
+
+
+# curves -----------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """Training records and validation records of ``<run>/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (is {run_dir} a training run directory?)")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "valid_bleu" in r]
+
+
+def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
+    """Training loss and validation NLL (top) and validation BLEU (bottom), against steps
+    (left) and wall-clock minutes (right); written to ``<run>/curves.png`` by default."""
+    train, valid = read_metrics(run_dir)
+    fig = new_figure(figsize=(10, 6.5), layout="constrained")
+    axes = fig.subplots(2, 2, sharex="col", sharey="row")
+    for col, (x, label) in enumerate((("step", "step"), ("minutes", "wall-clock minutes"))):
+        loss_ax, bleu_ax = axes[0, col], axes[1, col]
+        loss_ax.plot([r[x] for r in train], [r["loss"] for r in train], label="train loss (label-smoothed)")
+        loss_ax.plot([r[x] for r in valid], [r["valid_nll"] for r in valid], "o--", label="valid NLL")
+        bleu_ax.plot([r[x] for r in valid], [r["valid_bleu"] for r in valid], "o-", color="C2", label="valid BLEU")
+        if valid:
+            best = max(valid, key=lambda r: r["valid_bleu"])
+            bleu_ax.plot([best[x]], [best["valid_bleu"]], "*", color="C3", markersize=14, label=f"best {best['valid_bleu']:.2f}")
+        bleu_ax.set_xlabel(label)
+        for ax in (loss_ax, bleu_ax):
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("nats per target token")
+    axes[1, 0].set_ylabel("BLEU")
+    axes[0, 0].legend()
+    axes[1, 0].legend()
+    fig.suptitle(str(run_dir), fontsize="small")
+    path = Path(path) if path else Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# run card ---------------------------------------------------------------------------
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` as the right-hand side of a Hydra command-line override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and (not re.fullmatch(r"[A-Za-z_/.~][\w./:+~-]*", value) or value in ("true", "false", "null")):
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
+
+
+def changed_overrides(prefix: str, values: dict, group_file: Path, schema: type, keys: Optional[tuple[str, ...]] = None) -> list[str]:
+    """``prefix.key=value`` for every key (of ``keys``) where ``values`` differs from what the
+    config group file gives on top of the schema's defaults."""
+    base = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(group_file))
+    defaults = OmegaConf.to_container(base, resolve=True, throw_on_missing=False)
+    return [f"{prefix}.{k}={hydra_value(values[k])}" for k in keys or values if values[k] != defaults[k]]
+
+
+def shell(tokens: list[str]) -> str:
+    return " ".join(shlex.quote(t) for t in tokens)
+
+
+def use_commands(run_dir: str, cfg: dict) -> list[str]:
+    """Shell commands that score the run's test split as training did and translate with it."""
+    configs = Path(config_dir())
+    data, source = cfg["data"], cfg["data"]["source"]
+    decode = changed_overrides("decode", cfg["decode"], configs / "decode" / "beam.yaml", DecodeConfig)
+    data_opts = changed_overrides("data", data, configs / "data" / f"{source}.yaml", DataConfig, SPLIT_KEYS[source])
+    return [
+        shell(["transformer-evaluate", f"checkpoint={run_dir}", f"data={source}", *data_opts, *decode]),
+        shell(["transformer-decode", f"checkpoint={run_dir}", *decode, "input=source.txt", "output=translations.txt"]),
+        shell(["transformer-decode", f"checkpoint={run_dir}", *decode, "sentence=a sentence to translate", "plot_attention=attention.png"]),
+    ]
+
+
+def data_lines(data: dict, test: Optional[dict]) -> list[str]:
+    lines = [f"- name `{data['name']}`, source `{data['source']}`, {data['src_lang']} -> {data['tgt_lang']}"]
+    if data["source"] == "builtin":
+        lines.append(f"- generated pairs: {data['builtin_train']} train, {data['builtin_valid']} valid, {data['builtin_test']} test (seed {data['builtin_seed']})")
+    elif data["source"] == "hub":
+        lines.append(f"- dataset `{data['hub_name']}` config `{data['hub_config']}`, splits {data['train_split']} / {data['valid_split']} / {data['test_split']}")
+    else:
+        for split in ("train", "valid", "test"):
+            files = [data[f"{split}_file"]] if data["format"] != "text" else [data[f"{split}_src"], data[f"{split}_tgt"]]
+            lines.append(f"- {split}: " + ", ".join(f"`{f}`" for f in files))
+    if data["valid_max_sentences"]:
+        lines.append(f"- validation BLEU on the first {data['valid_max_sentences']} sentences")
+    if test:
+        lines.append(f"- test sentences scored: {test['sentences']}")
+    vocab = "one joint" if data["joint_vocab"] else "a source and a target"
+    lines.append(f"- {vocab} SentencePiece BPE model, {data['vocab_size']} pieces requested; pairs longer than {data['max_len']} subwords dropped from training")
+    return lines
+
+
+def model_lines(model: dict, tokenizer: Tokenizer) -> list[str]:
+    cfg = ModelConfig(**{**model, "src_vocab_size": tokenizer.src_vocab_size, "tgt_vocab_size": tokenizer.tgt_vocab_size})
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        n_params = build_model(cfg).num_parameters()
+    tied = ", ".join(name for name, on in (("shared source/target embeddings", cfg.share_embeddings), ("output tied to target embeddings", cfg.tie_output)) if on)
+    return [
+        f"- {n_params:,} parameters",
+        f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}, "
+        f"{'pre' if cfg.norm_first else 'post'}-norm, {cfg.positional} positions, {cfg.activation}",
+        f"- vocabulary {cfg.src_vocab_size} source / {cfg.tgt_vocab_size} target pieces" + (f"; {tied}" if tied else ""),
+        f"- dropout {cfg.dropout} (attention {cfg.attention_dropout}, feed-forward {cfg.activation_dropout}), max_positions {cfg.max_positions}",
+    ]
+
+
+def minutes_text(minutes: float) -> str:
+    if minutes < 1:
+        return f"{minutes * 60:.0f} s"
+    return f"{minutes:.1f} min" if minutes < 60 else f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True) -> str:
+    """The Markdown text of ``<run>/README.md``."""
+    run = Path(run_dir)
+    tokenizer = Tokenizer.load(run)
+    if tokenizer is None:
+        raise UserError(f"{run}: no spm.model (is this a training run directory?)")
+    test = metrics.get("test")
+    if test is None and (run / "test.hyp.json").is_file():
+        test = json.loads((run / "test.hyp.json").read_text(encoding="utf-8"))
+    t = cfg["trainer"]
+    out = [f"# Run `{run.name}`", "", f"`{run}`", ""]
+    if curves:
+        out += ["![training curves](curves.png)", ""]
+    out += ["## Results", ""]
+    out.append(
+        f"- best validation BLEU **{metrics['best_valid_bleu']:.2f}** at step {metrics['best_step']} "
+        f"(search: {'greedy' if t['eval_beam_size'] <= 1 else 'beam ' + str(t['eval_beam_size'])}, trainer.eval_beam_size)"
+    )
+    out.append(f"- trained {metrics['step']} of {t['max_steps']} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)")
+    if test:
+        out.append(
+            f"- test `{test['data']}` ({test['sentences']} sentences, `{Path(test['checkpoint']).name}`, beam {test['beam_size']}, "
+            f"length penalty {test['length_penalty']}): BLEU **{test['bleu']:.2f}**, chrF2 {test['chrf']:.2f}, BLEU lowercased {test['bleu_lc']:.2f}"
+        )
+        out.append(f"  - BLEU signature `{test['bleu_signature']}`")
+        out.append(f"  - chrF signature `{test['chrf_signature']}`")
+    else:
+        out.append("- no test scores (evaluate_test=false, or no best checkpoint)")
+    out += ["", "## Data", "", *data_lines(cfg["data"], test), "", "## Model", "", *model_lines(cfg["model"], tokenizer), ""]
+    overrides_file = run / ".hydra" / "overrides.yaml"
+    out += ["## Configuration", ""]
+    if overrides_file.is_file():
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
+        out += ["Command-line overrides (`.hydra/overrides.yaml`; the full resolved config is `.hydra/config.yaml`):", "", "```", *(overrides or ["(none)"]), "```", ""]
+    else:
+        out += ["Resolved config:", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip(), "```", ""]
+    out += ["## Use it", ""]
+    if not run.is_absolute():
+        out += ["From the directory training ran in:", ""]
+    out += ["```sh", *use_commands(str(run_dir), cfg), "```", "", "```python",
+            "from transformer import Translator", "",
+            f"translator = Translator.from_checkpoint({json.dumps(str(run_dir))})",
+            'print(translator.translate(["a sentence to translate"]))', "```"]
+    return "\n".join(out) + "\n"
+
+
+def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: Optional[dict] = None) -> dict[str, Path]:
+    """Write ``curves.png`` (skipped, with a warning, without matplotlib) and the ``README.md``
+    run card into ``run_dir``. ``cfg`` (a composed config or ``TrainConfig``) defaults to
+    ``<run>/.hydra/config.yaml`` and ``metrics`` to ``<run>/results.json``."""
+    run = Path(run_dir)
+    if cfg is None:
+        if not (run / ".hydra" / "config.yaml").is_file():
+            raise UserError(f"{run}: no .hydra/config.yaml; pass the config the run was trained with")
+        cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    if metrics is None:
+        if not (run / "results.json").is_file():
+            raise UserError(f"{run}: no results.json (has training finished?)")
+        metrics = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    written: dict[str, Path] = {}
+    try:
+        written["curves"] = plot_curves(run)
+    except UserError as e:
+        log.warning("no curves.png: %s", e)
+    written["card"] = run / "README.md"
+    written["card"].write_text(run_card(run_dir, to_dict(cfg), metrics, curves="curves" in written), encoding="utf-8")
+    log.info("run card: %s", written["card"])
+    return written
+
+
+# sweeps -----------------------------------------------------------------------------
+
+
+def sweep_rows(sweep_dir: str | Path) -> list[dict]:
+    """One row per job of a multirun: its number, the overrides that tell it apart from the
+    other jobs, its run directory and (once finished) its results."""
+    sweep = Path(sweep_dir)
+    jobs = []
+    for hydra_dir in sweep.glob("**/.hydra"):
+        num = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num
+        overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
+        results = hydra_dir.parent / "results.json"
+        jobs.append({"job": num, "overrides": overrides, "run_dir": str(hydra_dir.parent),
+                     "results": json.loads(results.read_text(encoding="utf-8")) if results.is_file() else None})
+    common = set.intersection(*(set(j["overrides"]) for j in jobs)) if jobs else set()
+    for j in jobs:
+        j["overrides"] = [o for o in j["overrides"] if o not in common]
+    return sorted(jobs, key=lambda j: j["job"])
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A Markdown table of the jobs with their best validation BLEU and test BLEU."""
+    lines = ["| job | overrides | best valid BLEU | at step | test BLEU | wall time | run dir |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row["results"]
+        if r is None:
+            cells = ["(no results.json)", "", "", ""]
+        else:
+            test = r.get("test", {}).get("bleu")
+            cells = [f"{r['best_valid_bleu']:.2f}", str(r["best_step"]), "" if test is None else f"{test:.2f}", minutes_text(r["minutes"])]
+        lines.append(f"| {row['job']} | {' '.join(row['overrides']) or '(none)'} | " + " | ".join(cells) + f" | {row['run_dir']} |")
+    finished = [row for row in rows if row["results"] is not None]
+    if finished:
+        best = max(finished, key=lambda row: row["results"]["best_valid_bleu"])
+        lines += ["", f"best: job {best['job']} ({' '.join(best['overrides']) or 'no overrides'}), valid BLEU {best['results']['best_valid_bleu']:.2f}, {best['run_dir']}"]
+    return "\n".join(lines)
+
+
+def write_sweep_summary(sweep_dir: str | Path) -> str:
+    """Write ``summary.md`` and ``summary.json`` into the sweep directory; returns the table."""
+    rows = sweep_rows(sweep_dir)
+    table = summary_table(rows)
+    Path(sweep_dir, "summary.md").write_text(table + "\n", encoding="utf-8")
+    Path(sweep_dir, "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return table
+
+
+class MultirunSummary(Callback):
+    """Hydra callback: after the last job of ``transformer-train -m``, print and save the
+    sweep's summary table (``<sweep dir>/summary.md``)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        print(f"\nsweep {sweep_dir}:\n{write_sweep_summary(sweep_dir)}", flush=True)

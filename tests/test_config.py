@@ -1,0 +1,78 @@
+"""Every YAML file composes against the typed schemas, so a config that ships broken or a
+misspelt key on the command line fails at compose time, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from transformer.config import DecodeRunConfig, EvaluateConfig, TrainConfig, config_dir
+
+CONFIGS = Path(config_dir())
+GROUPS = ("model", "data", "trainer", "decode", "experiment")
+
+
+def group_options() -> list[tuple[str, str]]:
+    return [(group, p.stem) for group in GROUPS for p in sorted((CONFIGS / group).glob("*.yaml"))]
+
+
+def test_config_dir_holds_the_three_entry_configs() -> None:
+    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"train.yaml", "evaluate.yaml", "decode.yaml"}
+    assert {g for g, _ in group_options()} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group, name", group_options())
+def test_every_group_option_composes_into_train(compose_cfg, group: str, name: str) -> None:
+    cfg = compose_cfg("train", [f"{group}={name}"])
+    for key in OmegaConf.missing_keys(cfg):  # ??? marks a name the user must give (data/hub: hub_name)
+        OmegaConf.update(cfg, key, "given-by-the-user")
+    typed = OmegaConf.to_object(cfg)  # every value has its schema's type
+    assert isinstance(typed, TrainConfig)
+    if group != "experiment":  # the file's own values arrive (interpolations and ??? aside)
+        composed = OmegaConf.to_container(cfg[group], resolve=True)
+        for key, value in OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml")).items():
+            if not (isinstance(value, str) and ("${" in value or value == "???")):
+                assert composed[key] == value, f"{group}/{name}.yaml: {key}"
+
+
+def test_tiny_experiment_is_tiny(tiny_cfg) -> None:
+    assert tiny_cfg.model.d_model <= 64 and tiny_cfg.data.builtin_train <= 1000
+    assert tiny_cfg.trainer.max_steps <= 100
+    assert tiny_cfg.run_dir and not Path(tiny_cfg.run_dir).exists()
+
+
+@pytest.mark.parametrize("name, schema", [("evaluate", EvaluateConfig), ("decode", DecodeRunConfig)])
+def test_evaluate_and_decode_configs_compose(compose_cfg, name: str, schema: type) -> None:
+    cfg = compose_cfg(name, ["checkpoint=x", "decode=greedy"])
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, schema)
+    assert typed.checkpoint == "x" and typed.decode.beam_size == 1
+
+
+def test_checkpoint_is_required(compose_cfg) -> None:
+    cfg = compose_cfg("decode")
+    with pytest.raises(Exception, match="checkpoint"):
+        OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize(
+    "config_name, override, key",
+    [
+        ("train", "model.d_modle=3", "d_modle"),
+        ("train", "trainer.learning_rate=1", "learning_rate"),
+        ("decode", "decode.beam=4", "beam"),
+        ("evaluate", "splt=valid", "splt"),
+    ],
+)
+def test_misspelt_key_fails_at_compose_naming_the_key(compose_cfg, config_name: str, override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=f"override '[a-z.]*{key}'"):
+        compose_cfg(config_name, ["checkpoint=x", override] if config_name != "train" else [override])
+
+
+def test_wrong_type_fails_at_compose(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException, match="trainer.max_steps=many") as err:
+        compose_cfg("train", ["trainer.max_steps=many"])
+    assert "Integer" in str(err.value.__cause__)

@@ -1,0 +1,148 @@
+"""Search on the real model: what test_search.py proves with scripted scorers must still hold
+when the scorer is a Transformer with a key/value cache, padding and length batching.
+
+Models are tiny and untrained (random weights give a flat, tie-free distribution, which is
+all these properties need); every expected value is recomputed by teacher forcing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.config import DecodeConfig, ModelConfig
+from transformer.data.builtin import generate_pairs
+from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.decode.search import beam_search, greedy_search, length_penalty
+from transformer.decode.translator import ModelScorer, Translator, translate_ids
+from transformer.model import Transformer, build_model
+from transformer.vocab import BOS, EOS, PAD
+
+torch.set_num_threads(1)
+
+VOCAB = 24
+
+
+def tiny_model(norm_first: bool = False, seed: int = 0, vocab: int = VOCAB, **overrides) -> Transformer:
+    """A 2+2-layer model in eval mode; pre-norm uses fairseq positions (what M2M100 exports)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, dropout=0.0,
+        norm_first=norm_first, positional="sinusoidal_fairseq" if norm_first else "sinusoidal",
+        max_positions=64, src_vocab_size=vocab, tgt_vocab_size=vocab,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return build_model(cfg).eval()
+
+
+def eos_prone(model: Transformer, boost: float) -> Transformer:
+    """Raise every EOS logit by about ``boost`` (through the bias of the last LayerNorm, so the
+    model stays an ordinary Transformer that exports exactly): random models then finish their
+    hypotheses after a few tokens instead of running into the length limit."""
+    norm = model.decoder_norm if model.cfg.norm_first else model.decoder[-1].ffn_sub.norm
+    eos_row = model.output.weight[EOS]
+    with torch.no_grad():
+        norm.bias.copy_(boost * eos_row / eos_row.norm() ** 2)
+    return model
+
+
+def random_sources(lengths: list[int], vocab: int = VOCAB, seed: int = 1) -> list[list[int]]:
+    """Source id lists (ordinary pieces, then EOS) of the given lengths including EOS."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(EOS + 1, vocab, (n - 1,), generator=g).tolist() + [EOS] for n in lengths]
+
+
+def padded(seqs: list[list[int]]) -> torch.Tensor:
+    out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def forced_log_probs(model: Transformer, src: list[int], tgt: list[int]) -> torch.Tensor:
+    """Teacher-forced log-prob of each token of ``tgt`` (which ends with EOS), shape (T,)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([src]), torch.tensor([[BOS] + tgt[:-1]]))[0]  # (T, V)
+    return F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tgt)[:, None]).squeeze(1)
+
+
+def tiny_tokenizer(vocab_size: int = 60) -> Tokenizer:
+    """A joint BPE over a slice of the built-in corpus (a second to train)."""
+    return build_tokenizer(generate_pairs(300, seed=7), vocab_size, joint=True, max_sentences=300)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_steps_equal_uncached_and_full_forward(norm_first):
+    model = tiny_model(norm_first)
+    src = padded(random_sources([7, 4, 9]))
+    prefix = torch.cat([torch.full((3, 1), BOS), torch.randint(EOS + 1, VOCAB, (3, 8))], dim=1)  # (B, T)
+    with torch.no_grad():
+        full = F.log_softmax(model(src, prefix), dim=-1)  # (B, T, V)
+        cached, uncached = ModelScorer(model, cached=True), ModelScorer(model, cached=False)
+        c_state, u_state = cached.start(src), uncached.start(src)
+        order = torch.arange(3)
+        for t in range(1, prefix.size(1) + 1):
+            if t == 4:  # reorder rows mid-way, as beam search does
+                order = torch.tensor([2, 0, 1])
+                c_state, u_state = cached.select(c_state, order), uncached.select(u_state, order)
+            c_lp, c_state = cached.step(c_state, prefix[order, :t])
+            u_lp, u_state = uncached.step(u_state, prefix[order, :t])
+            torch.testing.assert_close(c_lp, u_lp, atol=1e-5, rtol=0)
+            torch.testing.assert_close(c_lp, full[order, t - 1], atol=1e-5, rtol=0)
+
+
+def test_beam_size_one_is_greedy():
+    model = tiny_model()
+    sources = random_sources([5, 9, 3, 12, 7])
+    greedy = translate_ids([model], sources, DecodeConfig(beam_size=1))
+    with torch.inference_mode():
+        beam = beam_search(ModelScorer(model), padded(sources), beam_size=1, lp_style="gnmt", early_stop="fairseq", max_len_limit=63)
+        plain = greedy_search(ModelScorer(model), padded(sources), max_len_limit=63)
+    assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam] == [h[0].tokens for h in plain]
+    for g, b in zip(greedy, beam):
+        assert g[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_sentence_alone_equals_sentence_in_batch(norm_first, beam_size):
+    model = tiny_model(norm_first)
+    sources = random_sources([6, 2, 11, 4, 15])
+    cfg = DecodeConfig(beam_size=beam_size, n_best=beam_size, batch_tokens=10_000)
+    together = translate_ids([model], sources, cfg)
+    for src, hyps in zip(sources, together):
+        alone = translate_ids([model], [src], cfg)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in hyps]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-4)
+
+
+@pytest.mark.parametrize("lp_style", ["gnmt", "average"])
+def test_nbest_sorted_and_equal_to_rescoring(lp_style):
+    model = eos_prone(tiny_model(), boost=1.0)  # a mix of early EOS and forced EOS at the limit
+    sources = random_sources([5, 8, 3])
+    cfg = DecodeConfig(beam_size=5, n_best=5, length_penalty=1.0, lp_style=lp_style)
+    for src, hyps in zip(sources, translate_ids([model], sources, cfg)):
+        assert len(hyps) == 5
+        assert len({tuple(h.tokens) for h in hyps}) == 5
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        for h in hyps:
+            assert h.tokens[-1] == EOS and EOS not in h.tokens[:-1]
+            lps = forced_log_probs(model, src, h.tokens)
+            assert h.token_log_probs == pytest.approx(lps.tolist(), abs=1e-4)
+            assert h.log_prob == pytest.approx(float(lps.sum()), abs=1e-4)
+            assert h.score == pytest.approx(float(lps.sum()) / length_penalty(len(h.tokens), 1.0, lp_style), abs=1e-4)
+
+
+def test_translator_returns_input_order():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(vocab=tokenizer.src_vocab_size)
+    translator = Translator([model], tokenizer, DecodeConfig(beam_size=3, n_best=2, batch_tokens=12))
+    sentences = ["three hundred forty-five", "one", "the nineteen small dogs see seventy-seven red cars", "twelve", ""]
+    one_by_one = [translator.translate(s) for s in sentences]
+    assert all(isinstance(t, str) for t in one_by_one)
+    assert translator.translate(sentences) == one_by_one
+    hyps = translator.hypotheses(sentences)
+    assert [h[0].text for h in hyps] == one_by_one
+    assert all(len(h) == 2 and h[0].score >= h[1].score for h in hyps)

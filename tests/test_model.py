@@ -1,0 +1,214 @@
+"""The model is checked through properties that hold for any weights: masks are tested by
+perturbing positions that must not matter (future target tokens, padding), incremental
+decoding against teacher forcing, and learning by overfitting one small batch."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+
+from transformer.config import ModelConfig
+from transformer.model import Transformer, build_model
+from transformer.vocab import BOS, EOS, PAD
+
+VOCAB = 20
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    cfg = ModelConfig(
+        d_model=16, n_heads=2, n_encoder_layers=2, n_decoder_layers=2, d_ff=32, dropout=0.0,
+        max_positions=32, src_vocab_size=VOCAB, tgt_vocab_size=VOCAB,
+    )
+    return replace(cfg, **overrides)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return build_model(tiny_config(**overrides)).eval()
+
+
+def random_ids(rows: int, length: int, seed: int) -> torch.Tensor:
+    """Ordinary token ids (no PAD/BOS/EOS), (rows, length)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(EOS + 1, VOCAB, (rows, length), generator=g)
+
+
+def test_output_shapes() -> None:
+    model = tiny_model()
+    src, tgt = random_ids(3, 7, 1), random_ids(3, 5, 2)
+    memory, mask = model.encode(src)
+    assert memory.shape == (3, 7, 16)
+    assert mask.shape == (3, 1, 1, 7) and mask.dtype == torch.bool
+    assert model(src, tgt).shape == (3, 5, VOCAB)
+    keep = torch.zeros(3, 5, dtype=torch.bool)
+    keep[0, :2] = keep[2, :4] = True
+    assert model(src, tgt, keep).shape == (6, VOCAB)
+
+
+@torch.no_grad()
+def test_future_target_tokens_do_not_change_earlier_outputs() -> None:
+    model = tiny_model()
+    src, tgt = random_ids(2, 6, 1), random_ids(2, 8, 2)
+    changed = tgt.clone()
+    changed[:, 5] = (changed[:, 5] - EOS) % (VOCAB - EOS - 1) + EOS + 1  # another ordinary token
+    a, b = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])  # the perturbation is seen where it may be
+
+
+@torch.no_grad()
+def test_padded_memory_positions_are_ignored() -> None:
+    """Whatever the encoder leaves at padded source positions, the decoder never reads it."""
+    model = tiny_model()
+    src = random_ids(2, 6, 1)
+    src[1, 3:] = PAD
+    tgt = random_ids(2, 5, 2)
+    memory, mask = model.encode(src)
+    noisy = memory.clone()
+    noisy[1, 3:] = torch.randn(3, 16) * 10
+    torch.testing.assert_close(model.decode(tgt, memory, mask), model.decode(tgt, noisy, mask))
+    noisy[1, 2] += 1.0  # a real position does matter
+    assert not torch.allclose(model.decode(tgt, memory, mask)[1], model.decode(tgt, noisy, mask)[1])
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@torch.no_grad()
+def test_sentence_alone_equals_inside_a_padded_batch(norm_first: bool) -> None:
+    model = tiny_model(norm_first=norm_first)
+    src, tgt = random_ids(1, 4, 1), random_ids(1, 3, 2)
+    alone = model(src, tgt)
+    long_src, long_tgt = random_ids(2, 9, 3), random_ids(2, 7, 4)
+    long_src[1] = PAD
+    long_src[1, :4] = src[0]
+    long_tgt[1] = PAD
+    long_tgt[1, :3] = tgt[0]
+    batched = model(long_src, long_tgt)
+    torch.testing.assert_close(batched[1, :3], alone[0])
+
+
+@torch.no_grad()
+def test_target_padding_does_not_change_real_positions() -> None:
+    model = tiny_model()
+    src, tgt = random_ids(2, 5, 1), random_ids(2, 4, 2)
+    padded = torch.cat([tgt, torch.full((2, 3), PAD)], dim=1)
+    torch.testing.assert_close(model(src, padded)[:, :4], model(src, tgt))
+
+
+@pytest.mark.parametrize(
+    "norm_first, positional, activation",
+    list(itertools.product([False, True], ["sinusoidal", "sinusoidal_fairseq", "learned"], ["relu", "gelu"])),
+)
+def test_every_variant_builds_runs_and_trains(norm_first: bool, positional: str, activation: str) -> None:
+    model = tiny_model(norm_first=norm_first, positional=positional, activation=activation).train()
+    src, tgt = random_ids(2, 5, 1), random_ids(2, 4, 2)
+    logits = model(src, tgt)
+    assert logits.shape == (2, 4, VOCAB) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if norm_first:
+        assert isinstance(model.encoder_norm, torch.nn.LayerNorm)
+    if positional == "learned":
+        assert model.src_embed.positions is not None and model.src_embed.positions.weight.grad is not None
+
+
+def test_sinusoidal_styles_differ() -> None:
+    paper = tiny_model(positional="sinusoidal").tgt_embed.table
+    fairseq = tiny_model(positional="sinusoidal_fairseq").tgt_embed.table
+    assert paper.shape == fairseq.shape == (32, 16)
+    assert torch.equal(paper[0, :8], torch.zeros(8))  # sin(0) at position 0
+    assert not torch.allclose(paper, fairseq)
+
+
+def test_unknown_choices_fail_with_the_key() -> None:
+    with pytest.raises(ValueError, match="model.positional"):
+        tiny_model(positional="rotary")
+    with pytest.raises(ValueError, match="model.activation"):
+        tiny_model(activation="swish")
+    with pytest.raises(ValueError, match="model.n_heads"):
+        tiny_model(n_heads=3)
+
+
+def test_tied_and_shared_embeddings_share_storage() -> None:
+    model = tiny_model(share_embeddings=True, tie_output=True)
+    assert model.src_embed.tokens is model.tgt_embed.tokens
+    assert model.output.weight.data_ptr() == model.tgt_embed.tokens.weight.data_ptr()
+    untied = tiny_model(share_embeddings=False, tie_output=False, src_vocab_size=VOCAB + 5)
+    assert untied.src_embed.tokens is not untied.tgt_embed.tokens
+    assert untied.output.weight.data_ptr() != untied.tgt_embed.tokens.weight.data_ptr()
+    assert untied.num_parameters() > model.num_parameters()
+    with pytest.raises(ValueError, match="joint"):
+        tiny_model(share_embeddings=True, src_vocab_size=VOCAB + 5)
+
+
+def test_init_is_deterministic_under_a_seed() -> None:
+    a, b, c = tiny_model(seed=3).state_dict(), tiny_model(seed=3).state_dict(), tiny_model(seed=4).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert torch.equal(a["tgt_embed.tokens.weight"][PAD], torch.zeros(16))
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_teacher_forcing() -> None:
+    model = tiny_model(norm_first=True)
+    src = random_ids(3, 6, 1)
+    src[2, 4:] = PAD
+    tgt = torch.cat([torch.full((3, 1), BOS), random_ids(3, 5, 2)], dim=1)
+    memory, mask = model.encode(src)
+    full = model.decode(tgt, memory, mask)
+    cache = model.start_cache(memory, mask)
+    steps = [model.decode_step(tgt[:, t : t + 1], cache) for t in range(tgt.size(1))]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full)
+    # select_cache keeps rows in step: continue row 2 alone and compare
+    cache = model.start_cache(memory, mask)
+    for t in range(3):
+        model.decode_step(tgt[:, t : t + 1], cache)
+    row = model.select_cache(cache, torch.tensor([2]))
+    torch.testing.assert_close(model.decode_step(tgt[2:3, 3:4], row)[0], full[2, 3])
+
+
+def test_overfits_one_batch() -> None:
+    """A copy task on four sentences: the model must be able to drive the loss to ~0."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(d_model=32, n_heads=4, d_ff=64)).train()
+    src = random_ids(4, 6, 7)
+    src[3, 4:] = PAD
+    src = torch.cat([src, torch.full((4, 1), PAD)], dim=1)
+    src[torch.arange(4), (src != PAD).sum(1)] = EOS
+    tgt = torch.cat([torch.full((4, 1), BOS), src], dim=1)  # BOS + copy + EOS (+ PAD)
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    keep = tgt_out != PAD
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(model(src, tgt_in, keep), tgt_out[keep])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if loss.item() < 0.05:
+            break
+    assert losses[-1] < 0.05, f"loss only fell from {losses[0]:.3f} to {losses[-1]:.3f}"
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(src, tgt_in, keep).argmax(-1), tgt_out[keep])
+
+
+def test_over_long_input_names_max_positions() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"sequence of 33 subwords exceeds model.max_positions=32"):
+        model.encode(random_ids(1, 33, 1))
+    memory, mask = model.encode(random_ids(1, 4, 1))
+    cache = model.start_cache(memory, mask)
+    cache["pos"] = 32
+    with pytest.raises(ValueError, match="max_positions"):
+        model.decode_step(torch.tensor([[BOS]]), cache)
+
+
+def test_build_model_needs_vocabulary_sizes() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_model(ModelConfig(d_model=16, n_heads=2))
