@@ -32,7 +32,7 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.model import build_model
 from transformer.train.loop import autocast
 from transformer.train.loss import label_smoothed_loss
-from transformer.vocab import BOS, EOS, PAD
+from transformer.vocab import PAD
 
 
 def model_config(name: str, vocab: int) -> ModelConfig:
@@ -61,20 +61,12 @@ def load_batches(args) -> tuple[list, int]:
 
 
 def hf_marian(cfg: ModelConfig):
-    """MarianMTModel with our shapes: post-norm, sinusoidal positions, scaled tied embeddings."""
-    from transformers import MarianConfig, MarianMTModel
+    """MarianMTModel with our shapes (the exporter's config: post-norm, sinusoids, tied scaled embeddings)."""
+    from transformers import MarianMTModel
 
-    mc = MarianConfig(
-        vocab_size=cfg.tgt_vocab_size, decoder_vocab_size=cfg.tgt_vocab_size, d_model=cfg.d_model,
-        encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
-        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
-        encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function=cfg.activation,
-        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
-        max_position_embeddings=cfg.max_positions, scale_embedding=True, share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, decoder_start_token_id=BOS,
-        forced_eos_token_id=EOS,
-    )
-    return MarianMTModel(mc)
+    from transformer.export import MARIAN, hf_config
+
+    return MarianMTModel(hf_config(cfg, MARIAN))
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:

@@ -59,6 +59,18 @@ def make_scorer(models: Sequence[Transformer], cached: bool = True) -> Scorer:
     return scorers[0] if len(scorers) == 1 else Ensemble(scorers)
 
 
+def check_decode_config(cfg: DecodeConfig) -> None:
+    """Name the decode key that is wrong before any search starts."""
+    choices = {"lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"decode.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    if cfg.beam_size < 1 or cfg.n_best < 1:
+        raise UserError(f"decode.beam_size={cfg.beam_size} and decode.n_best={cfg.n_best} must be >= 1")
+    if cfg.sampling and cfg.temperature <= 0:
+        raise UserError(f"decode.temperature={cfg.temperature} must be > 0 when sampling")
+
+
 def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int) -> list[list[Hypothesis]]:
     """Run the search ``cfg`` asks for on one padded batch."""
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, max_len_limit=max_positions - 1, min_len=cfg.min_len)
@@ -99,6 +111,7 @@ def fit_source(ids: list[int], limit: int, line: int) -> list[int]:
 def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True, first_line: int = 1) -> list[list[Hypothesis]]:
     """Hypotheses for every source (id lists ending in EOS), in input order; warnings number
     the sources from ``first_line``."""
+    check_decode_config(cfg)
     model = models[0]
     device = next(model.parameters()).device
     limit = model.cfg.max_positions

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.errors import UserError
+
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
     """(B, T, D) -> (B, H, T, Dh)."""
@@ -40,7 +42,7 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float, causal: bool):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
+            raise UserError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
         self.n_heads, self.dropout, self.causal = n_heads, dropout, causal
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
