@@ -145,4 +145,5 @@ def test_cli_reports_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["checkpoint=x.pt"])
     assert exit_info.value.code == 2
-    assert "missing output=" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing mandatory value: output" in err and len(err.strip().splitlines()) == 1

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from omegaconf import MISSING
 from torch import Tensor
 
 from transformer.config import ModelConfig
@@ -268,42 +270,29 @@ USAGE = """usage: transformer-export checkpoint=RUN_DIR_OR_PT output=DIR [beam_s
 Writes a Hugging Face model directory (MarianMTModel for post-norm models, M2M100ForConditionalGeneration
 for pre-norm ones) with its tokenizer and generation config; with ct2=DIR also a CTranslate2 model."""
 
-OPTIONS = {"checkpoint": str, "output": str, "beam_size": int, "max_length": int, "ct2": str, "quantization": str}
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING  # run directory (uses best.pt) or checkpoint file
+    output: str = MISSING  # the Hugging Face model directory to write
+    beam_size: int = 5  # generation_config default
+    max_length: Optional[int] = None  # generation_config limit (default: the model's positions)
+    ct2: Optional[str] = None  # also convert for CTranslate2 into this directory
+    quantization: Optional[str] = None  # CTranslate2 weights: int8, int8_float32, ... (needs ct2)
 
 
-def parse_args(argv: Sequence[str]) -> dict:
-    """``key=value`` arguments, as the Hydra CLIs take them."""
-    args: dict = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise UserError(f"unexpected argument {arg!r}; expected key=value with key one of {', '.join(OPTIONS)}")
-        try:
-            args[key] = OPTIONS[key](value)
-        except ValueError:
-            raise UserError(f"{key}={value!r}: expected an integer") from None
-    for key in ("checkpoint", "output"):
-        if key not in args:
-            raise UserError(f"missing {key}=...\n{USAGE}")
-    if "quantization" in args and "ct2" not in args:
+def run_export(cfg: ExportConfig) -> None:
+    if cfg.quantization and not cfg.ct2:
         raise UserError("quantization= applies to the CTranslate2 model: give ct2=DIR too")
-    return args
+    out = export(cfg.checkpoint, cfg.output, cfg.beam_size, cfg.max_length)
+    print(f"transformers model: {out}")
+    if cfg.ct2:
+        print(f"CTranslate2 model: {convert_ct2(out, cfg.ct2, cfg.quantization)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    try:
-        args = parse_args(argv)
-        out = export(args["checkpoint"], args["output"], args.get("beam_size", 5), args.get("max_length"))
-        print(f"transformers model: {out}")
-        if "ct2" in args:
-            print(f"CTranslate2 model: {convert_ct2(out, args['ct2'], args.get('quantization'))}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    from transformer.cli import run_plain_command
+
+    run_plain_command(ExportConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_export)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from transformer.errors import UserError
 from transformer.train.checkpoint import CHECKPOINT_DIR, atomic_save, average_checkpoints, list_step_checkpoints
 
@@ -57,34 +54,18 @@ def checkpoints_to_average(inputs: list[str], last: int = 0) -> list[Path]:
     return paths[-last:] if last else paths
 
 
-def parse_args(argv: list[str]) -> AverageConfig:
-    """``key=value`` arguments checked against ``AverageConfig``; one input may be given bare."""
-    try:
-        cli = OmegaConf.from_cli(argv)
-        if isinstance(cli.get("inputs"), str):
-            cli.inputs = [cli.inputs]
-        cfg: AverageConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AverageConfig), cli))
-    except OmegaConfBaseException as e:
-        raise UserError(f"{str(e).splitlines()[0]}\n{USAGE}") from None
+def average(cfg: AverageConfig) -> None:
     if not cfg.inputs or not cfg.output:
-        raise UserError(f"inputs and output are required\n{USAGE}")
-    return cfg
+        raise UserError(f"inputs and output are required ({USAGE})")
+    paths = checkpoints_to_average(cfg.inputs, cfg.last)
+    atomic_save(average_checkpoints(paths), Path(cfg.output).expanduser())
+    log.info("averaged %d checkpoints into %s: %s", len(paths), cfg.output, ", ".join(str(p) for p in paths))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_args(argv)
-        paths = checkpoints_to_average(cfg.inputs, cfg.last)
-        atomic_save(average_checkpoints(paths), Path(cfg.output).expanduser())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    log.info("averaged %d checkpoints into %s: %s", len(paths), cfg.output, ", ".join(str(p) for p in paths))
+    from transformer.cli import run_plain_command
+
+    run_plain_command(AverageConfig, sys.argv[1:] if argv is None else list(argv), USAGE, average, listed=("inputs",))
 
 
 if __name__ == "__main__":
