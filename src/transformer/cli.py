@@ -77,10 +77,10 @@ def _train(cfg: DictConfig) -> float:
     if not cfg.run_dir:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "test"} | {"test": {k: v for k, v in metrics.get("test", {}).items() if not k.endswith("detail")}}, indent=2))
-    if os.environ.get("RANK", "0") == "0":  # torchrun: one report, from the process that wrote the run
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one summary and report, from the process that wrote the run
         from transformer.report import write_run_report
 
+        print(json.dumps({k: v for k, v in metrics.items() if k != "test"} | {"test": {k: v for k, v in metrics.get("test", {}).items() if not k.endswith("detail")}}, indent=2))
         write_run_report(metrics["run_dir"], cfg, metrics)
     return metrics["best_valid_bleu"]
 
