@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from transformer.config import DecodeConfig, config_dir, register_configs
-from transformer.errors import UserError
+from transformer.errors import UserError, first_line
 
 
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
@@ -52,7 +52,7 @@ def run_plain_command(schema: type, argv: list[str], usage: str, task: Callable[
                     given[key] = [given[key]]
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), given))
         except OmegaConfBaseException as e:
-            raise UserError(f"{str(e).splitlines()[0]} (usage: {usage.splitlines()[0].removeprefix('usage: ')})") from None
+            raise UserError(f"{first_line(e)} (usage: {usage.splitlines()[0].removeprefix('usage: ')})") from None
         task(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

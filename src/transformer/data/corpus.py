@@ -13,10 +13,10 @@ import gzip
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from transformer.config import DataConfig
-from transformer.errors import UserError
+from transformer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,21 @@ def read_jsonl(path: str, cfg: DataConfig) -> list[Pair]:
     return pairs
 
 
-def read_hub(cfg: DataConfig, split: str) -> list[Pair]:
-    """A split of a Hugging Face dataset (a hub name, or a local dataset directory)."""
+def load_hub(cfg: DataConfig, split_name: str, streaming: bool) -> Any:
+    """``datasets.load_dataset`` for a hub name or a local dataset directory, with a one-line
+    error naming the dataset and split."""
     import datasets
 
-    split_name = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
     try:
-        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split_name, streaming=cfg.streaming)
+        return datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split_name, streaming=streaming)
     except Exception as e:  # datasets raises many types; the user needs the name and the reason
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"data.hub_name={cfg.hub_name!r} split {split_name!r}: cannot load ({first})") from None
+        raise UserError(f"data.hub_name={cfg.hub_name!r} split {split_name!r}: cannot load ({first_line(e)})") from None
+
+
+def read_hub(cfg: DataConfig, split: str) -> list[Pair]:
+    """A split of a Hugging Face dataset (a hub name, or a local dataset directory)."""
+    split_name = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
+    ds = load_hub(cfg, split_name, cfg.streaming)
     where = f"{cfg.hub_name}[{split_name}]"
     return [pair_from_record(r, cfg, f"{where} row {i}") for i, r in enumerate(ds)]
 

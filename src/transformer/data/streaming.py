@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 from transformer.config import DataConfig
 from transformer.data.batching import Example, encode_examples, shard, token_batches
-from transformer.data.corpus import Pair, pair_from_record
+from transformer.data.corpus import Pair, load_hub, pair_from_record
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 
@@ -30,13 +30,7 @@ log = logging.getLogger(__name__)
 def stream_pairs(cfg: DataConfig, shuffle_seed: Optional[int] = None) -> Iterator[Pair]:
     """(source, target) pairs of the training split in stream order (shuffled through a
     ``data.shuffle_buffer`` buffer when ``shuffle_seed`` is given); blank pairs are skipped."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.train_split, streaming=True)
-    except Exception as e:  # datasets raises many types; the user needs the name and the reason
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"data.hub_name={cfg.hub_name!r} split {cfg.train_split!r}: cannot stream ({first})") from None
+    ds = load_hub(cfg, cfg.train_split, streaming=True)
     if shuffle_seed is not None:
         ds = ds.shuffle(seed=shuffle_seed, buffer_size=cfg.shuffle_buffer)
     where = f"{cfg.hub_name}[{cfg.train_split}]"

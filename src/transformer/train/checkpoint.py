@@ -17,7 +17,7 @@ import torch
 
 from transformer.config import ModelConfig
 from transformer.data.tokenizer import Tokenizer
-from transformer.errors import UserError
+from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def load_checkpoint(path: Path | str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this package (expected format {FORMAT})")

@@ -31,7 +31,7 @@ from transformer.data.batching import Batch, Example, collate, encode_examples, 
 from transformer.data.corpus import Pair, load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.decode.translator import translate_ids
-from transformer.errors import UserError
+from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
 from transformer.runtime import resolve_device
 from transformer.train.checkpoint import (
@@ -302,7 +302,7 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UserError(f"{path}: weights do not fit model config ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: weights do not fit model config ({first_line(e)})") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
