@@ -1,8 +1,10 @@
 """Training-step speed: our Transformer against Hugging Face MarianMTModel of the same shapes.
 
 Both train on the same Multi30k batches (our BPE, our token-budget batching) with the same
-optimizer, label smoothing and clipping; each configuration runs in its own subprocess so
-peak memory is its own. Prints a markdown table: target tokens/s, ms/step, peak RSS (CPU)
+optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping; each
+configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
+the allocator setting our trainer applies (``runtime.keep_freed_memory``); HF as it ships,
+or with the same setting under --same-allocator. Prints a markdown table: target tokens/s, ms/step, peak RSS (CPU)
 or peak allocated memory (CUDA), and MFU against a matmul peak measured in the same run.
 
     python scripts/bench_train.py                      # small model, fp32 + bf16, ours vs HF
@@ -30,6 +32,7 @@ from transformer.data.batching import collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.model import build_model
+from transformer.runtime import keep_freed_memory
 from transformer.train.loop import autocast
 from transformer.train.loss import label_smoothed_loss
 from transformer.vocab import PAD
@@ -107,11 +110,13 @@ def run_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and (args.impl == "ours" or args.same_allocator):
+        keep_freed_memory()  # what our trainer does on CPU (trainer.keep_freed_memory)
     batches, vocab = load_batches(args)
     cfg = model_config(args.model, vocab)
     ours = args.impl == "ours"
     model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)  # HF Trainer default
     times, tokens, flops = [], 0, 0.0
     for i, batch in enumerate(batches):
         b = batch.to(device)
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache", default="runs/bench", help="where the benchmark's BPE model is kept")
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="give HF our trainer's CPU allocator setting too (glibc keeps freed memory)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,7 +183,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--precision", precision, "--model", args.model,
                    "--data", args.data, "--vocab", str(args.vocab), "--max-tokens", str(args.max_tokens),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, "--cache", args.cache]
+                   "--device", args.device, "--cache", args.cache] + (["--same-allocator"] if args.same_allocator else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
@@ -184,7 +191,7 @@ def main() -> None:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
     print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-          f"max_tokens={args.max_tokens} steps={args.steps} torch={torch.__version__}\n")
+          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} torch={torch.__version__}\n")
     print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -12,6 +12,8 @@ import torch
 
 from transformer.config import ModelConfig
 from transformer.model import Transformer, build_model
+from transformer.model.attention import sdpa
+from transformer.model.transformer import Dropout
 from transformer.vocab import BOS, EOS, PAD
 
 VOCAB = 20
@@ -212,3 +214,33 @@ def test_over_long_input_names_max_positions() -> None:
 def test_build_model_needs_vocabulary_sizes() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         build_model(ModelConfig(d_model=16, n_heads=2))
+
+
+def test_dropout_rate_scale_and_eval_identity() -> None:
+    drop = Dropout(0.3).train()
+    torch.manual_seed(0)
+    y = drop(torch.ones(400, 500))
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted: the expectation is kept
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.7, rel=1e-3)]
+    assert drop(torch.ones(3, 5, 7, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    x = torch.randn(4, 6)
+    assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reduced_precision_attention_backend_matches_fp32(causal: bool) -> None:
+    """On CPU in bf16, ``sdpa`` switches to the math backend; values and gradients must agree."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=g) for _ in range(3))
+    mask = None if causal else torch.rand(3, 1, 1, 7, generator=g) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        y = sdpa(*qkv, mask, causal)
+        y.float().square().sum().backward()
+        outs[dtype] = (y.float(), qkv[0].grad.float())
+    for a, b in zip(outs[torch.float32], outs[torch.bfloat16]):
+        torch.testing.assert_close(b, a, atol=0.05, rtol=0.05)

@@ -112,6 +112,7 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults on big tensors; ~10% faster)
     resume: Optional[str] = None  # run directory or checkpoint to continue from
     progress: bool = True  # show a tqdm progress bar
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from transformer.errors import UserError
 
@@ -26,6 +27,16 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, H, T, Dh) -> (B, T, D)."""
     b, h, t, dh = x.shape
     return x.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False, dropout: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention``. On CPU in bf16/fp16 its math backend is chosen:
+    the fused CPU kernel's backward is ~3x slower there than the math backend (measured
+    26 ms against 8 ms for 180 x 4 heads x 24 x 64), a third of a bf16 training step."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -60,10 +71,7 @@ class SelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         if causal and q.size(2) != k.size(2):
             raise ValueError("causal attention over a cache takes one new position at a time")
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        y = sdpa(q, k, v, mask, causal and mask is None, self.dropout if self.training else 0.0)
         return self.out(merge_heads(y))
 
 
@@ -91,11 +99,11 @@ class CrossAttention(nn.Module):
         if groups > 1:
             n, _, d = x.shape
             q = self.q(x).view(n // groups, groups, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, G, Dh)
-            y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)  # (B, H, G, Dh)
+            y = sdpa(q, *kv, mask)  # (B, H, G, Dh)
             return self.out(y.transpose(1, 2).reshape(n, 1, d))
         q = split_heads(self.q(x), self.n_heads)
         k, v = kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
         out = self.out(merge_heads(y))
         if need_weights:
             return out, attention_weights(q, k, mask)  # (B, H, T, S)

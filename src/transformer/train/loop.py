@@ -33,7 +33,7 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.decode.translator import translate_ids
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
-from transformer.runtime import resolve_device
+from transformer.runtime import keep_freed_memory, resolve_device
 from transformer.train.checkpoint import (
     CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, list_step_checkpoints,
     load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
@@ -163,6 +163,8 @@ class Trainer:
             cfg.run_dir = box[0]
         if t.threads > 0:
             torch.set_num_threads(t.threads)
+        if t.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         resume = self.find_resume()
