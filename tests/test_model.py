@@ -171,6 +171,10 @@ def test_incremental_decoding_equals_teacher_forcing() -> None:
         model.decode_step(tgt[:, t : t + 1], cache)
     row = model.select_cache(cache, torch.tensor([2]))
     torch.testing.assert_close(model.decode_step(tgt[2:3, 3:4], row)[0], full[2, 3])
+    # two selections before the next step compose: rows [2, 0, 1] then [1, 1] are row 0 twice
+    twice = model.select_cache(model.select_cache(cache, torch.tensor([2, 0, 1])), torch.tensor([1, 1]))
+    out = model.decode_step(tgt[[0, 0], 3:4], twice)
+    torch.testing.assert_close(out, full[[0, 0], 3])
 
 
 def test_overfits_one_batch() -> None:

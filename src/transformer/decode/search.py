@@ -45,9 +45,10 @@ class Scorer(Protocol):
     def step(self, state: Any, prefix: Tensor) -> tuple[Tensor, Any]:
         """prefix (N, t) LongTensor: every row starts with BOS and holds the t tokens so far.
         Returns (log_probs (N, V) float32, normalised log-softmax over the target vocabulary,
-        new state). A cached implementation uses only prefix[:, -1] and appends to its
-        key/value cache; an uncached one reruns the whole prefix. After `select`, the state
-        corresponds to the selected rows' prefixes."""
+        new state); search owns the returned tensor and may modify it in place. A cached
+        implementation uses only prefix[:, -1] and appends to its key/value cache; an
+        uncached one reruns the whole prefix. After `select`, the state corresponds to the
+        selected rows' prefixes."""
 
 
 class Ensemble:
@@ -120,20 +121,21 @@ def _src_lengths(src: Tensor) -> Tensor:
 
 
 def _constrain(log_probs: Tensor, t: int, min_len: int, max_len: Tensor) -> Tensor:
-    """Apply the rules of the search to the model's log-probs for the (t+1)-th token.
+    """Apply the rules of the search, in place, to the log-probs for the (t+1)-th token.
 
-    max_len (N,) per row. The scorer's tensor is not modified (it may be cached).
+    max_len (N,) per row. Only whole columns and forced rows are touched (no pass over
+    all N x V values); nothing is renormalised.
     """
-    out = log_probs.clone()  # (N, V)
-    out[:, PAD] = NEG_INF
-    out[:, BOS] = NEG_INF
+    log_probs[:, PAD] = NEG_INF
+    log_probs[:, BOS] = NEG_INF
     if t < min_len:
-        out[:, EOS] = NEG_INF
+        log_probs[:, EOS] = NEG_INF
     force = t + 1 >= max_len  # (N,) last allowed position: EOS only
     if bool(force.any()):
-        out[force] = NEG_INF
-        out[force, EOS] = log_probs[force, EOS]
-    return out
+        eos = log_probs[force, EOS]
+        log_probs[force] = NEG_INF
+        log_probs[force, EOS] = eos
+    return log_probs
 
 
 # ------------------------------------------------------------------ greedy and sampling
@@ -176,12 +178,12 @@ def _decode_rows(
         tokens = torch.cat([tokens, choice[:, None]], dim=1)
         token_lps = torch.cat([token_lps, chosen_lp], dim=1)
         done = choice == EOS  # (N,)
-        for i in done.nonzero().flatten().tolist():
-            lps = token_lps[i].tolist()
-            total = float(token_lps[i].double().sum())
-            hyp = Hypothesis(tokens[i, 1:].tolist(), score=total, log_prob=total, token_log_probs=lps)
-            results[int(rows[i])] = hyp
         if bool(done.any()):
+            ended = done.nonzero().flatten()
+            ended_tokens, ended_lps = tokens[ended, 1:].tolist(), token_lps[ended].tolist()
+            totals = token_lps[ended].double().sum(dim=1).tolist()
+            for slot, toks, lps, total in zip(rows[ended].tolist(), ended_tokens, ended_lps, totals):
+                results[slot] = Hypothesis(toks, score=total, log_prob=total, token_log_probs=lps)
             keep = (~done).nonzero().flatten()  # (N',)
             rows, max_len, tokens, token_lps = rows[keep], max_len[keep], tokens[keep], token_lps[keep]
             if keep.numel() > 0:
@@ -272,35 +274,31 @@ def _first_live(is_eos: Tensor, beam: int) -> Tensor:
     return key.argsort(dim=1)[:, :beam]
 
 
-def _sentence_done(
-    finished: list[float],
+def _sentences_done(
     live_log_probs: Tensor,
+    best_finished: Tensor,
+    n_finished: Tensor,
     length: int,
-    max_len: int,
+    max_len: Tensor,
     beam: int,
-    n_best: int,
     alpha: float,
     style: str,
     early_stop: str,
-) -> bool:
-    """Whether a sentence can stop; see `beam_search` for the rule.
+) -> Tensor:
+    """Which running sentences can stop (B',); see `beam_search` for the rule.
 
-    finished: scores of its finished hypotheses; live_log_probs (beam,) of the live beams,
-    which hold `length` tokens.
+    live_log_probs (B', beam) of the live beams, which hold `length` tokens;
+    best_finished (B', n_best) the best finished scores so far, sorted, -inf padded;
+    n_finished (B',) how many hypotheses each sentence has finished.
     """
-    if length >= max_len:
-        return True  # the last step forced EOS on every live beam
-    best_live = float(live_log_probs.max())
-    if best_live == NEG_INF:
-        return True  # nothing left alive
-    if len(finished) < beam:
-        return False
+    best_live = live_log_probs.max(dim=1).values.double()  # (B',)
+    done = (max_len <= length) | (best_live == NEG_INF)  # EOS was forced everywhere, or nothing is alive
+    enough = n_finished >= beam
     if early_stop == "fairseq":
-        return True
-    worst_kept = sorted(finished, reverse=True)[n_best - 1]
+        return done | enough
     # Over lengths length+1 .. max_len the penalty is monotone, so x / lp(L) peaks at an end.
-    bound = max(best_live / _penalty(length + 1, alpha, style), best_live / _penalty(max_len, alpha, style))
-    return bound <= worst_kept
+    bound = torch.maximum(best_live / _penalty(length + 1, alpha, style), best_live / _penalty(max_len, alpha, style))
+    return done | (enough & (bound <= best_finished[:, -1]))
 
 
 def beam_search(
@@ -323,9 +321,12 @@ def beam_search(
     the best 2 * beam: among the first `beam` of them, those ending in EOS become
     finished hypotheses with score log_prob / length_penalty(len incl. EOS) (the rule
     fairseq uses); the first `beam` not ending in EOS are the next beams. Taking 2 * beam
-    guarantees `beam` live candidates, as at most one EOS comes from each beam. At step 0
-    only the first beam of a sentence is alive (the others hold -inf), so its copies do
-    not produce duplicates.
+    guarantees `beam` live candidates, as at most one EOS comes from each beam. They are
+    found without a pass over all beam * V values: each row's best 2 * beam tokens first
+    (a sentence's best candidates are among them), then the best of those. The first step
+    runs one row per sentence (all its beams would be the same BOS prefix) and then
+    expands to `beam` rows; a vocabulary smaller than 2 * beam instead starts with `beam`
+    copies of which all but one hold -inf.
 
     Stopping rule per sentence (finished sentences are dropped from the batch):
 
@@ -355,37 +356,54 @@ def beam_search(
     batch, device = src.size(0), src.device
     sentences = torch.arange(batch, device=device)  # (B',) input index of each running sentence
     max_len = max_lengths(_src_lengths(src), max_len_a, max_len_b, max_len_limit)  # (B',)
-    state = scorer.select(scorer.start(src), sentences.repeat_interleave(k))
-    tokens = torch.full((batch * k, 1), BOS, dtype=torch.long, device=device)  # (N, t+1), N = B' * k
-    token_lps = torch.zeros(batch * k, 0, device=device)  # (N, t)
-    scores = torch.full((batch, k), NEG_INF, device=device)  # running log-probs
-    scores[:, 0] = 0.0
-    scores = scores.view(-1)  # (N,)
+    state = scorer.start(src)  # one row per sentence until the first step has chosen k tokens
+    tokens = torch.full((batch, 1), BOS, dtype=torch.long, device=device)  # (N, t+1), N = B' * width
+    token_lps = torch.zeros(batch, 0, device=device)  # (N, t)
+    scores = torch.zeros(batch, device=device)  # (N,) running log-probs
+    best_finished = torch.full((batch, n_best), NEG_INF, dtype=torch.float64, device=device)  # (B', n_best) sorted
+    n_finished = torch.zeros(batch, dtype=torch.long, device=device)  # (B',)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     t = 0
     while sentences.numel() > 0:
         running = sentences.numel()
+        width = tokens.size(0) // running  # rows per sentence: 1 at the first step, then k
         log_probs, state = scorer.step(state, tokens)
-        log_probs = _constrain(log_probs, t, min_len, max_len.repeat_interleave(k))  # (N, V)
-        vocab = log_probs.size(1)
-        candidates = (scores[:, None] + log_probs).view(running, k * vocab)  # (B', k*V)
-        top, flat = candidates.topk(min(2 * k, k * vocab), dim=1)  # (B', 2k)
-        source_row = flat // vocab + torch.arange(running, device=device)[:, None] * k  # (B', 2k) row in N
-        token = flat % vocab  # (B', 2k)
+        if width < k and log_probs.size(1) < 2 * k:  # a vocabulary under 2k: k copies, all but one dead
+            copies = torch.arange(tokens.size(0), device=device).repeat_interleave(k)
+            log_probs, tokens, token_lps = log_probs[copies], tokens[copies], token_lps[copies]
+            state, width = scorer.select(state, copies), k
+            scores = torch.full((running, k), NEG_INF, device=device)
+            scores[:, 0] = 0.0
+            scores = scores.view(-1)
+        log_probs = _constrain(log_probs, t, min_len, max_len.repeat_interleave(width))  # (N, V)
+        # A sentence's best 2k extensions are among the best 2k of each of its rows.
+        row_top, row_token = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
+        token_lp = row_top.view(running, -1)  # (B', width * c) log-prob of the token
+        per_row = row_top.size(1)
+        candidates = scores.view(running, width).repeat_interleave(per_row, dim=1) + token_lp  # (B', width * c)
+        top, flat = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (B', 2k)
+        source_row = flat // per_row + torch.arange(running, device=device)[:, None] * width  # (B', 2k) row in N
+        token = row_token.view(running, -1).gather(1, flat)  # (B', 2k)
+        token_lp = token_lp.gather(1, flat)  # (B', 2k)
         is_eos = token == EOS
 
         # Finished: EOS among the first k candidates, with a finite log-prob.
         new_finished = is_eos[:, :k] & torch.isfinite(top[:, :k])  # (B', k)
-        for i, j in new_finished.nonzero().tolist():
-            row, log_prob = int(source_row[i, j]), float(top[i, j])
-            finished[int(sentences[i])].append(
-                Hypothesis(
-                    tokens=tokens[row, 1:].tolist() + [EOS],
-                    score=log_prob / _penalty(t + 1, alpha, style),
-                    log_prob=log_prob,
-                    token_log_probs=token_lps[row].tolist() + [float(log_probs[row, EOS])],
+        new_scores = top[:, :k].double() / _penalty(t + 1, alpha, style)  # (B', k)
+        if bool(new_finished.any()):
+            which, rank = new_finished.nonzero().unbind(1)
+            rows = source_row[which, rank]
+            prefixes, prefix_lps = tokens[rows, 1:].tolist(), token_lps[rows].tolist()
+            for i, j, toks, lps in zip(which.tolist(), rank.tolist(), prefixes, prefix_lps):
+                finished[int(sentences[i])].append(
+                    Hypothesis(
+                        tokens=toks + [EOS], score=float(new_scores[i, j]), log_prob=float(top[i, j]),
+                        token_log_probs=lps + [float(token_lp[i, j])],
+                    )
                 )
-            )
+            entering = new_scores.masked_fill(~new_finished, NEG_INF)
+            best_finished = torch.cat([best_finished, entering], dim=1).topk(n_best, dim=1).values
+            n_finished = n_finished + new_finished.sum(dim=1)
 
         # Continue: the first k non-EOS candidates.
         live = _first_live(is_eos, k)  # (B', k)
@@ -393,22 +411,12 @@ def beam_search(
         token = token.gather(1, live).view(-1)  # (N,)
         scores = top.gather(1, live).view(-1)  # (N,)
         tokens = torch.cat([tokens[source_row], token[:, None]], dim=1)  # (N, t+2)
-        token_lps = torch.cat([token_lps[source_row], log_probs[source_row, token][:, None]], dim=1)
+        token_lps = torch.cat([token_lps[source_row], token_lp.gather(1, live).view(-1, 1)], dim=1)
 
-        live_scores = scores.view(running, k)  # (B', k)
-        done = torch.tensor(
-            [
-                _sentence_done(
-                    [h.score for h in finished[s]], live_scores[i], t + 1, int(max_len[i]),
-                    k, n_best, alpha, style, early_stop,
-                )
-                for i, s in enumerate(sentences.tolist())
-            ],
-            dtype=torch.bool,
-            device=device,
-        )  # (B',)
+        done = _sentences_done(scores.view(running, k), best_finished, n_finished, t + 1, max_len, k, alpha, style, early_stop)
         keep_rows = (~done).repeat_interleave(k)  # (N,)
         sentences, max_len = sentences[~done], max_len[~done]
+        best_finished, n_finished = best_finished[~done], n_finished[~done]
         tokens, token_lps, scores = tokens[keep_rows], token_lps[keep_rows], scores[keep_rows]
         if sentences.numel() > 0:
             state = scorer.select(state, source_row[keep_rows])

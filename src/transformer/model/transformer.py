@@ -246,8 +246,9 @@ class Transformer(nn.Module):
 
         Memory is kept once per sentence while every sentence owns an equal, contiguous run
         of rows (as beam and greedy search keep them); reordering beams inside a sentence
-        then touches only the self-attention cache. Any other selection falls back to one
-        memory row per decoder row."""
+        then touches only the self-attention cache, whose rows are picked lazily, during
+        the next step's append. Any other selection falls back to one memory row per
+        decoder row."""
         sentence = torch.div(index, cache["groups"], rounding_mode="floor")  # old sentence of each new row
         kept = torch.unique_consecutive(sentence)
         groups = index.numel() // max(kept.numel(), 1)
@@ -257,7 +258,7 @@ class Transformer(nn.Module):
         pick = (lambda t: t) if same else (lambda t: t.index_select(0, kept))
         return {
             "memory_kv": [(pick(k), pick(v)) for k, v in cache["memory_kv"]],
-            "self": [{name: t.index_select(0, index) for name, t in c.items()} for c in cache["self"]],
+            "self": [reorder_later(c, index) for c in cache["self"]],
             "mask": pick(cache["mask"]),
             "groups": groups,
             "pos": cache["pos"],
@@ -286,6 +287,15 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def reorder_later(cache: dict, index: Tensor) -> dict:
+    """A self-attention cache whose rows are ``index`` of ``cache``'s, left for
+    ``attention.extend`` to apply while it appends the next position."""
+    if "k" not in cache:
+        return {}
+    pending = cache.get("index")
+    return {"k": cache["k"], "v": cache["v"], "index": index if pending is None else pending[index]}
 
 
 def build_model(cfg: ModelConfig) -> Transformer:
