@@ -1,5 +1,5 @@
 """Decoding speed and BLEU: our search against HF generate() on the exported model and
-CTranslate2 (fp32 and int8) on its conversion.
+CTranslate2 (fp32 and int8) on its conversion; ours and HF also under bf16 autocast.
 
 All systems read the same source ids (our SentencePiece), the same length-sorted batches
 and the same limits (max 1.5 * source + 10 tokens, PAD and BOS never generated, score =
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,9 +37,10 @@ from transformer.data.batching import pad  # noqa: E402
 from transformer.data.corpus import load_files, load_split  # noqa: E402
 from transformer.decode.translator import length_batches, translate_ids  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
+from transformer.runtime import autocast  # noqa: E402
 from transformer.vocab import BOS, EOS, PAD  # noqa: E402
 
-SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8", "ours-bf16", "hf-bf16")  # -bf16: bf16 autocast
 TINY_RUN = "runs/bench-tiny"
 
 
@@ -80,10 +82,11 @@ def decode_hf(export_dir: str, cfg: DecodeConfig):
         out: list = [None] * len(ids)
         for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
             src = pad([ids[i] for i in batch])
-            seqs = model.generate(
-                input_ids=src, attention_mask=(src != PAD).long(), num_beams=cfg.beam_size, do_sample=False,
-                length_penalty=cfg.length_penalty, early_stopping=True, max_new_tokens=max_new_tokens([ids[i] for i in batch], cfg),
-            )
+            with autocast(src.device, cfg.precision):
+                seqs = model.generate(
+                    input_ids=src, attention_mask=(src != PAD).long(), num_beams=cfg.beam_size, do_sample=False,
+                    length_penalty=cfg.length_penalty, early_stopping=True, max_new_tokens=max_new_tokens([ids[i] for i in batch], cfg),
+                )
             for i, row in zip(batch, seqs[:, 1:].tolist()):
                 out[i] = row[: row.index(EOS) + 1] if EOS in row else row
         return out
@@ -119,13 +122,15 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     system, beam = args.run_one.split(":")
     cfg = search_config(int(beam), args.batch_tokens)
+    if system.endswith("-bf16"):
+        cfg = replace(cfg, precision="bf16")
     _, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
     sources, references = load_files(args.src, args.ref)
     sources, references = sources[: args.limit or None], references[: args.limit or None]
     src_ids = tokenizer.encode_src(sources)
-    if system == "ours":
+    if system.startswith("ours"):
         run = decode_ours(args.checkpoint, cfg)
-    elif system == "hf":
+    elif system.startswith("hf"):
         run = decode_hf(args.export, cfg)
     else:
         run = decode_ct2(args.ct2 + system[len("ct2"):], cfg, args.threads, tokenizer)

@@ -32,8 +32,7 @@ from transformer.data.batching import collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.model import build_model
-from transformer.runtime import keep_freed_memory
-from transformer.train.loop import autocast
+from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.loss import label_smoothed_loss
 from transformer.vocab import PAD
 

@@ -124,3 +124,16 @@ def test_every_config_key_has_a_comment() -> None:
         if isinstance(field, ast.AnnAssign) and "#" not in lines[field.end_lineno - 1]
     ]
     assert undocumented == []
+
+
+def test_bf16_decoding_agrees_with_fp32(translator: Translator) -> None:
+    sentences = ["twenty-one", "I have three red apples.", "We see seventy-seven red cars."]
+    fp32 = translator.hypotheses(sentences, beam_size=3)
+    bf16 = translator.hypotheses(sentences, beam_size=3, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert a[0].text == b[0].text
+        assert b[0].score == pytest.approx(a[0].score, abs=0.05 + 0.02 * abs(a[0].score))
+    with pytest.raises(UserError, match="decode.precision=fp16 needs CUDA"):
+        translator.translate("twenty-one", precision="fp16")
+    with pytest.raises(UserError, match="decode.precision='fp8'"):
+        translator.translate("twenty-one", precision="fp8")

@@ -130,6 +130,7 @@ class DecodeConfig:
     min_len: int = 0  # EOS is forbidden before this many subwords
     early_stop: str = "exact"  # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
     batch_tokens: int = 4096  # source tokens per decoding batch
+    precision: str = "fp32"  # fp32 | bf16 (CPU with avx512_bf16/AMX, or CUDA; ~1.6x faster beam search) | fp16 (CUDA)
     sampling: bool = False  # sample instead of search (back-translation)
     temperature: float = 1.0  # sampling: logits are divided by it
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)

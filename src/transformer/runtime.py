@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from transformer.errors import UserError
@@ -38,3 +40,15 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def autocast(device: torch.device, precision: str, key: str = "trainer.precision"):
+    """bf16 autocast on CPU and CUDA, fp16 on CUDA; fp32 weights either way. ``key`` names
+    the setting in errors."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"{key}=fp16 needs CUDA; use bf16 on CPU")
+    if precision not in ("bf16", "fp16"):
+        raise UserError(f"{key}={precision!r}: expected fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -23,7 +23,7 @@ from transformer.data.tokenizer import Tokenizer
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
 from transformer.errors import UserError
 from transformer.model import Transformer
-from transformer.runtime import resolve_device
+from transformer.runtime import autocast, resolve_device
 from transformer.vocab import BOS, EOS
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ def check_decode_config(cfg: DecodeConfig) -> None:
             raise UserError(f"decode.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
     if cfg.beam_size < 1 or cfg.n_best < 1:
         raise UserError(f"decode.beam_size={cfg.beam_size} and decode.n_best={cfg.n_best} must be >= 1")
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"decode.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
     if cfg.sampling and cfg.temperature <= 0:
         raise UserError(f"decode.temperature={cfg.temperature} must be > 0 when sampling")
 
@@ -118,10 +120,11 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
     src_ids = [fit_source(ids, limit, first_line + i) for i, ids in enumerate(src_ids)]
     scorer = make_scorer(models, cached)
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
-    for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
-        src = pad([src_ids[i] for i in batch]).to(device)
-        for i, hyps in zip(batch, search(scorer, src, cfg, limit)):
-            results[i] = hyps
+    with autocast(device, cfg.precision, "decode.precision"):
+        for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
+            src = pad([src_ids[i] for i in batch]).to(device)
+            for i, hyps in zip(batch, search(scorer, src, cfg, limit)):
+                results[i] = hyps
     return results  # type: ignore[return-value]
 
 

@@ -33,7 +33,7 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.decode.translator import translate_ids
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
-from transformer.runtime import keep_freed_memory, resolve_device
+from transformer.runtime import autocast, keep_freed_memory, resolve_device
 from transformer.train.checkpoint import (
     CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, list_step_checkpoints,
     load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
@@ -101,17 +101,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU and CUDA, fp16 on CUDA; fp32 weights either way."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("trainer.precision=fp16 needs CUDA; use bf16 on CPU")
-    if precision not in ("bf16", "fp16"):
-        raise UserError(f"trainer.precision={precision!r}: expected fp32, bf16 or fp16")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
