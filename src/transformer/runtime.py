@@ -28,8 +28,9 @@ def keep_freed_memory() -> bool:
     Tensors over 32 MiB (the logits of a 4k-token batch over an 8k vocabulary are 128 MiB)
     otherwise get fresh pages from the kernel at every step, and the page faults on first
     touch cost ~10% of a CPU training step; Intel's advice for the same cost is to swap in
-    jemalloc or tcmalloc. Memory is still reused inside the process; the resident size just
-    stays at its peak. Returns False where this is not glibc."""
+    jemalloc or tcmalloc. Memory is still reused inside the process, but the resident size
+    never shrinks and grows with fragmentation (the Multi30k recipe: 5.8 against 4.5 GB after
+    200 updates, 9.2 GB after the hour). Returns False where this is not glibc."""
     import ctypes
     import ctypes.util
 
