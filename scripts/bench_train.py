@@ -4,8 +4,9 @@ Both train on the same Multi30k batches (our BPE, our token-budget batching) wit
 optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping; each
 configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
 the allocator setting our trainer applies (``runtime.keep_freed_memory``); HF as it ships,
-or with the same setting under --same-allocator. Prints a markdown table: target tokens/s, ms/step, peak RSS (CPU)
-or peak allocated memory (CUDA), and MFU against a matmul peak measured in the same run.
+or with the same setting under --same-allocator. Prints a markdown table: target tokens/s,
+ms/step, peak RSS (CPU) or peak allocated memory (CUDA), and MFU against a matmul peak
+measured in the same run.
 
     python scripts/bench_train.py                      # small model, fp32 + bf16, ours vs HF
     python scripts/bench_train.py --model base --device cuda --precision bf16

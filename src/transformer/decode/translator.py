@@ -67,8 +67,6 @@ def check_decode_config(cfg: DecodeConfig) -> None:
             raise UserError(f"decode.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
     if cfg.beam_size < 1 or cfg.n_best < 1:
         raise UserError(f"decode.beam_size={cfg.beam_size} and decode.n_best={cfg.n_best} must be >= 1")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"decode.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
     if cfg.sampling and cfg.temperature <= 0:
         raise UserError(f"decode.temperature={cfg.temperature} must be > 0 when sampling")
 
