@@ -57,7 +57,7 @@ def load_batches(args) -> tuple[list, int]:
     else:
         tok = build_tokenizer(pairs, args.vocab, True, 2_000_000)
         tok.save(Path(args.cache))
-    examples = encode_examples(tok.encode_src([s for s, _ in pairs]), tok.encode_tgt([t for _, t in pairs]), 128, "bench")
+    examples = encode_examples(*tok.encode_pairs(pairs), 128, "bench")
     lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
     order = token_batches(lengths, args.max_tokens, seed=1, epoch=0)[: args.steps + args.warmup]
     return [collate([examples[i] for i in b]) for b in order], tok.src_vocab_size

@@ -13,6 +13,7 @@ import torch
 from transformer.config import ModelConfig
 from transformer.model import Transformer, build_model
 from transformer.model.attention import sdpa
+from transformer.model.prepack import PackedLinear, packed_for_cpu
 from transformer.model.transformer import Dropout
 from transformer.vocab import BOS, EOS, PAD
 
@@ -248,3 +249,16 @@ def test_reduced_precision_attention_backend_matches_fp32(causal: bool) -> None:
         outs[dtype] = (y.float(), qkv[0].grad.float())
     for a, b in zip(outs[torch.float32], outs[torch.bfloat16]):
         torch.testing.assert_close(b, a, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_packed_copy_computes_the_same_logits_and_leaves_the_model_alone(norm_first: bool) -> None:
+    model = tiny_model(norm_first=norm_first).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    packed = packed_for_cpu(model)
+    src, tgt = random_ids(3, 7, seed=1), random_ids(3, 5, seed=2)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(src, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

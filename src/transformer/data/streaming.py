@@ -61,9 +61,7 @@ def buffer_batches(
     pairs: list[Pair], cfg: DataConfig, tokenizer: Tokenizer, max_len: int, seed: int, epoch: int, rank: int, world: int
 ) -> Iterator[list[Example]]:
     """Length-sorted token-budget batches of one buffer, in shuffled order; this rank's share."""
-    examples = encode_examples(
-        tokenizer.encode_src([s for s, _ in pairs]), tokenizer.encode_tgt([t for _, t in pairs]), max_len, f"{cfg.name} train (stream buffer)"
-    )
+    examples = encode_examples(*tokenizer.encode_pairs(pairs), max_len, f"{cfg.name} train (stream buffer)")
     lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
     for batch in shard(token_batches(lengths, cfg.max_tokens, seed, epoch), rank, world):
         yield [examples[i] for i in batch]

@@ -65,6 +65,10 @@ class Tokenizer:
     def encode_tgt(self, sentences: Sequence[str]) -> list[list[int]]:
         return [[BOS] + ids + [EOS] for ids in self.tgt.encode(list(sentences))]
 
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Source and target ids of ``pairs``."""
+        return self.encode_src([s for s, _ in pairs]), self.encode_tgt([t for _, t in pairs])
+
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized text; special ids are dropped."""
         return [self.tgt.decode([i for i in seq if i > EOS]) for seq in ids]

@@ -245,9 +245,7 @@ class Trainer:
         return tok
 
     def encode(self, pairs: list[Pair], name: str) -> list[Example]:
-        src = self.tokenizer.encode_src([s for s, _ in pairs])
-        tgt = self.tokenizer.encode_tgt([t for _, t in pairs])
-        return encode_examples(src, tgt, self.max_len, f"{self.cfg.data.name} {name}")
+        return encode_examples(*self.tokenizer.encode_pairs(pairs), self.max_len, f"{self.cfg.data.name} {name}")
 
     @property
     def max_len(self) -> int:
