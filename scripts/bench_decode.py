@@ -10,7 +10,6 @@ memory is its own. Prints a markdown table with speed ratios against HF.
 
     python scripts/bench_decode.py                                 # runs/multi30k on Multi30k test2016
     python scripts/bench_decode.py --checkpoint runs/x --limit 300 --beam 5
-    python scripts/bench_decode.py --workers 2                     # ours and CTranslate2 run two searches at a time
     python scripts/bench_decode.py --train-tiny                    # no checkpoint: train a small builtin model first
 """
 
@@ -45,9 +44,9 @@ SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8", "ours-bf16", "hf-bf16")  # -bf1
 TINY_RUN = "runs/bench-tiny"
 
 
-def search_config(beam: int, batch_tokens: int, workers: int) -> DecodeConfig:
+def search_config(beam: int, batch_tokens: int) -> DecodeConfig:
     """Our settings that HF generate() and CTranslate2 also implement."""
-    return DecodeConfig(beam_size=beam, lp_style="average", length_penalty=1.0, early_stop="fairseq", batch_tokens=batch_tokens, workers=workers)
+    return DecodeConfig(beam_size=beam, lp_style="average", length_penalty=1.0, early_stop="fairseq", batch_tokens=batch_tokens)
 
 
 def max_new_tokens(batch_ids: list[list[int]], cfg: DecodeConfig) -> int:
@@ -96,27 +95,21 @@ def decode_hf(export_dir: str, cfg: DecodeConfig):
 
 
 def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer):
-    """CTranslate2 with ``cfg.workers`` parallel translations (its inter_threads) sharing
-    ``threads``; batches go in together so that they can run in parallel."""
     import ctranslate2
 
-    workers = max(cfg.workers, 1)
-    translator = ctranslate2.Translator(ct2_dir, device="cpu", inter_threads=workers, intra_threads=max(threads // workers, 1))
+    translator = ctranslate2.Translator(ct2_dir, device="cpu", inter_threads=1, intra_threads=threads)
 
     def run(ids: list[list[int]]) -> list[list[int]]:
         out: list = [None] * len(ids)
-        batches = length_batches([len(s) for s in ids], cfg.batch_tokens)
-        pending = [
-            translator.translate_batch(
-                [[tokenizer.src.id_to_piece(t) for t in ids[i]] for i in batch], beam_size=cfg.beam_size,
-                length_penalty=cfg.length_penalty, min_decoding_length=0, max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg),
-                suppress_sequences=[["<pad>"], ["<s>"]], return_end_token=True, asynchronous=True,
+        for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
+            pieces = [[tokenizer.src.id_to_piece(t) for t in ids[i]] for i in batch]
+            results = translator.translate_batch(
+                pieces, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, min_decoding_length=0,
+                max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg), suppress_sequences=[["<pad>"], ["<s>"]],
+                return_end_token=True,
             )
-            for batch in batches
-        ]
-        for batch, results in zip(batches, pending):
             for i, r in zip(batch, results):
-                out[i] = [tokenizer.tgt.piece_to_id(p) for p in r.result().hypotheses[0]]
+                out[i] = [tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]]
         return out
 
     return run
@@ -128,7 +121,7 @@ def run_one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     system, beam = args.run_one.split(":")
-    cfg = search_config(int(beam), args.batch_tokens, args.workers)
+    cfg = search_config(int(beam), args.batch_tokens)
     if system.endswith("-bf16"):
         cfg = replace(cfg, precision="bf16")
     _, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
@@ -208,7 +201,6 @@ def benchmark(args, work: Path) -> list[dict]:
         for system in args.systems:
             cmd = [sys.executable, __file__, f"--run-one={system}:{beam}", f"--checkpoint={args.checkpoint}", f"--src={args.src}",
                    f"--ref={args.ref}", f"--threads={args.threads}", f"--limit={args.limit}", f"--batch-tokens={args.batch_tokens}",
-                   f"--workers={args.workers}",
                    f"--export={export_dir}", f"--ct2={work / 'ct2'}"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
@@ -229,7 +221,6 @@ def main() -> None:
     parser.add_argument("--beam", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--batch-tokens", type=int, default=4096, help="source tokens per batch, for every system")
-    parser.add_argument("--workers", type=int, default=1, help="parallel searches sharing --threads: ours (decode.workers) and CTranslate2 (inter_threads)")
     parser.add_argument("--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
@@ -244,7 +235,7 @@ def main() -> None:
         sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         rows = benchmark(args, Path(tmp))
-    print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads, {args.workers} worker(s)\n")
+    print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads\n")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -9,10 +9,9 @@ decoding by default; ``cached=False`` reruns the full prefix and is the referenc
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ def check_decode_config(cfg: DecodeConfig) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"decode.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
-    for key in ("beam_size", "n_best", "workers"):
+    for key in ("beam_size", "n_best"):
         if getattr(cfg, key) < 1:
             raise UserError(f"decode.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.sampling and cfg.temperature <= 0:
@@ -122,31 +121,13 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
         models = [packed_for_cpu(m) for m in models]
     scorer = make_scorer(models, cached)
 
-    def work(batch: list[int]) -> list[list[Hypothesis]]:
-        with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):  # both are per thread
-            return search(scorer, pad([src_ids[i] for i in batch]).to(device), cfg, limit)
-
-    batches = length_batches([len(s) for s in src_ids], cfg.batch_tokens)
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
-    for batch, hyps in zip(batches, map_batches(work, batches, cfg.workers if device.type == "cpu" else 1)):
-        for i, h in zip(batch, hyps):
-            results[i] = h
+    with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
+        for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
+            src = pad([src_ids[i] for i in batch]).to(device)
+            for i, hyps in zip(batch, search(scorer, src, cfg, limit)):
+                results[i] = hyps
     return results  # type: ignore[return-value]
-
-
-def map_batches(work: Callable[[list[int]], Any], batches: list[list[int]], workers: int) -> list[Any]:
-    """``work`` over ``batches`` in order: here, or on ``workers`` threads of one intra-op
-    thread each (CTranslate2's inter_threads). Independent searches keep both cores busy
-    through the steps' small operations and Python code, which one search on two
-    intra-op threads leaves half idle. Each batch's result is the same either way."""
-    if workers <= 1 or len(batches) < 2:
-        return [work(b) for b in batches]
-    threads = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(min(workers, len(batches)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            return list(pool.map(work, batches))
-    finally:
-        torch.set_num_threads(threads)  # MKL's thread count is process-wide
 
 
 @dataclass
