@@ -120,7 +120,6 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
     if cfg.prepack and device.type == "cpu" and cfg.precision == "fp32":
         models = [packed_for_cpu(m) for m in models]
     scorer = make_scorer(models, cached)
-
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
         for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
