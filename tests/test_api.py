@@ -16,6 +16,7 @@ import transformer
 from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.errors import UserError
+from transformer.model.prepack import packed_for_cpu
 
 SENTENCES = ["twenty-one", "I have three red apples.", "the nineteen small dogs", "three hundred forty-five"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -151,3 +152,7 @@ def test_packed_weights_decode_like_plain_linear_layers(translator: Translator) 
     packed = translator.hypotheses(sentences, beam_size=3, n_best=3)
     assert [[h.text for h in hyps] for hyps in packed] == [[h.text for h in hyps] for hyps in plain]
     assert [h.score for hyps in packed for h in hyps] == pytest.approx([h.score for hyps in plain for h in hyps], abs=1e-4)
+    cfg = translator.options()
+    assert translator.search_models(cfg) is translator.search_models(cfg)  # packed once, not per call
+    assert packed_for_cpu(translator.search_models(cfg)[0]) is translator.search_models(cfg)[0]
+    assert translator.search_models(translator.options(prepack=False)) is translator.models

@@ -109,6 +109,11 @@ def fit_source(ids: list[int], limit: int, line: int) -> list[int]:
     return ids[: limit - 1] + [EOS]
 
 
+def packs_weights(cfg: DecodeConfig, device: torch.device) -> bool:
+    """Whether fp32 search on this device runs on oneDNN-packed weights (``decode.prepack``)."""
+    return cfg.prepack and device.type == "cpu" and cfg.precision == "fp32"
+
+
 def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True, first_line: int = 1) -> list[list[Hypothesis]]:
     """Hypotheses for every source (id lists ending in EOS), in input order; warnings number
     the sources from ``first_line``."""
@@ -117,7 +122,7 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
     device = next(model.parameters()).device
     limit = model.cfg.max_positions
     src_ids = [fit_source(ids, limit, first_line + i) for i, ids in enumerate(src_ids)]
-    if cfg.prepack and device.type == "cpu" and cfg.precision == "fp32":
+    if packs_weights(cfg, device):
         models = [packed_for_cpu(m) for m in models]
     scorer = make_scorer(models, cached)
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
@@ -152,6 +157,16 @@ class Translator:
         self.models = [m.eval() for m in models]
         self.tokenizer = tokenizer
         self.config = config or DecodeConfig()
+        self.packed: Optional[list[Transformer]] = None  # built on first use; the models are not trained further
+
+    def search_models(self, cfg: DecodeConfig) -> list[Transformer]:
+        """The models to search with under ``cfg``: the packed copies, built once, when it
+        packs weights (so a stream of small chunks does not repack for each)."""
+        if not packs_weights(cfg, next(self.models[0].parameters()).device):
+            return self.models
+        if self.packed is None:
+            self.packed = [packed_for_cpu(m) for m in self.models]
+        return self.packed
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ensemble: Iterable[str | Path] = (), config: Optional[DecodeConfig] = None) -> "Translator":
@@ -179,7 +194,7 @@ class Translator:
         cross-attention of decoder ``attention_layer`` and ``attention_head`` (-1: the mean)."""
         cfg = self.options(**overrides)
         src_ids = self.tokenizer.encode_src(sentences)
-        results = translate_ids(self.models, src_ids, cfg, first_line=first_line)
+        results = translate_ids(self.search_models(cfg), src_ids, cfg, first_line=first_line)
         out = []
         for ids, hyps in zip(src_ids, results):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])

@@ -34,9 +34,9 @@ class PackedLinear(nn.Module):
 
 def packed_for_cpu(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose linear layers are ``PackedLinear``s; ``model`` itself is
-    untouched. Where oneDNN cannot pack (no oneDNN build, an unsupported CPU) the model
-    is returned as it is."""
-    if not torch.backends.mkldnn.is_available():
+    untouched. A model that is already packed, or that oneDNN cannot pack (no oneDNN
+    build, an unsupported CPU), is returned as it is."""
+    if not torch.backends.mkldnn.is_available() or any(isinstance(m, PackedLinear) for m in model.modules()):
         return model
     packed = copy.deepcopy(model)
     try:
