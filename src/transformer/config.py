@@ -130,7 +130,7 @@ class DecodeConfig:
     min_len: int = 0  # EOS is forbidden before this many subwords
     early_stop: str = "exact"  # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
     batch_tokens: int = 4096  # source tokens per decoding batch
-    prepack: bool = True  # CPU fp32: linear weights packed once per decoding call for oneDNN (2-2.5x faster matmuls than MKL)
+    prepack: bool = True  # CPU fp32: search on a copy of the model with linear weights packed for oneDNN (2-2.5x faster matmuls than MKL)
     precision: str = "fp32"  # fp32 | bf16 (CPU with avx512_bf16/AMX, or CUDA; ~1.6x faster beam search) | fp16 (CUDA)
     sampling: bool = False  # sample instead of search (back-translation)
     temperature: float = 1.0  # sampling: logits are divided by it

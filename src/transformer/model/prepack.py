@@ -4,7 +4,8 @@ PyTorch runs an fp32 ``nn.Linear`` on CPU through MKL's sgemm, which on the 2-co
 we measure on is 2.2-2.5x slower than oneDNN's kernel on a weight reordered ahead of time
 into oneDNN's blocked layout (1350 x 256 -> 768: 2.47 against 1.05 ms; the 256 -> 8000
 output projection: 36.8 against 22.4 ms). Search multiplies by the same weights thousands
-of times, so packing a copy of the model per decoding call pays for itself at once.
+of times, so packing a copy of the model (once per Translator, once per validation
+during training) pays for itself at once.
 Training keeps ``nn.Linear`` (its weights change every step), and under bf16/fp16
 autocast PyTorch already calls oneDNN.
 """
