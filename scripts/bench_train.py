@@ -3,8 +3,9 @@
 Both train on the same Multi30k batches (our BPE, our token-budget batching) with the same
 optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping; each
 configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
-the allocator setting our trainer applies (``runtime.keep_freed_memory``); HF as it ships,
-or with the same setting under --same-allocator. Prints a markdown table: target tokens/s,
+the allocator setting our trainer applies (``runtime.keep_freed_memory``) and, in fp32, its
+oneDNN linear layers (``trainer.onednn_linear``; --mkl: without); HF as it ships, or with
+the same allocator setting under --same-allocator. Prints a markdown table: target tokens/s,
 ms/step, peak RSS (CPU) or peak allocated memory (CUDA), and MFU against a matmul peak
 measured in the same run.
 
@@ -33,6 +34,7 @@ from transformer.data.batching import collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.model import build_model
+from transformer.model.prepack import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.loss import label_smoothed_loss
 from transformer.vocab import PAD
@@ -73,17 +75,25 @@ def hf_marian(cfg: ModelConfig):
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of a square matmul: the ceiling MFU is measured against."""
+    """FLOP/s of a square matmul, the faster of PyTorch's own and (fp32 on CPU) oneDNN's on a
+    packed weight: the ceiling MFU is measured against."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    kernels = [lambda: a @ b]
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    best = 0.0
+    for kernel in kernels:
+        for _ in range(3):
+            kernel()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            kernel()
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def sync(device: torch.device) -> None:
@@ -116,6 +126,8 @@ def run_one(args) -> dict:
     cfg = model_config(args.model, vocab)
     ours = args.impl == "ours"
     model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
+    if ours and args.precision == "fp32" and device.type == "cpu" and not args.mkl:
+        train_linears_on_onednn(model)  # what our trainer does (trainer.onednn_linear)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)  # HF Trainer default
     times, tokens, flops = [], 0, 0.0
     for i, batch in enumerate(batches):
@@ -168,6 +180,7 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/bench", help="where the benchmark's BPE model is kept")
     parser.add_argument("--same-allocator", action="store_true",
                         help="give HF our trainer's CPU allocator setting too (glibc keeps freed memory)")
+    parser.add_argument("--mkl", action="store_true", help="ours in fp32 on CPU with plain nn.Linear (trainer.onednn_linear=false)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,7 +196,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--precision", precision, "--model", args.model,
                    "--data", args.data, "--vocab", str(args.vocab), "--max-tokens", str(args.max_tokens),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, "--cache", args.cache] + (["--same-allocator"] if args.same_allocator else [])
+                   "--device", args.device, "--cache", args.cache] + (["--same-allocator"] if args.same_allocator else []) + (["--mkl"] if args.mkl else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
@@ -191,7 +204,7 @@ def main() -> None:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
     print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} torch={torch.__version__}\n")
+          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} torch={torch.__version__}\n")
     print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -3,6 +3,7 @@ from a directory outside the repository, one tiny run trained and then reused.""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def test_evaluate_prints_scores_and_writes_hypotheses(cli, cli_run: Path, workdi
     hyp_file = Path(re.search(r"^hypotheses: (.+)$", result.stdout, re.M).group(1))
     assert hyp_file.is_file() and len(hyp_file.read_text(encoding="utf-8").splitlines()) == 20
     assert hyp_file.with_suffix(".json").is_file()
+
+
+def test_evaluate_an_ensemble(cli, cli_run: Path, workdir: Path) -> None:
+    """The model ensembled with itself scores as the model alone (same probabilities)."""
+    args = [f"checkpoint={cli_run}", "data=builtin", "data.builtin_train=200", "data.builtin_valid=20", "data.builtin_test=20", "decode=greedy"]
+    alone = cli("evaluate", *args, f"output={workdir / 'alone.txt'}", cwd=workdir)
+    pair = cli("evaluate", *args, f"ensemble=[{cli_run / 'checkpoints/best.pt'}]", f"output={workdir / 'pair.txt'}", cwd=workdir)
+    assert alone.returncode == 0 and pair.returncode == 0, pair.stderr[-3000:]
+    assert (workdir / "pair.txt").read_text(encoding="utf-8") == (workdir / "alone.txt").read_text(encoding="utf-8")
+    assert json.loads((workdir / "pair.json").read_text(encoding="utf-8"))["ensemble"] == [str(cli_run / "checkpoints/best.pt")]
 
 
 def test_decode_one_sentence(cli, cli_run: Path, workdir: Path) -> None:

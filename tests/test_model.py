@@ -13,7 +13,7 @@ import torch
 from transformer.config import ModelConfig
 from transformer.model import Transformer, build_model
 from transformer.model.attention import sdpa
-from transformer.model.prepack import PackedLinear, packed_for_cpu
+from transformer.model.prepack import OneDNNLinear, PackedLinear, packed_for_cpu, train_linears_on_onednn
 from transformer.model.transformer import Dropout
 from transformer.vocab import BOS, EOS, PAD
 
@@ -262,3 +262,25 @@ def test_packed_copy_computes_the_same_logits_and_leaves_the_model_alone(norm_fi
     assert any(isinstance(m, PackedLinear) for m in packed.modules())
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_onednn_linears_train_like_nn_linear(norm_first: bool) -> None:
+    """Same loss and gradients (tied output weight included) as nn.Linear, same state dict;
+    bf16 autocast falls back to nn.Linear's own path."""
+    plain = tiny_model(norm_first=norm_first).train()
+    onednn = train_linears_on_onednn(tiny_model(norm_first=norm_first).train())
+    onednn.load_state_dict(plain.state_dict())
+    assert any(isinstance(m, OneDNNLinear) for m in onednn.modules()) and plain.state_dict().keys() == onednn.state_dict().keys()
+    src, tgt = random_ids(3, 7, seed=1), random_ids(3, 5, seed=2)
+    for model in (plain, onednn):
+        torch.manual_seed(0)  # same dropout masks
+        model(src, tgt).log_softmax(-1).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), onednn.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        a = plain(src, tgt)
+        torch.manual_seed(0)
+        b = onednn(src, tgt)
+    assert torch.equal(a, b)

@@ -207,6 +207,13 @@ def averaged_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+def test_keep_every_spares_snapshots_from_pruning(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    loop.train(tiny(run_dir, "trainer.max_steps=7", "trainer.save_every=1", "trainer.eval_every=7", "trainer.keep_last=2", "trainer.keep_every=3"))
+    steps = [p.name for p in sorted((run_dir / "checkpoints").glob("step_*.pt"))]
+    assert steps == ["step_00000003.pt", "step_00000006.pt", "step_00000007.pt"]
+
+
 def test_average_last_at_the_end_of_training(averaged_run: Path) -> None:
     steps = sorted((averaged_run / "checkpoints").glob("step_*.pt"))
     assert [p.name for p in steps] == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]  # average_last > keep_last

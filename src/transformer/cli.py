@@ -99,7 +99,7 @@ def _evaluate(cfg: DictConfig) -> dict:
     data = OmegaConf.to_object(cfg.data) if cfg.src_file is None else None
     result = evaluate(
         cfg.checkpoint, data=data, split=cfg.split, src_file=cfg.src_file, ref_file=cfg.ref_file,
-        decode=decode_config(cfg), output=cfg.output, device=cfg.device,
+        decode=decode_config(cfg), output=cfg.output, device=cfg.device, ensemble=list(cfg.ensemble),
     )
     print(result["bleu_detail"])
     print(f"chrF2 = {result['chrf']:.2f}  ({result['chrf_signature']})")

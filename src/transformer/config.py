@@ -107,10 +107,12 @@ class TrainerConfig:
     log_every: int = 50  # steps between training log lines
     eval_beam_size: int = 1  # search used for validation BLEU (1: greedy)
     keep_last: int = 3  # step checkpoints kept besides last and best
+    keep_every: int = 0  # also keep every step checkpoint at a multiple of this (snapshots; 0: none)
     patience: int = 0  # early stopping: evaluations without a better BLEU (0: off)
     average_last: int = 0  # average the last N kept checkpoints at the end (0: off)
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
     compile: bool = False  # torch.compile the model
+    onednn_linear: bool = True  # fp32 on CPU: linear layers on oneDNN rather than MKL (faster here; see BENCHMARKS.md)
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults on big tensors; ~10% faster)
     resume: Optional[str] = None  # run directory or checkpoint to continue from
@@ -162,6 +164,7 @@ class EvaluateConfig:
     ref_file: Optional[str] = None  # references aligned line by line with src_file
     output: Optional[str] = None  # hypotheses file (default: next to the checkpoint)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the first
 
 
 @dataclass
@@ -175,7 +178,7 @@ class DecodeRunConfig:
     output: Optional[str] = None  # default: stdout
     scores: bool = False  # print "score<TAB>translation"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    ensemble: list[str] = field(default_factory=list)  # extra checkpoints averaged with the first
+    ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the first (probabilities averaged)
     plot_attention: Optional[str] = None  # write a PNG heat map of the first sentence's cross-attention here
     attention_layer: int = -1  # decoder layer for plot_attention (-1: mean over layers)
     attention_head: int = -1  # head for plot_attention (-1: mean over heads)

@@ -46,11 +46,13 @@ def evaluate(
     output: Optional[str] = None,
     device: str = "auto",
     translator: Optional[Translator] = None,
+    ensemble: Sequence[str] = (),
 ) -> dict:
-    """Translate a data split (or ``src_file``) and score it against its references.
-    Hypotheses go to ``output`` (default: next to the checkpoint); scores are returned and
-    written beside them as JSON."""
-    translator = translator or Translator.from_checkpoint(checkpoint, device=device, config=decode)
+    """Translate a data split (or ``src_file``) and score it against its references, with
+    ``checkpoint`` alone or ensembled with the ``ensemble`` checkpoints. Hypotheses go to
+    ``output`` (default: next to the checkpoint); scores are returned and written beside
+    them as JSON."""
+    translator = translator or Translator.from_checkpoint(checkpoint, device=device, ensemble=ensemble, config=decode)
     if src_file:
         if not ref_file:
             raise UserError("ref_file is required with src_file")
@@ -65,7 +67,7 @@ def evaluate(
     hypotheses = translator.translate(sources)
     result = score(hypotheses, references)  # type: ignore[arg-type]
     cfg = translator.config
-    result.update(checkpoint=str(checkpoint), data=name, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty)
+    result.update(checkpoint=str(checkpoint), ensemble=[str(e) for e in ensemble], data=name, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty)
     out = Path(output) if output else Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"{name}.hyp.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")

@@ -93,6 +93,11 @@ def list_step_checkpoints(directory: Path) -> list[Path]:
     return sorted(directory.glob("step_*.pt"))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The update count in a step checkpoint's name (``step_00004000.pt`` -> 4000)."""
+    return int(path.stem.removeprefix("step_"))
+
+
 def newest_valid_checkpoint(directory: Path) -> Optional[tuple[Path, dict]]:
     """``last.pt`` if it loads, else the newest step checkpoint that does (with a warning)."""
     candidates = [directory / "last.pt"] + list(reversed(list_step_checkpoints(directory)))

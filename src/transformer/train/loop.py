@@ -33,9 +33,10 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.decode.translator import translate_ids
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
+from transformer.model.prepack import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory, resolve_device
 from transformer.train.checkpoint import (
-    CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, list_step_checkpoints,
+    CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, checkpoint_step, list_step_checkpoints,
     load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
 )
 from transformer.train.loss import label_smoothed_loss
@@ -178,6 +179,8 @@ class Trainer:
         self.model_cfg = model_cfg
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: Transformer = build_model(model_cfg).to(self.device)
+        if t.onednn_linear and t.precision == "fp32" and self.device.type == "cpu" and not t.compile:
+            train_linears_on_onednn(self.model)
         self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped, maybe compiled
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -273,7 +276,8 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         """Write last.pt and a step checkpoint, best.pt when best; keep the newest
-        trainer.keep_last step checkpoints (or trainer.average_last, if more)."""
+        trainer.keep_last step checkpoints (or trainer.average_last, if more) and those at
+        multiples of trainer.keep_every."""
         ckpt = self.checkpoint()  # collective under DDP: every rank calls save
         if not self.dist.main:
             return
@@ -283,7 +287,8 @@ class Trainer:
         if best:
             atomic_save(ckpt, self.ckpt_dir / "best.pt")
         for old in list_step_checkpoints(self.ckpt_dir)[: -max(t.keep_last, t.average_last, 1)]:
-            old.unlink(missing_ok=True)
+            if not (t.keep_every and checkpoint_step(old) % t.keep_every == 0):
+                old.unlink(missing_ok=True)
 
     def restore(self, path: Path, ckpt: dict) -> None:
         if ckpt["tokenizer"] != self.tokenizer.to_state():
