@@ -126,8 +126,8 @@ def run_one(args) -> dict:
     cfg = model_config(args.model, vocab)
     ours = args.impl == "ours"
     model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
-    if ours and args.precision == "fp32" and device.type == "cpu" and not args.mkl:
-        train_linears_on_onednn(model)  # what our trainer does (trainer.onednn_linear)
+    if ours and not args.mkl:
+        train_linears_on_onednn(model)  # what our trainer does (trainer.onednn_linear; fp32 CPU calls only)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)  # HF Trainer default
     times, tokens, flops = [], 0, 0.0
     for i, batch in enumerate(batches):

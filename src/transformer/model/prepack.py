@@ -33,7 +33,7 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return _linear_on_packed(x, self.weight, self.bias)
 
 
 def packed_for_cpu(model: nn.Module) -> nn.Module:
@@ -54,9 +54,14 @@ def packed_for_cpu(model: nn.Module) -> nn.Module:
     return packed
 
 
+def _linear_on_packed(x: Tensor, packed: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x @ weight.T + bias on oneDNN, ``packed`` being the weight in oneDNN's layout."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x @ weight.T + bias on oneDNN, the weight reordered for this one call."""
-    return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias, "none", [], "")
+    return _linear_on_packed(x, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):

@@ -179,8 +179,8 @@ class Trainer:
         self.model_cfg = model_cfg
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: Transformer = build_model(model_cfg).to(self.device)
-        if t.onednn_linear and t.precision == "fp32" and self.device.type == "cpu" and not t.compile:
-            train_linears_on_onednn(self.model)
+        if t.onednn_linear and not t.compile:
+            train_linears_on_onednn(self.model)  # acts on fp32 CPU calls only (autocast, CUDA: nn.Linear)
         self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped, maybe compiled
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
