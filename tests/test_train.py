@@ -166,30 +166,55 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path) -> None:
         loop.Trainer(tiny(tmp_path, "trainer.precision=fp16", "trainer.device=cpu"))
 
 
-def test_accumulating_two_batches_equals_one_double_batch() -> None:
+def toy_model(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64, dropout=0.0, max_positions=64, src_vocab_size=40, tgt_vocab_size=40)
-    model = build_model(cfg)
+    return build_model(ModelConfig(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64, dropout=dropout, max_positions=64, src_vocab_size=40, tgt_vocab_size=40))
+
+
+def toy_examples(n: int, rng: random.Random) -> list[Example]:
+    words = lambda: [rng.randrange(4, 40) for _ in range(rng.randint(1, 9))]  # noqa: E731
+    return [Example(words() + [EOS], [BOS] + words() + [EOS]) for _ in range(n)]
+
+
+def gradients(model: torch.nn.Module, groups: list[list[Example]], **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss sum, parameter gradients) of one update over ``groups`` (one batch each)."""
+    model.zero_grad(set_to_none=True)
+    batches = [collate(g) for g in groups]
+    n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)))
+    loss, _ = loop.accumulate_gradients(model, batches, n_tokens, label_smoothing=0.1, precision="fp32", **kwargs)
+    return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_accumulating_two_batches_equals_one_double_batch() -> None:
+    model = toy_model()
     rng = random.Random(0)
-
-    def example() -> Example:
-        words = lambda: [rng.randrange(4, 40) for _ in range(rng.randint(1, 9))]  # noqa: E731
-        return Example(words() + [EOS], [BOS] + words() + [EOS])
-
-    first, second = [example() for _ in range(3)], [example() for _ in range(4)]
-
-    def gradients(groups: list[list[Example]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        batches = [collate(g) for g in groups]
-        n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)))
-        loss, _ = loop.accumulate_gradients(model, batches, n_tokens, label_smoothing=0.1, precision="fp32")
-        return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    loss_two, grads_two = gradients([first, second])
-    loss_one, grads_one = gradients([first + second])  # one batch, padded to the longest of both
+    first, second = toy_examples(3, rng), toy_examples(4, rng)
+    loss_two, grads_two = gradients(model, [first, second])
+    loss_one, grads_one = gradients(model, [first + second])  # one batch, padded to the longest of both
     torch.testing.assert_close(loss_two, loss_one)
     for k in grads_one:
         torch.testing.assert_close(grads_two[k], grads_one[k], rtol=1e-4, atol=1e-7)
+
+
+def test_rdrop_without_dropout_is_the_plain_loss() -> None:
+    """Without dropout the two passes agree (KL 0): R-Drop's loss and gradient are the plain ones."""
+    model = toy_model()
+    examples = toy_examples(5, random.Random(1))
+    loss, grads = gradients(model, [examples])
+    loss_r, grads_r = gradients(model, [examples], rdrop_alpha=5.0)
+    torch.testing.assert_close(loss_r, loss)
+    for k in grads:
+        torch.testing.assert_close(grads_r[k], grads[k], rtol=1e-4, atol=1e-7)
+
+
+def test_rdrop_adds_the_disagreement_of_two_dropout_passes() -> None:
+    model = toy_model(dropout=0.3)
+    examples = toy_examples(5, random.Random(1))
+    torch.manual_seed(2)
+    weak, _ = gradients(model, [examples], rdrop_alpha=1e-6)
+    torch.manual_seed(2)  # the same dropout masks: only alpha differs
+    strong, _ = gradients(model, [examples], rdrop_alpha=4.0)
+    assert strong > weak + 1e-3
 
 
 def test_early_stopping_on_validation_bleu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

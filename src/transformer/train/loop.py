@@ -39,7 +39,7 @@ from transformer.train.checkpoint import (
     CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, checkpoint_step, list_step_checkpoints,
     load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
 )
-from transformer.train.loss import label_smoothed_loss
+from transformer.train.loss import label_smoothed_loss, symmetric_kl
 from transformer.train.optim import build_optimizer, lr_at, set_lr
 from transformer.vocab import PAD
 
@@ -113,12 +113,15 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
 
 def accumulate_gradients(
     net: nn.Module, batches: list[Batch], n_tokens: Tensor, *, label_smoothing: float, precision: str,
-    scaler: Optional[torch.amp.GradScaler] = None, world: int = 1,
+    scaler: Optional[torch.amp.GradScaler] = None, world: int = 1, rdrop_alpha: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Forward and backward over the batches of one update, adding to ``.grad`` the gradient of
     (smoothed loss summed over every real target token) / ``n_tokens``, where ``n_tokens``
     counts the update's tokens on all ranks. DDP averages gradients over ranks, so each rank
     scales by ``world``: accumulation and data parallelism both equal one large batch.
+    With ``rdrop_alpha`` each batch goes through the network twice in one forward (stacked,
+    so dropout differs) and the loss per token is the mean of the two smoothed losses plus
+    ``rdrop_alpha / 2`` times their symmetric KL (the R-Drop paper's loss, halved).
     Returns this rank's (smoothed loss sum, NLL sum)."""
     device = batches[0].src.device
     loss_sum = torch.zeros((), device=device)
@@ -128,8 +131,15 @@ def accumulate_gradients(
         with net.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast(device, precision):
                 keep = b.tgt_out != PAD  # (B, T)
-                logits = net(b.src, b.tgt_in, keep)  # (M, V)
-                loss, nll = label_smoothed_loss(logits, b.tgt_out[keep], label_smoothing)
+                if rdrop_alpha:
+                    keep2 = torch.cat([keep, keep])
+                    logits = net(torch.cat([b.src, b.src]), torch.cat([b.tgt_in, b.tgt_in]), keep2)  # (2M, V)
+                    loss, nll = label_smoothed_loss(logits, b.tgt_out[keep].repeat(2), label_smoothing)
+                    loss = (loss + rdrop_alpha * symmetric_kl(logits[: b.n_tokens], logits[b.n_tokens :])) / 2
+                    nll = nll / 2
+                else:
+                    logits = net(b.src, b.tgt_in, keep)  # (M, V)
+                    loss, nll = label_smoothed_loss(logits, b.tgt_out[keep], label_smoothing)
             scaled = loss * world / n_tokens
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
@@ -332,7 +342,7 @@ class Trainer:
             dist.all_reduce(n_tokens)
         loss_sum, nll_sum = accumulate_gradients(
             self.net, batches, n_tokens, label_smoothing=t.label_smoothing, precision=t.precision,
-            scaler=self.scaler, world=self.dist.world,
+            scaler=self.scaler, world=self.dist.world, rdrop_alpha=t.rdrop_alpha,
         )
         if self.dist.world > 1:  # before the finiteness test, so every rank takes the same decision
             dist.all_reduce(loss_sum)
