@@ -101,7 +101,7 @@ class TrainerConfig:
     warmup_steps: int = 4000  # linear warmup to trainer.lr
     min_lr: float = 0.0  # floor of the cosine schedule
     label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy (0: plain NLL)
-    rdrop_alpha: float = 0.0  # R-Drop: each batch twice through dropout, + alpha * symmetric KL of the two (0: off; 2x compute)
+    rdrop_alpha: float = 0.0  # R-Drop: each batch twice through dropout, + alpha x their symmetric KL (the paper's loss, halved; 0: off; 2x compute)
     clip_norm: float = 1.0  # 0 disables gradient clipping
     eval_every: int = 1000  # steps between validation loss + BLEU (each also saves a checkpoint)
     save_every: int = 0  # extra checkpoints between evaluations (0: only at evaluations)
