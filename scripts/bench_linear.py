@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from transformer.model.prepack import linear_on_packed, pack_weight
+
 SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 8000)]  # (in, out)
 
 
@@ -41,10 +43,10 @@ def main() -> None:
         for rows in args.rows:
             for d_in, d_out in SHAPES:
                 x, w, b = torch.randn(rows, d_in), torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
-                onednn_w = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                onednn_w = pack_weight(w)
                 mkl_w = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
                 plain = lambda: F.linear(x, w, b)  # noqa: E731
-                onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, onednn_w, b, "none", [], "")  # noqa: E731
+                onednn = lambda: linear_on_packed(x, onednn_w, b)  # noqa: E731
                 mkl = lambda: torch.ops.mkl._mkl_linear(x, mkl_w, w, b, rows)  # noqa: E731
                 diff = float((plain() - onednn()).abs().max())
                 times = [ms_per_call(f, args.repeat) for f in (plain, onednn, mkl)]

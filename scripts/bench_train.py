@@ -34,7 +34,7 @@ from transformer.data.batching import collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.model import build_model
-from transformer.model.prepack import train_linears_on_onednn
+from transformer.model.prepack import linear_on_packed, pack_weight, train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.loss import label_smoothed_loss
 from transformer.vocab import PAD
@@ -81,8 +81,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     b = torch.randn(n, n, device=device, dtype=dtype)
     kernels = [lambda: a @ b]
     if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        packed = pack_weight(b)
+        kernels.append(lambda: linear_on_packed(a, packed, None))
     best = 0.0
     for kernel in kernels:
         for _ in range(3):

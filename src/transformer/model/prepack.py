@@ -29,11 +29,11 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.weight = pack_weight(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        return _linear_on_packed(x, self.weight, self.bias)
+        return linear_on_packed(x, self.weight, self.bias)
 
 
 def packed_for_cpu(model: nn.Module) -> nn.Module:
@@ -54,14 +54,19 @@ def packed_for_cpu(model: nn.Module) -> nn.Module:
     return packed
 
 
-def _linear_on_packed(x: Tensor, packed: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x @ weight.T + bias on oneDNN, ``packed`` being the weight in oneDNN's layout."""
+def pack_weight(weight: Tensor) -> Tensor:
+    """A linear layer's (out, in) weight reordered into oneDNN's blocked layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def linear_on_packed(x: Tensor, packed: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x @ weight.T + bias on oneDNN, ``packed`` being ``pack_weight(weight)``."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x @ weight.T + bias on oneDNN, the weight reordered for this one call."""
-    return _linear_on_packed(x, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
+    return linear_on_packed(x, pack_weight(weight), bias)
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
