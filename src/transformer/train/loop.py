@@ -131,15 +131,14 @@ def accumulate_gradients(
         with net.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast(device, precision):
                 keep = b.tgt_out != PAD  # (B, T)
+                src, tgt_in, tgt_keep, target = b.src, b.tgt_in, keep, b.tgt_out[keep]
+                if rdrop_alpha:  # the batch twice, stacked
+                    src, tgt_in, tgt_keep, target = (torch.cat([t, t]) for t in (src, tgt_in, tgt_keep, target))
+                logits = net(src, tgt_in, tgt_keep)  # (M, V), (2M, V) with R-Drop
+                loss, nll = label_smoothed_loss(logits, target, label_smoothing)
                 if rdrop_alpha:
-                    keep2 = torch.cat([keep, keep])
-                    logits = net(torch.cat([b.src, b.src]), torch.cat([b.tgt_in, b.tgt_in]), keep2)  # (2M, V)
-                    loss, nll = label_smoothed_loss(logits, b.tgt_out[keep].repeat(2), label_smoothing)
-                    loss = (loss + rdrop_alpha * symmetric_kl(logits[: b.n_tokens], logits[b.n_tokens :])) / 2
+                    loss = (loss + rdrop_alpha * symmetric_kl(*logits.chunk(2))) / 2
                     nll = nll / 2
-                else:
-                    logits = net(b.src, b.tgt_in, keep)  # (M, V)
-                    loss, nll = label_smoothed_loss(logits, b.tgt_out[keep], label_smoothing)
             scaled = loss * world / n_tokens
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
