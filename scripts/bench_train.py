@@ -74,9 +74,11 @@ def hf_marian(cfg: ModelConfig):
     return MarianMTModel(hf_config(cfg, MARIAN))
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
     """FLOP/s of a square matmul, the faster of PyTorch's own and (fp32 on CPU) oneDNN's on a
-    packed weight: the ceiling MFU is measured against."""
+    packed weight: the ceiling MFU is measured against. 2048 saturates 2 CPU cores; a GPU
+    needs 8192 to reach its datasheet-class rate."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     kernels = [lambda: a @ b]
@@ -122,13 +124,16 @@ def run_one(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu" and (args.impl == "ours" or args.same_allocator):
         keep_freed_memory()  # what our trainer does on CPU (trainer.keep_freed_memory)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # what ours does inside attention (model/attention.py)
     batches, vocab = load_batches(args)
     cfg = model_config(args.model, vocab)
     ours = args.impl == "ours"
     model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
-    if ours and not args.mkl:
+    if ours and not args.mkl and not args.compile:
         train_linears_on_onednn(model)  # what our trainer does (trainer.onednn_linear; fp32 CPU calls only)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)  # HF Trainer default
+    net = torch.compile(model) if args.compile else model  # what trainer.compile does
     times, tokens, flops = [], 0, 0.0
     for i, batch in enumerate(batches):
         b = batch.to(device)
@@ -137,9 +142,9 @@ def run_one(args) -> dict:
         with autocast(device, args.precision):
             if ours:
                 keep = b.tgt_out != PAD
-                loss, _ = label_smoothed_loss(model(b.src, b.tgt_in, keep), b.tgt_out[keep], 0.1)
+                loss, _ = label_smoothed_loss(net(b.src, b.tgt_in, keep), b.tgt_out[keep], 0.1)
             else:
-                logits = model(input_ids=b.src, attention_mask=(b.src != PAD).long(), decoder_input_ids=b.tgt_in).logits
+                logits = net(input_ids=b.src, attention_mask=(b.src != PAD).long(), decoder_input_ids=b.tgt_in).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD, label_smoothing=0.1, reduction="sum")
         (loss / b.n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,6 +186,9 @@ def main() -> None:
     parser.add_argument("--same-allocator", action="store_true",
                         help="give HF our trainer's CPU allocator setting too (glibc keeps freed memory)")
     parser.add_argument("--mkl", action="store_true", help="ours in fp32 on CPU with plain nn.Linear (trainer.onednn_linear=false)")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="CUDA: give HF our attention backends too (no cuDNN attention, which plans per shape)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (give --warmup room for recompiles)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,7 +204,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--precision", precision, "--model", args.model,
                    "--data", args.data, "--vocab", str(args.vocab), "--max-tokens", str(args.max_tokens),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, "--cache", args.cache] + (["--same-allocator"] if args.same_allocator else []) + (["--mkl"] if args.mkl else [])
+                   "--device", args.device, "--cache", args.cache] + (["--same-allocator"] if args.same_allocator else []) + (["--mkl"] if args.mkl else []) + (["--compile"] if args.compile else []) + (["--no-cudnn-attention"] if args.no_cudnn_attention else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
@@ -204,7 +212,8 @@ def main() -> None:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
     print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} torch={torch.__version__}\n")
+          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "") + "\n")
     print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

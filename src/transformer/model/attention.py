@@ -30,12 +30,24 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, h * dh)
 
 
+# cuDNN's attention kernel, which PyTorch may pick first on Hopper in bf16/fp16, builds an
+# execution plan for every new (batch, length) shape, and token-budget batches rarely repeat
+# one: excluded, so CUDA takes the flash or memory-efficient kernel, which need no plan.
+CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False, dropout: float = 0.0) -> Tensor:
-    """``F.scaled_dot_product_attention``. On CPU in bf16/fp16 its math backend is chosen:
-    the fused CPU kernel's backward is ~3x slower there than the math backend (measured
-    26 ms against 8 ms for 180 x 4 heads x 24 x 64), a third of a bf16 training step."""
-    half_on_cpu = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-    with sdpa_kernel(SDPBackend.MATH) if half_on_cpu else contextlib.nullcontext():
+    """``F.scaled_dot_product_attention`` on the backends that suit variable shapes. On CPU in
+    bf16/fp16 its math backend is chosen: the fused CPU kernel's backward is ~3x slower there
+    than the math backend (measured 26 ms against 8 ms for 180 x 4 heads x 24 x 64), a third
+    of a bf16 training step."""
+    if q.device.type == "cuda":
+        backends = sdpa_kernel(CUDA_BACKENDS)
+    elif q.dtype in (torch.bfloat16, torch.float16):
+        backends = sdpa_kernel(SDPBackend.MATH)
+    else:
+        backends = contextlib.nullcontext()
+    with backends:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
