@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_decode import padded, random_sources, tiny_model
-from test_train import ROOT, ENV, free_port, losses, tiny, weights
+from test_train import losses, tiny, torchrun, weights
 
 from transformer.config import DecodeConfig
 from transformer.decode.search import beam_search, greedy_search
@@ -82,17 +82,10 @@ def test_beam_of_one_is_greedy_on_cuda() -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank")
 def test_ddp_on_nccl_equals_one_process_with_accumulation(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+    """As the gloo test in test_train.py: two ranks with batches b0, b1 train like one process
+    with update_freq=2."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    ddp.mkdir()
-    common = ["experiment=tiny", "trainer.device=cuda", "trainer.schedule=constant", "trainer.log_every=1",
-              "trainer.eval_every=1000", "evaluate_test=false", "trainer.max_steps=10"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(ROOT / "scripts/train.py"), *common, f"run_dir={ddp}", f"hydra.run.dir={ddp}"]
-    done = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(ddp, "trainer.schedule=constant", "trainer.max_steps=10", device="cuda")
     loop.train(tiny(single, "trainer.device=cuda", "trainer.schedule=constant", "trainer.update_freq=2", "trainer.max_steps=10",
                     "trainer.log_every=1", "trainer.eval_every=1000"))
     assert [l for _, _, l in losses(ddp)] == pytest.approx([l for _, _, l in losses(single)], rel=1e-3)

@@ -296,10 +296,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(run_dir: Path, *overrides: str) -> None:
+def torchrun(run_dir: Path, *overrides: str, device: str = "cpu") -> None:
+    """Two ranks of the tiny experiment: gloo on CPU, NCCL on CUDA."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        str(ROOT / "scripts/train.py"), "experiment=tiny", "trainer.device=cpu", "trainer.log_every=1",
+        str(ROOT / "scripts/train.py"), "experiment=tiny", f"trainer.device={device}", "trainer.log_every=1",
         "trainer.eval_every=1000", "evaluate_test=false", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides,
     ]
     done = subprocess.run(command, cwd=run_dir.parent, env=ENV, capture_output=True, text=True, timeout=120)
