@@ -32,7 +32,8 @@ def merge_heads(x: Tensor) -> Tensor:
 
 # cuDNN's attention kernel, which PyTorch may pick first on Hopper in bf16/fp16, builds an
 # execution plan for every new (batch, length) shape, and token-budget batches rarely repeat
-# one: excluded, so CUDA takes the flash or memory-efficient kernel, which need no plan.
+# one: excluded, so CUDA takes the flash or memory-efficient kernel, which need no plan (H200,
+# base model, bf16, 16k-token Multi30k batches: 309 -> 65 ms a training step).
 CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
