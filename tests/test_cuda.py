@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_decode import padded, random_sources, tiny_model
-from test_train import losses, tiny, torchrun, weights
+from test_train import assert_learns_with_fp32_weights, losses, tiny, torchrun
 
 from transformer.config import DecodeConfig
 from transformer.decode.search import beam_search, greedy_search
@@ -26,12 +26,7 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_training_on_cuda_learns_and_keeps_fp32_weights(tmp_path: Path, precision: str) -> None:
-    loop.train(tiny(tmp_path, "trainer.device=cuda", f"trainer.precision={precision}", "trainer.max_steps=40",
-                    "trainer.log_every=1", "trainer.eval_every=1000", "trainer.lr=3e-3"))
-    curve = [loss for _, _, loss in losses(tmp_path)]
-    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
-    state = weights(tmp_path / "checkpoints/last.pt")
-    assert all(v.dtype == torch.float32 and v.device.type == "cpu" and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert_learns_with_fp32_weights(tmp_path, "trainer.device=cuda", f"trainer.precision={precision}")
 
 
 def step_gradients(device: torch.device, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
