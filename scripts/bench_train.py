@@ -199,12 +199,13 @@ def main() -> None:
         return
     load_batches(args)  # train the shared BPE once, before the timed children
     results = []
+    switches = [f"--{name.replace('_', '-')}" for name in ("same_allocator", "mkl", "compile", "no_cudnn_attention") if getattr(args, name)]
     for precision in args.precision:
         for impl in args.impl:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--precision", precision, "--model", args.model,
                    "--data", args.data, "--vocab", str(args.vocab), "--max-tokens", str(args.max_tokens),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, "--cache", args.cache] + (["--same-allocator"] if args.same_allocator else []) + (["--mkl"] if args.mkl else []) + (["--compile"] if args.compile else []) + (["--no-cudnn-attention"] if args.no_cudnn_attention else [])
+                   "--device", args.device, "--cache", args.cache] + switches
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
