@@ -233,6 +233,32 @@ def test_dropout_rate_scale_and_eval_identity() -> None:
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_word_dropout_drops_whole_token_vectors() -> None:
+    drop = Dropout(0.2, whole_vectors=True).train()
+    torch.manual_seed(0)
+    y = drop(torch.ones(50, 400, 8))
+    per_token = y[..., :1]
+    assert torch.equal(y, per_token.expand_as(y))  # one draw per token vector
+    assert abs((per_token == 0).float().mean().item() - 0.2) < 0.01
+    assert per_token.unique().tolist() == [0.0, pytest.approx(1 / 0.8, rel=1e-3)]
+
+
+@pytest.mark.parametrize("side", ["src", "tgt"])
+def test_word_dropout_hides_token_identities_in_training_only(side: str) -> None:
+    """At rate 1 every token vector of that side is dropped: the output no longer depends
+    on which tokens were there (positions still count); in eval mode it does again."""
+    model = tiny_model(**{f"{side}_word_dropout": 1.0})
+    src, tgt = random_ids(2, 6, 1), random_ids(2, 5, 2)
+    other = {"src": (random_ids(2, 6, 3), tgt), "tgt": (src, random_ids(2, 5, 4))}[side]
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        return model(src, tgt), model(*other)
+
+    assert not torch.allclose(*both())
+    model.train()
+    assert torch.allclose(*both())
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_reduced_precision_attention_backend_matches_fp32(causal: bool) -> None:
     """On CPU in bf16, ``sdpa`` switches to the math backend; values and gradients must agree."""

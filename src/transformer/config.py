@@ -27,6 +27,8 @@ class ModelConfig:
     dropout: float = 0.1  # on embeddings and every residual branch
     attention_dropout: float = 0.0  # on attention probabilities
     activation_dropout: float = 0.0  # inside the feed-forward block
+    src_word_dropout: float = 0.0  # whole source token embeddings zeroed in training (Marian's --dropout-src)
+    tgt_word_dropout: float = 0.0  # whole decoder-input token embeddings zeroed in training (--dropout-trg)
     activation: str = "relu"  # relu | gelu
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
     positional: str = "sinusoidal"  # sinusoidal | learned

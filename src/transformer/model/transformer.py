@@ -53,28 +53,35 @@ class Dropout(nn.Module):
     sampler took a third of a training step): one 64-bit draw gives four 15-bit uniform
     integers, so the mask costs a quarter of the generator calls of ``torch.rand``
     (0.9 against 2.4 ms per million values). p is rounded to a multiple of 2^-15.
-    On GPUs the fused kernel is used."""
+    On GPUs the fused kernel is used. ``whole_vectors`` drops along the last dimension
+    together (one draw per token: word dropout)."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, whole_vectors: bool = False):
         super().__init__()
         self.p = p
+        self.whole_vectors = whole_vectors
         self.threshold = round(p * 2**15)  # drop when the 15-bit draw is below this
         self.scale = 2**15 / (2**15 - self.threshold) if self.threshold < 2**15 else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
+        shape = (*x.shape[:-1], 1) if self.whole_vectors else x.shape
+        if x.is_cuda and self.whole_vectors:
+            return x * F.dropout(x.new_ones(shape), self.p, training=True)
         if x.is_cuda:
             return F.dropout(x, self.p, training=True)
-        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()  # [0, 2^63)
-        draws = bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF  # uniform on [0, 2^15)
+        numel = math.prod(shape)
+        bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=x.device).random_()  # [0, 2^63)
+        draws = bits.view(torch.int16)[:numel].view(shape) & 0x7FFF  # uniform on [0, 2^15)
         return x * (draws >= self.threshold) * self.scale
 
 
 class Embedding(nn.Module):
-    """Token embedding scaled by sqrt(d_model), plus positions, then dropout."""
+    """Token embedding scaled by sqrt(d_model), plus positions, then dropout. Word dropout
+    zeroes whole token vectors (positions stay): small corpora overfit on word identities."""
 
-    def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: Optional[nn.Embedding] = None):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: Optional[nn.Embedding] = None, word_dropout: float = 0.0):
         super().__init__()
         self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
         self.scale = math.sqrt(cfg.d_model)
@@ -85,6 +92,7 @@ class Embedding(nn.Module):
             self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional), persistent=False)
             self.positions = None
         self.dropout = Dropout(cfg.dropout)
+        self.word_dropout = Dropout(word_dropout, whole_vectors=True)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """ids (B, T) at positions start..start+T-1 -> (B, T, D)."""
@@ -98,7 +106,7 @@ class Embedding(nn.Module):
             pos = self.positions.weight[start:end]
         else:
             pos = self.table[start:end]
-        return self.dropout(self.tokens(ids) * self.scale + pos.to(self.tokens.weight.dtype))
+        return self.dropout(self.word_dropout(self.tokens(ids) * self.scale) + pos.to(self.tokens.weight.dtype))
 
 
 class FeedForward(nn.Module):
@@ -168,9 +176,9 @@ class Transformer(nn.Module):
         if cfg.share_embeddings and cfg.src_vocab_size != cfg.tgt_vocab_size:
             raise UserError("model.share_embeddings=true needs one joint vocabulary (data.joint_vocab=true)")
         self.cfg = cfg
-        self.tgt_embed = Embedding(cfg.tgt_vocab_size, cfg)
+        self.tgt_embed = Embedding(cfg.tgt_vocab_size, cfg, word_dropout=cfg.tgt_word_dropout)
         shared = self.tgt_embed.tokens if cfg.share_embeddings else None
-        self.src_embed = Embedding(cfg.src_vocab_size, cfg, tokens=shared)
+        self.src_embed = Embedding(cfg.src_vocab_size, cfg, tokens=shared, word_dropout=cfg.src_word_dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         # Pre-norm stacks end with a LayerNorm; post-norm layers are already normalised.
