@@ -15,7 +15,7 @@ step() { echo "== $*"; "$@" || { echo "!! failed: $*"; status=1; }; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 $py -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'
-step $py -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+step $py -m pytest tests/test_cuda.py tests/test_decode.py -q -p no:cacheprovider -rs
 if [ -n "${CHECKPOINT:-}" ]; then
   for beam in 1 5; do
     TIMEFORMAT="beam $beam: %R s wall, process start and model load included"

@@ -1,6 +1,7 @@
 """The CUDA path: the same properties the CPU tests prove, on a GPU. Skipped where there is
-none (CI); run on a GPU machine with ``pytest tests/test_cuda.py`` (``scripts/cuda_check.sh``
-runs it with the CUDA benchmarks)."""
+none (CI); run on a GPU machine with ``pytest tests/test_cuda.py tests/test_decode.py``
+(``scripts/cuda_check.sh`` runs them with the CUDA benchmarks). Cached decoding and beam 1 =
+greedy run on CUDA as a ``device`` parameter of their tests in test_decode.py."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_decode import padded, random_sources, tiny_model
 from test_train import assert_learns_with_fp32_weights, losses, tiny, torchrun
 
-from transformer.config import DecodeConfig
-from transformer.decode.search import beam_search, greedy_search
-from transformer.decode.translator import ModelScorer, translate_ids
 from transformer.runtime import autocast
 from transformer.train import loop
 from transformer.train.loss import label_smoothed_loss
-from transformer.vocab import BOS, EOS, PAD
+from transformer.vocab import BOS, PAD
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -50,29 +47,6 @@ def test_cuda_step_equals_cpu_step(precision: str, tol: float) -> None:
     torch.testing.assert_close(loss, cpu_loss, rtol=tol, atol=tol)
     for name, g in cpu_grads.items():
         assert (grads[name] - g).norm() <= tol * g.norm() + 1e-6, name
-
-
-def test_cached_decoding_on_cuda_equals_full_forward() -> None:
-    model = tiny_model().to(CUDA)
-    src = padded(random_sources([7, 4, 9])).to(CUDA)
-    prefix = torch.cat([torch.full((3, 1), BOS), torch.randint(EOS + 1, 24, (3, 8))], dim=1).to(CUDA)
-    with torch.no_grad():
-        full = F.log_softmax(model(src, prefix), dim=-1)
-        scorer = ModelScorer(model, cached=True)
-        state = scorer.start(src)
-        for t in range(1, prefix.size(1) + 1):
-            log_probs, state = scorer.step(state, prefix[:, :t])
-            torch.testing.assert_close(log_probs, full[:, t - 1], atol=1e-4, rtol=0)
-
-
-def test_beam_of_one_is_greedy_on_cuda() -> None:
-    model = tiny_model().to(CUDA)
-    sources = random_sources([5, 9, 3, 12, 7])
-    greedy = translate_ids([model], sources, DecodeConfig(beam_size=1))
-    with torch.inference_mode():
-        beam = beam_search(ModelScorer(model), padded(sources).to(CUDA), beam_size=1, lp_style="gnmt", early_stop="fairseq", max_len_limit=63)
-        plain = greedy_search(ModelScorer(model), padded(sources).to(CUDA), max_len_limit=63)
-    assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam] == [h[0].tokens for h in plain]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank")

@@ -21,6 +21,7 @@ from transformer.vocab import BOS, EOS, PAD
 torch.set_num_threads(1)
 
 VOCAB = 24
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def tiny_model(norm_first: bool = False, seed: int = 0, vocab: int = VOCAB, **overrides) -> Transformer:
@@ -72,33 +73,36 @@ def tiny_tokenizer(vocab_size: int = 60) -> Tokenizer:
     return build_tokenizer(generate_pairs(300, seed=7), vocab_size, joint=True, max_sentences=300)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_cached_steps_equal_uncached_and_full_forward(norm_first):
-    model = tiny_model(norm_first)
-    src = padded(random_sources([7, 4, 9]))
-    prefix = torch.cat([torch.full((3, 1), BOS), torch.randint(EOS + 1, VOCAB, (3, 8))], dim=1)  # (B, T)
+def test_cached_steps_equal_uncached_and_full_forward(norm_first, device):
+    model = tiny_model(norm_first).to(device)
+    src = padded(random_sources([7, 4, 9])).to(device)
+    prefix = torch.cat([torch.full((3, 1), BOS), torch.randint(EOS + 1, VOCAB, (3, 8))], dim=1).to(device)  # (B, T)
+    tol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels differ between one step and the whole prefix
     with torch.no_grad():
         full = F.log_softmax(model(src, prefix), dim=-1)  # (B, T, V)
         cached, uncached = ModelScorer(model, cached=True), ModelScorer(model, cached=False)
         c_state, u_state = cached.start(src), uncached.start(src)
-        order = torch.arange(3)
+        order = torch.arange(3, device=device)
         for t in range(1, prefix.size(1) + 1):
             if t == 4:  # reorder rows mid-way, as beam search does
-                order = torch.tensor([2, 0, 1])
+                order = torch.tensor([2, 0, 1], device=device)
                 c_state, u_state = cached.select(c_state, order), uncached.select(u_state, order)
             c_lp, c_state = cached.step(c_state, prefix[order, :t])
             u_lp, u_state = uncached.step(u_state, prefix[order, :t])
-            torch.testing.assert_close(c_lp, u_lp, atol=1e-5, rtol=0)
-            torch.testing.assert_close(c_lp, full[order, t - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(c_lp, u_lp, atol=tol, rtol=0)
+            torch.testing.assert_close(c_lp, full[order, t - 1], atol=tol, rtol=0)
 
 
-def test_beam_size_one_is_greedy():
-    model = tiny_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_size_one_is_greedy(device):
+    model = tiny_model().to(device)
     sources = random_sources([5, 9, 3, 12, 7])
     greedy = translate_ids([model], sources, DecodeConfig(beam_size=1))
     with torch.inference_mode():
-        beam = beam_search(ModelScorer(model), padded(sources), beam_size=1, lp_style="gnmt", early_stop="fairseq", max_len_limit=63)
-        plain = greedy_search(ModelScorer(model), padded(sources), max_len_limit=63)
+        beam = beam_search(ModelScorer(model), padded(sources).to(device), beam_size=1, lp_style="gnmt", early_stop="fairseq", max_len_limit=63)
+        plain = greedy_search(ModelScorer(model), padded(sources).to(device), max_len_limit=63)
     assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam] == [h[0].tokens for h in plain]
     for g, b in zip(greedy, beam):
         assert g[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
