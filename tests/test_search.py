@@ -18,6 +18,7 @@ from transformer.decode.search import (
     Ensemble,
     Hypothesis,
     beam_search,
+    draw,
     filter_logits,
     greedy_search,
     length_penalty,
@@ -276,13 +277,15 @@ def test_min_len_forbids_early_eos() -> None:
     runs = [
         greedy_search(Scripted(dist), src, min_len=3, max_len_a=0, max_len_b=8),
         beam_search(Scripted(dist), src, beam_size=3, n_best=3, min_len=3, max_len_a=0, max_len_b=8),
-        sample(Scripted(dist), src, n=4, min_len=3, max_len_a=0, max_len_b=8,
-               generator=torch.Generator().manual_seed(0)),
     ]
     for run in runs:
         for hyps in run:
             # EOS as soon as it is allowed
             assert hyps and all(len(h.tokens) == 4 and h.tokens[-1] == EOS for h in hyps)
+    samples = sample(Scripted(dist), src, n=20, min_len=3, max_len_a=0, max_len_b=8, generator=torch.Generator().manual_seed(0))
+    for hyps in samples:  # never before it is allowed, mostly as soon as it is
+        assert len(hyps) == 20 and all(len(h.tokens) >= 4 and h.tokens.index(EOS) == len(h.tokens) - 1 for h in hyps)
+        assert sum(len(h.tokens) == 4 for h in hyps) >= 10
     without = greedy_search(Scripted(dist), src, max_len_a=0, max_len_b=8)
     assert all(hyps[0].tokens == [EOS] for hyps in without)
 
@@ -435,3 +438,24 @@ def test_top_p_sampling_draws_only_from_the_nucleus() -> None:
     assert set(first) == {A, B}
     for h in hyps:
         assert h.log_prob == pytest.approx(math.log(0.6 if h.tokens[0] == A else 0.3), abs=1e-6)
+
+
+def test_draw_follows_the_distribution_and_skips_impossible_tokens() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]).repeat(20_000, 1)
+    tokens = draw(probs, torch.Generator().manual_seed(3))
+    first, second = tokens[0::2], tokens[1::2]
+    assert (second == 0).all()
+    counts = torch.bincount(first, minlength=6).float() / first.numel()
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0], atol=0.01)  # 20,000 draws: standard error <= 0.0036
+    assert torch.equal(draw(probs, torch.Generator().manual_seed(3)), tokens)
+
+
+def test_top_p_over_a_wide_nucleus_matches_a_full_sort() -> None:
+    """Flat rows need more than the first 64 candidates: the nucleus is the same as sorting all."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(4)) * torch.tensor([[0.1], [0.5], [1.0], [3.0], [8.0], [0.01]])
+    for p in (0.3, 0.9, 0.99):
+        probs, order = logits.softmax(dim=1).sort(dim=1, descending=True)
+        expected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, probs.cumsum(dim=1) - probs < p)
+        assert torch.equal(torch.isfinite(filter_logits(logits.log_softmax(dim=1), top_p=p)), expected)
+        assert expected.sum(dim=1).max() > 64  # the flat rows reach past the first guess

@@ -211,6 +211,14 @@ def greedy_search(
     )
 
 
+def _outside_nucleus(probs: Tensor, ranked: tuple[Tensor, Tensor], top_p: float) -> Tensor:
+    """Mask (N, V) of tokens outside the top-p nucleus, given the best tokens of each row
+    best first (values, indices; all of them or the first k)."""
+    best, order = ranked
+    kept = best.cumsum(dim=1) - best < top_p  # mass of strictly better tokens below p
+    return torch.ones_like(probs, dtype=torch.bool).scatter(1, order, ~kept)
+
+
 def filter_logits(log_probs: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Tempered, truncated logits to sample from: what `sample` draws with.
 
@@ -225,12 +233,25 @@ def filter_logits(log_probs: Tensor, temperature: float = 1.0, top_k: int = 0, t
         kth = logits.topk(top_k, dim=1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, NEG_INF)
     if top_p < 1.0:
-        probs, order = logits.softmax(dim=1).sort(dim=1, descending=True)  # (N, V)
-        mass_before = probs.cumsum(dim=1) - probs  # (N, V) mass of strictly better tokens
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = logits.softmax(dim=1)  # (N, V)
+        drop = _outside_nucleus(probs, probs.topk(min(64, probs.size(1)), dim=1), top_p)  # nuclei are mostly small
+        wide = (probs.masked_fill(drop, 0.0).sum(dim=1) < top_p).nonzero().flatten()  # rows reaching past the 64 best
+        if wide.numel() > 0:
+            drop[wide] = _outside_nucleus(probs[wide], probs[wide].sort(dim=1, descending=True), top_p)
         logits = logits.masked_fill(drop, NEG_INF)
     return logits
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of probs (N, V) by inverting its CDF with one uniform per row.
+
+    Same distribution as ``torch.multinomial(probs, 1)``, which on CPU draws an exponential
+    for every vocabulary entry: 60% of sampling time at V=8k, against a cumsum here.
+    """
+    cdf = probs.float().cumsum(dim=1)  # (N, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (N, 1)
+    # right=True: the first entry whose CDF exceeds u, which has probability > 0
+    return torch.searchsorted(cdf, u, right=True).clamp_max(probs.size(1) - 1).squeeze(1)
 
 
 def sample(
@@ -255,8 +276,7 @@ def sample(
     """
 
     def choose(log_probs: Tensor) -> Tensor:
-        probs = filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=1)  # (N, V)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+        return draw(filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=1), generator)  # (N,)
 
     return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len)
 
