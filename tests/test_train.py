@@ -110,6 +110,19 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bidirectional_epochs_train_each_pair_both_ways_then_forward_only(tmp_path: Path) -> None:
+    trainer = loop.Trainer(tiny(tmp_path, "trainer.bidirectional_epochs=1"))
+    pair = lambda e: (tuple(e.src), tuple(e.tgt))  # noqa: E731
+    forward = Counter(map(pair, trainer.train_examples))
+    reverse = Counter((tuple(t[1:]), (BOS, *s)) for s, t in forward.elements())  # src = pieces + EOS, tgt = BOS + pieces + EOS
+    first = Counter(pair(e) for batch in trainer.epoch_batches(0) for e in batch)
+    assert first == forward + reverse
+    second = Counter(pair(e) for batch in trainer.epoch_batches(1) for e in batch)
+    assert second == forward
+    with pytest.raises(UserError, match="bidirectional_epochs needs data.joint_vocab=true"):
+        loop.Trainer(tiny(tmp_path / "separate", "trainer.bidirectional_epochs=1", "data.joint_vocab=false"))
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = start_and_signal(run_dir, ["experiment=tiny", "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=100000"], 5, signal.SIGTERM)

@@ -93,6 +93,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
     max_steps: int = 10000  # optimizer updates
     max_epochs: int = 0  # 0: no limit
+    bidirectional_epochs: int = 0  # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
     update_freq: int = 1  # gradient accumulation: batches per optimizer update
     lr: float = 5e-4  # peak learning rate

@@ -177,7 +177,7 @@ class Trainer:
             valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
         self.tokenizer = self.setup_tokenizer(train_pairs, resume)
         self.train_examples = [] if train_pairs is None else self.encode(train_pairs, "train")
-        self.train_lengths = [(len(e.src), len(e.tgt) - 1) for e in self.train_examples]
+        self.both_ways_examples = self.train_examples + self.reversed_examples(train_pairs)
         self.valid_examples = self.encode(valid_pairs, "valid")
         self.valid_sources = [s for s, _ in valid_pairs]
         self.valid_refs = [r for _, r in valid_pairs]
@@ -256,6 +256,16 @@ class Trainer:
             tok.save(self.run_dir)
         return tok
 
+    def reversed_examples(self, train_pairs: Optional[list[Pair]]) -> list[Example]:
+        """Each training pair as target -> source, for the first trainer.bidirectional_epochs
+        (BiT, Ding et al. 2021: both directions through one model warm it up on twice the
+        data; no language tags, the source's language tells the direction)."""
+        if not self.cfg.trainer.bidirectional_epochs:
+            return []
+        if train_pairs is None or not self.tokenizer.joint:
+            raise UserError("trainer.bidirectional_epochs needs data.joint_vocab=true and an in-memory corpus (not data.streaming)")
+        return self.encode([(t, s) for s, t in train_pairs], "train, reversed")
+
     def encode(self, pairs: list[Pair], name: str) -> list[Example]:
         return encode_examples(*self.tokenizer.encode_pairs(pairs), self.max_len, f"{self.cfg.data.name} {name}")
 
@@ -328,8 +338,10 @@ class Trainer:
             from transformer.data.streaming import stream_batches
 
             return stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world)
-        batches = shard(token_batches(self.train_lengths, d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
-        return ([self.train_examples[i] for i in b] for b in batches)
+        examples = self.both_ways_examples if epoch < self.cfg.trainer.bidirectional_epochs else self.train_examples
+        lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
+        batches = shard(token_batches(lengths, d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
+        return ([examples[i] for i in b] for b in batches)
 
     def train_step(self, group: list[list[Example]]) -> dict:
         """One optimizer update over ``group`` (update_freq batches); see accumulate_gradients."""
