@@ -171,7 +171,14 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         f"- best validation BLEU **{metrics['best_valid_bleu']:.2f}** at step {metrics['best_step']} "
         f"(search: {'greedy' if t['eval_beam_size'] <= 1 else 'beam ' + str(t['eval_beam_size'])}, trainer.eval_beam_size)"
     )
-    out.append(f"- trained {metrics['step']} of {t['max_steps']} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)")
+    planned = metrics.get("budget_plan", {}).get("max_steps", t["max_steps"])
+    out.append(f"- trained {metrics['step']} of {planned} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)")
+    if "hardware" in metrics:
+        hw = metrics["hardware"]
+        out.append(f"- on {hw['machine']} class `{hw['cpu_class']}`{', CUDA ' + hw['cuda'] if hw.get('cuda') else ''}, {hw['threads']} threads, "
+                   f"training precision {metrics.get('precision', t['precision'])}")
+    if "budget_plan" in metrics:
+        out.append(f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}")
     if test:
         out.append(
             f"- test `{test['data']}` ({test['sentences']} sentences, `{Path(test['checkpoint']).name}`, beam {test['beam_size']}, "

@@ -1,7 +1,7 @@
 """fp32 linear layers on CPU through oneDNN: packed once for search, reordered per call in training.
 
-PyTorch runs an fp32 ``nn.Linear`` on CPU through MKL's sgemm, which on the 2-core AMD EPYC
-we measure on is 2.2-2.5x slower than oneDNN's kernel on a weight reordered ahead of time
+PyTorch runs an fp32 ``nn.Linear`` on CPU through MKL's sgemm, which on one 2-core
+AVX-512 machine we measured is 2.2-2.5x slower than oneDNN's kernel on a weight reordered ahead of time
 into oneDNN's blocked layout (1350 x 256 -> 768: 2.47 against 1.05 ms; the 256 -> 8000
 output projection: 36.8 against 22.4 ms). Search multiplies by the same weights thousands
 of times, so packing a copy of the model (once per Translator, once per validation
@@ -10,15 +10,21 @@ Training changes the weights every step, so ``OneDNNLinear`` reorders them (and,
 weight gradient, the activations) on every call and still comes out ahead (a 1.32x faster
 fp32 training step for the Multi30k model); under bf16/fp16 autocast PyTorch already calls
 oneDNN.
+Which is faster depends on the CPU (on an AVX2-only EPYC the lead shrank to 1.02x of HF's
+MKL step), so ``onednn_is_faster`` times both on each layer shape once per process and
+``onednn_shapes`` picks, per model, the shapes that gain (``auto`` in the configs).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import time
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -36,17 +42,25 @@ class PackedLinear(nn.Module):
         return linear_on_packed(x, self.weight, self.bias)
 
 
-def packed_for_cpu(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose linear layers are ``PackedLinear``s; ``model`` itself is
-    untouched. A model that is already packed, or that oneDNN cannot pack (no oneDNN
-    build, an unsupported CPU), is returned as it is."""
-    if not torch.backends.mkldnn.is_available() or any(isinstance(m, PackedLinear) for m in model.modules()):
+Shape = tuple[int, int, bool]  # (in_features, out_features, has bias)
+
+
+def shape_of(linear: nn.Linear) -> Shape:
+    return linear.in_features, linear.out_features, linear.bias is not None
+
+
+def packed_for_cpu(model: nn.Module, shapes: Optional[set[Shape]] = None) -> nn.Module:
+    """A copy of ``model`` whose linear layers (those of ``shapes``, or all) are
+    ``PackedLinear``s; ``model`` itself is untouched. A model that is already packed, that
+    has nothing to pack, or that oneDNN cannot pack (no oneDNN build, an unsupported CPU),
+    is returned as it is."""
+    if not torch.backends.mkldnn.is_available() or any(isinstance(m, PackedLinear) for m in model.modules()) or shapes == set():
         return model
     packed = copy.deepcopy(model)
     try:
         for parent in list(packed.modules()):
             for name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
+                if isinstance(child, nn.Linear) and (shapes is None or shape_of(child) in shapes):
                     setattr(parent, name, PackedLinear(child))
     except RuntimeError as e:
         log.debug("oneDNN weight packing unavailable (%s); decoding with nn.Linear", e)
@@ -102,17 +116,73 @@ class OneDNNLinear(nn.Linear):
         return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
 
 
-def train_linears_on_onednn(model: nn.Module) -> nn.Module:
-    """Turn ``model``'s ``nn.Linear``s into ``OneDNNLinear``s in place (fp32 CPU training:
-    1.05-1.6x faster per layer than MKL here, the reorders included), where oneDNN can run them."""
+def onednn_usable() -> bool:
+    """Whether this build and CPU run oneDNN's linear kernel at all."""
     if not torch.backends.mkldnn.is_available():
-        return model
+        return False
     try:
         _onednn_linear(torch.ones(2, 4), torch.ones(3, 4), None)
     except RuntimeError as e:
-        log.debug("oneDNN linear unavailable (%s); training with nn.Linear", e)
+        log.debug("oneDNN linear unavailable (%s); using nn.Linear", e)
+        return False
+    return True
+
+
+def train_linears_on_onednn(model: nn.Module, shapes: Optional[set[Shape]] = None) -> nn.Module:
+    """Turn ``model``'s ``nn.Linear``s (those of ``shapes``, or all) into ``OneDNNLinear``s
+    in place (fp32 CPU training: 1.05-1.6x faster per layer than MKL on AVX-512, the reorders
+    included), where oneDNN can run them."""
+    if not onednn_usable():
         return model
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and (shapes is None or shape_of(module) in shapes):
             module.__class__ = OneDNNLinear
     return model
+
+
+def _best_seconds(run, repeats: int = 3) -> float:
+    run()  # the first call builds kernels and pages
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def onednn_is_faster(shape: Shape, rows: int, training: bool, threads: int) -> bool:
+    """Time MKL (``F.linear``) against oneDNN on ``rows`` inputs of one layer shape: forward
+    and backward with a per-call reorder for training, forward on a packed weight for search.
+    ``threads`` is part of the cache key of the caller, since the answer depends on it."""
+    n_in, n_out, has_bias = shape
+    x = torch.randn(rows, n_in, requires_grad=training)
+    w = (torch.randn(n_out, n_in) * n_in**-0.5).requires_grad_(training)
+    b = torch.zeros(n_out, requires_grad=training) if has_bias else None
+    if training:
+        grad = torch.ones(rows, n_out)
+        mkl = _best_seconds(lambda: F.linear(x, w, b).backward(grad))
+        onednn = _best_seconds(lambda: _OneDNNLinearFunction.apply(x, w, b).backward(grad))
+    else:
+        with torch.inference_mode():
+            packed = pack_weight(w.detach())
+            mkl = _best_seconds(lambda: F.linear(x, w, b))
+            onednn = _best_seconds(lambda: linear_on_packed(x, packed, b))
+    return onednn < mkl
+
+
+def onednn_shapes(model: nn.Module, rows: int, training: bool) -> set[Shape]:
+    """The linear shapes of ``model`` that run faster on oneDNN here (empty where oneDNN
+    cannot run), timed and logged once per process."""
+    shapes = tuple(sorted({shape_of(m) for m in model.modules() if isinstance(m, nn.Linear)}))
+    if not shapes or not onednn_usable():
+        return set()
+    return set(_faster_on_onednn(shapes, rows, training, torch.get_num_threads()))
+
+
+@functools.cache
+def _faster_on_onednn(shapes: tuple[Shape, ...], rows: int, training: bool, threads: int) -> frozenset[Shape]:
+    chosen = frozenset(s for s in shapes if onednn_is_faster(s, rows, training, threads))
+    log.info("%s linear kernels, timed on %d rows: oneDNN for %s; MKL for %s", "training" if training else "search", rows,
+             ", ".join(f"{i}->{o}" for i, o, _ in sorted(chosen)) or "none",
+             ", ".join(f"{i}->{o}" for i, o, b in shapes if (i, o, b) not in chosen) or "none")
+    return chosen

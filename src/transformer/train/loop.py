@@ -8,6 +8,7 @@ epoch it stopped, so a killed run continues with the same batches and the same d
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -30,15 +31,17 @@ from transformer.config import DecodeConfig, ModelConfig
 from transformer.data.batching import Batch, Example, collate, encode_examples, shard, token_batches
 from transformer.data.corpus import Pair, load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
-from transformer.decode.translator import translate_ids
+from transformer.decode.translator import check_decode_config, translate_ids
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
-from transformer.model.prepack import train_linears_on_onednn
+from transformer.hardware import detect, parse_switch, resolve_precision
+from transformer.model.prepack import onednn_shapes, train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory, resolve_device
 from transformer.train.checkpoint import (
     CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, checkpoint_step, list_step_checkpoints,
     load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
 )
+from transformer.train import budget
 from transformer.train.loss import label_smoothed_loss, symmetric_kl
 from transformer.train.optim import build_optimizer, lr_at, set_lr
 from transformer.vocab import PAD
@@ -57,6 +60,7 @@ class Progress:
     best_step: int = 0
     evals_without_gain: int = 0
     elapsed: float = 0.0  # training seconds before this process started
+    plan: Optional[dict] = None  # trainer settings fixed by trainer.time_budget_minutes (budget.Plan)
 
 
 @dataclass
@@ -149,11 +153,17 @@ def accumulate_gradients(
 class Trainer:
     """State of one run: the model, optimizer, data and where it stands."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, started: Optional[float] = None):
         self.cfg = cfg
         t = cfg.trainer
+        started = budget.clock() if started is None else started
+        if t.time_budget_minutes < 0:
+            raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
         self.dist, self.device = setup_distributed(t.device)
-        autocast(self.device, t.precision)  # a wrong precision fails now, not after data loading
+        self.precision = resolve_precision(t.precision, self.device, "trainer.precision")
+        onednn = parse_switch(t.onednn_linear, "trainer.onednn_linear")
+        autocast(self.device, self.precision)  # fp16 on a CPU fails now, not after data loading
+        check_decode_config(DecodeConfig(**OmegaConf.to_container(cfg.decode)))
         if not self.dist.main:
             logging.getLogger("transformer").setLevel(logging.WARNING)  # one rank tells the story
         if self.dist.world > 1:  # Hydra names run directories by the clock: take rank 0's
@@ -188,8 +198,9 @@ class Trainer:
         self.model_cfg = model_cfg
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: Transformer = build_model(model_cfg).to(self.device)
-        if t.onednn_linear and not t.compile:
-            train_linears_on_onednn(self.model)  # acts on fp32 CPU calls only (autocast, CUDA: nn.Linear)
+        if onednn != "false" and self.device.type == "cpu" and self.precision == "fp32" and not t.compile:
+            shapes = None if onednn == "true" else onednn_shapes(self.model, rows=512, training=True)
+            train_linears_on_onednn(self.model, shapes)  # acts on fp32 CPU calls only
         self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped, maybe compiled
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -198,7 +209,7 @@ class Trainer:
         if t.compile:
             self.net = torch.compile(self.net)  # checkpoints keep self.model's plain state dict
         self.optimizer = build_optimizer(self.model, t)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.progress = Progress()
         self.stop_signal: Optional[int] = None
         self.interrupted = False
@@ -206,9 +217,14 @@ class Trainer:
         seed_everything(t.seed + self.dist.rank)  # dropout streams differ across ranks
         if resume is not None:
             self.restore(*resume)
+        if t.time_budget_minutes:
+            if self.progress.plan is None:
+                self.progress.plan = self.plan_budget(started)
+            budget.apply_plan(t, self.progress.plan)
         if self.dist.main:
             size = "streamed" if self.streaming else f"{len(self.train_examples)}"
             log.info("model: %s parameters; %s training pairs, %d validation", f"{self.model.num_parameters():,}", size, len(self.valid_examples))
+            log.info("hardware: %s; training in %s", detect().describe(), self.precision)
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.progress.step + 1 if resume else None)
@@ -272,6 +288,31 @@ class Trainer:
     @property
     def max_len(self) -> int:
         return min(self.cfg.data.max_len, self.cfg.model.max_positions)
+
+    def plan_budget(self, started: float) -> dict:
+        """Fit the schedule to trainer.time_budget_minutes from throwaway updates and searches
+        timed now; weights, optimizer and RNG are put back, so the run is the one an
+        unbudgeted run with the planned settings would be. Rank 0's plan holds for all."""
+        t = self.cfg.trainer
+        saved = ({k: v.clone() for k, v in self.model.state_dict().items()}, copy.deepcopy(self.optimizer.state_dict()), self.scaler.state_dict(), rng_state())
+        groups = list(itertools.islice(chunked(self.epoch_batches(0), t.update_freq), 13))
+        sample = self.valid_source_ids[:64]
+        costs = budget.measure_costs(
+            started, self.train_step, groups, self.valid_loss,
+            lambda: translate_ids([self.model], sample, self.eval_decode_config()),
+            lambda: translate_ids([self.model], sample, DecodeConfig(**OmegaConf.to_container(self.cfg.decode))),
+            scale=len(self.valid_source_ids) / max(len(sample), 1),
+        )
+        self.model.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(saved[1])
+        self.scaler.load_state_dict(saved[2])
+        set_rng_state(saved[3])
+        plan = [budget.plan_schedule(t, t.time_budget_minutes, costs).to_dict() if self.dist.main else None]
+        if self.dist.world > 1:
+            dist.broadcast_object_list(plan, src=0)
+        log.info("trainer.time_budget_minutes=%g: start-up %.1f min, %.3f s per update, %.1f s per validation, ~%.0f s test "
+                 "scoring -> %s", t.time_budget_minutes, costs.spent / 60, costs.step, costs.evaluation, costs.test, plan[0])
+        return plan[0]
 
     # checkpoints -------------------------------------------------------------------
 
@@ -352,7 +393,7 @@ class Trainer:
         if self.dist.world > 1:
             dist.all_reduce(n_tokens)
         loss_sum, nll_sum = accumulate_gradients(
-            self.net, batches, n_tokens, label_smoothing=t.label_smoothing, precision=t.precision,
+            self.net, batches, n_tokens, label_smoothing=t.label_smoothing, precision=self.precision,
             scaler=self.scaler, world=self.dist.world, rdrop_alpha=t.rdrop_alpha,
         )
         if self.dist.world > 1:  # before the finiteness test, so every rank takes the same decision
@@ -362,7 +403,7 @@ class Trainer:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf"))
         finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         lr = lr_at(self.progress.step + 1, t, self.model_cfg.d_model)
-        if finite or t.precision == "fp16":
+        if finite or self.precision == "fp16":
             set_lr(self.optimizer, lr)
             self.scaler.step(self.optimizer)  # the scaler skips fp16 overflow steps itself
             self.scaler.update()
@@ -379,7 +420,7 @@ class Trainer:
     def guard(self, stats: dict) -> bool:
         """False for a NaN/inf step (skipped); stop after trainer.max_bad_steps in a row,
         keeping the weights from before the problem."""
-        if stats["finite"] or self.cfg.trainer.precision == "fp16" and math.isfinite(stats["loss"]):
+        if stats["finite"] or self.precision == "fp16" and math.isfinite(stats["loss"]):
             self.bad_steps = 0
             return True
         self.bad_steps += 1
@@ -528,12 +569,16 @@ class Trainer:
         total, count = 0.0, 0
         for b in token_batches([(len(e.src), len(e.tgt)) for e in self.valid_examples], self.cfg.data.max_tokens, 0, 0, shuffle=False):
             batch = collate([self.valid_examples[i] for i in b]).to(self.device)
-            with autocast(self.device, self.cfg.trainer.precision):
+            with autocast(self.device, self.precision):
                 keep = batch.tgt_out != PAD
                 _, nll = label_smoothed_loss(self.model(batch.src, batch.tgt_in, keep), batch.tgt_out[keep], 0.0)
             total += nll.item()
             count += batch.n_tokens
         return total / max(count, 1)
+
+    def eval_decode_config(self) -> DecodeConfig:
+        """The search of validation BLEU: cfg.decode with trainer.eval_beam_size, one hypothesis."""
+        return DecodeConfig(**{**OmegaConf.to_container(self.cfg.decode), "beam_size": self.cfg.trainer.eval_beam_size, "n_best": 1, "sampling": False})
 
     def validate(self) -> bool:
         """Validation NLL and BLEU on rank 0; returns whether this is the best BLEU so far
@@ -542,9 +587,7 @@ class Trainer:
         if self.dist.main:
             step = self.progress.step
             nll = self.valid_loss()
-            t = self.cfg.trainer
-            decode_cfg = DecodeConfig(**{**OmegaConf.to_container(self.cfg.decode), "beam_size": t.eval_beam_size, "n_best": 1, "sampling": False})
-            hyps = translate_ids([self.model], self.valid_source_ids, decode_cfg)
+            hyps = translate_ids([self.model], self.valid_source_ids, self.eval_decode_config())
             texts = self.tokenizer.decode_tgt([h[0].tokens for h in hyps])
             bleu = sacrebleu.corpus_bleu(texts, [self.valid_refs]).score
             gain = bleu > self.progress.best_bleu
@@ -602,10 +645,15 @@ def train(cfg: Any) -> dict:
     if cfg.trainer.resume and Path(cfg.trainer.resume).is_dir():
         cfg.run_dir = str(Path(cfg.trainer.resume).expanduser())
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg)
+    started = budget.clock()
+    trainer = Trainer(cfg, started)
     metrics = trainer.run()
     metrics.update(trainer.finish())
     metrics["run_dir"] = str(trainer.run_dir)
+    metrics["precision"] = trainer.precision
+    metrics["hardware"] = detect().to_dict()
+    if trainer.progress.plan:
+        metrics["budget_plan"] = trainer.progress.plan
     if trainer.dist.main:
         (trainer.run_dir / "results.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if dist.is_initialized():
