@@ -148,3 +148,28 @@ def parse_switch(value: object, key: str) -> str:
     if text not in SWITCHES:
         raise UserError(f"{key}={value!r}: expected auto, true or false")
     return text
+
+
+# what makes this machine behave like a lower class (benchmarks: --isa)
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def emulate_isa(isa: Optional[str]) -> None:
+    """Restart this script under the caps of a lower CPU class (oneDNN, MKL and ATen read
+    them when they load, so setting them now would be too late); returns once they hold."""
+    if not isa or isa == "native":
+        return
+    if isa not in ISA_CAPS:
+        raise UserError(f"--isa {isa!r}: expected native or {', '.join(ISA_CAPS)}")
+    caps = ISA_CAPS[isa]
+    if all(os.environ.get(k) == v for k, v in caps.items()):
+        return
+    import sys
+
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
+
+
+def class_line() -> str:
+    """One line for a benchmark's table header: the class, and a bf16 timing showing whether
+    bf16 is native here (or the emulation took)."""
+    return f"{detect().describe()}; bf16 matmul {bf16_slowdown():.2f}x the time of fp32"
