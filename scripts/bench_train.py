@@ -172,6 +172,22 @@ def run_one(args) -> dict:
     }
 
 
+def print_table(args: argparse.Namespace, results: list[dict]) -> None:
+    """The run's settings and hardware, then one row per (implementation, precision)."""
+    hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
+    print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
+          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    print(f"hardware: {class_line()}\n")
+    print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        peer = hf.get(r["precision"])
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        print(f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
+              f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", help="a config name under configs/model")
@@ -219,18 +235,7 @@ def main() -> None:
                 print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
-    print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
-          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
-    print(f"hardware: {class_line()}\n")
-    print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        peer = hf.get(r["precision"])
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-        print(f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
-              f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |")
+    print_table(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

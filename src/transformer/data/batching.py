@@ -6,10 +6,11 @@ run rebuilds exactly the batches it was going through and skips the ones it has 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -89,3 +90,10 @@ def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int
     (the remainder is dropped) so collective calls stay in step."""
     usable = len(batches) - len(batches) % world_size
     return batches[rank:usable:world_size]
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive groups of ``size`` items; the last group may be shorter."""
+    it = iter(items)
+    while group := list(itertools.islice(it, size)):
+        yield group

@@ -1,0 +1,83 @@
+"""A run's data: the tokenizer (trained on rank 0, or the resumed run's), the encoded
+training and validation pairs, and each epoch's batches as a pure function of (seed, epoch)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from transformer.data.batching import Example, encode_examples, shard, token_batches
+from transformer.data.corpus import Pair, load_split
+from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.errors import UserError
+from transformer.train.distributed import Dist, share
+
+
+class RunData:
+    def __init__(self, cfg: Any, dist: Dist, resume: Optional[tuple[Any, dict]]):
+        self.cfg, self.dist = cfg, dist
+        d = cfg.data
+        self.streaming = bool(d.streaming)
+        if self.streaming and d.source != "hub":
+            raise UserError(f"data.streaming=true needs data.source=hub (got {d.source!r}); other sources are read into memory")
+        train_pairs = None if self.streaming else load_split(d, "train")
+        valid_pairs = load_split(d, "valid")
+        if d.valid_max_sentences > 0:
+            valid_pairs = valid_pairs[: d.valid_max_sentences]
+        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
+        self.train_examples = [] if train_pairs is None else self.encode(train_pairs, "train")
+        self.both_ways_examples = self.train_examples + self.reversed_examples(train_pairs)
+        self.valid_examples = self.encode(valid_pairs, "valid")
+        self.valid_sources = [s for s, _ in valid_pairs]
+        self.valid_refs = [r for _, r in valid_pairs]
+        self.valid_source_ids = self.tokenizer.encode_src(self.valid_sources)  # BLEU needs every sentence
+
+    def setup_tokenizer(self, train_pairs: Optional[list[Pair]], resume: Optional[tuple[Any, dict]]) -> Tokenizer:
+        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it; a
+        streamed corpus trains it on its first ``data.tokenizer_sample`` pairs."""
+        run_dir = Path(self.cfg.run_dir)
+        if resume is not None:
+            tok = Tokenizer.from_state(resume[1]["tokenizer"])
+        else:
+            tok = Tokenizer.load(run_dir)
+            if tok is None and self.dist.main:
+                d = self.cfg.data
+                if train_pairs is None:
+                    from transformer.data.streaming import stream_pairs
+
+                    train_pairs = list(itertools.islice(stream_pairs(d), d.tokenizer_sample))
+                tok = build_tokenizer(train_pairs, d.vocab_size, d.joint_vocab, d.tokenizer_sample)
+            tok = Tokenizer.from_state(share(tok.to_state() if self.dist.main else None, self.dist))
+        if self.dist.main:
+            tok.save(run_dir)
+        return tok
+
+    def reversed_examples(self, train_pairs: Optional[list[Pair]]) -> list[Example]:
+        """Each training pair as target -> source, for the first trainer.bidirectional_epochs
+        (BiT, Ding et al. 2021: both directions through one model warm it up on twice the
+        data; no language tags, the source's language tells the direction)."""
+        if not self.cfg.trainer.bidirectional_epochs:
+            return []
+        if train_pairs is None or not self.tokenizer.joint:
+            raise UserError("trainer.bidirectional_epochs needs data.joint_vocab=true and an in-memory corpus (not data.streaming)")
+        return self.encode([(t, s) for s, t in train_pairs], "train, reversed")
+
+    def encode(self, pairs: list[Pair], name: str) -> list[Example]:
+        return encode_examples(*self.tokenizer.encode_pairs(pairs), self.max_len, f"{self.cfg.data.name} {name}")
+
+    @property
+    def max_len(self) -> int:
+        return min(self.cfg.data.max_len, self.cfg.model.max_positions)
+
+    def epoch_batches(self, epoch: int) -> Iterator[list[Example]]:
+        """This rank's batches of ``epoch``, a pure function of the seed and the epoch."""
+        d, seed = self.cfg.data, self.cfg.trainer.seed
+        if self.streaming:
+            from transformer.data.streaming import stream_batches
+
+            return stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world)
+        examples = self.both_ways_examples if epoch < self.cfg.trainer.bidirectional_epochs else self.train_examples
+        lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
+        batches = shard(token_batches(lengths, d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
+        return ([examples[i] for i in b] for b in batches)
