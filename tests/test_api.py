@@ -161,5 +161,5 @@ def test_packed_weights_decode_like_plain_linear_layers(translator: Translator, 
 
 
 def test_prepack_is_a_switch(translator: Translator) -> None:
-    with pytest.raises(UserError, match="decode.prepack='sometimes': expected auto, true or false"):
+    with pytest.raises(UserError, match="decode.prepack='sometimes': expected one of auto, true, false"):
         translator.translate("twenty-one", prepack="sometimes")

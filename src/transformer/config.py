@@ -14,6 +14,18 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from transformer.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWITCHES = ("auto", "true", "false")
+# every enumerated key, checked by ``validate`` when a command starts
+CHOICES = {
+    "model": {"activation": ("relu", "gelu"), "positional": ("sinusoidal", "sinusoidal_fairseq", "learned")},
+    "data": {"source": ("builtin", "files", "hub"), "format": ("text", "tsv", "jsonl")},
+    "trainer": {"schedule": ("inverse_sqrt", "cosine", "noam", "constant"), "precision": PRECISIONS, "onednn_linear": SWITCHES},
+    "decode": {"precision": PRECISIONS, "prepack": SWITCHES, "lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")},
+}
+
 
 @dataclass
 class ModelConfig:
@@ -212,3 +224,28 @@ def to_dict(cfg: Any) -> dict:
     if isinstance(cfg, dict):
         return cfg
     return OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+
+
+def choice(section: str, key: str, value: Any) -> str:
+    """``value`` of ``section.key`` if it is one of CHOICES (switches as lower-case words:
+    YAML may hand over a bool), else one error line naming the key."""
+    allowed = CHOICES[section][key]
+    text = str(value).lower() if allowed is SWITCHES else value
+    if text not in allowed:
+        raise UserError(f"{section}.{key}={value!r}: expected one of {', '.join(allowed)}")
+    return text
+
+
+def validate(cfg: Any, sections: tuple[str, ...] = tuple(CHOICES)) -> None:
+    """Check every enumerated value of a composed config (or of the sections it has) at
+    start-up, so a typo fails before data loads instead of at the first step or validation."""
+    for section in sections:
+        node = getattr(cfg, section, None)
+        if node is not None:
+            validate_section(section, node)
+
+
+def validate_section(section: str, node: Any) -> None:
+    """The enumerated keys of one section (a ModelConfig, DecodeConfig, ... or its node)."""
+    for key in CHOICES[section]:
+        choice(section, key, getattr(node, key))

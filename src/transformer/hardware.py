@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from transformer.config import choice
 from transformer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones our choic
 # oneDNN's ISA names from low to high; bf16 is native from AVX512_CORE_BF16 up
 ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
                "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX", "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ def detect() -> Hardware:
 
 def check_precision(precision: str, key: str) -> None:
     """A precision that is none of PRECISIONS fails at start-up, naming the key."""
-    if precision not in PRECISIONS:
-        raise UserError(f"{key}={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    choice(*key.split("."), precision)
 
 
 def resolve_precision(precision: str, device: torch.device, key: str, hw: Optional[Hardware] = None) -> str:
@@ -139,15 +138,10 @@ def bf16_slowdown(size: int = 256, repeats: int = 5) -> float:
 
 
 
-SWITCHES = ("auto", "true", "false")
-
-
 def parse_switch(value: object, key: str) -> str:
-    """An ``auto | true | false`` setting as one of those words (YAML may hand over a bool)."""
-    text = str(value).lower()
-    if text not in SWITCHES:
-        raise UserError(f"{key}={value!r}: expected auto, true or false")
-    return text
+    """An ``auto | true | false`` setting (``key`` is section.name) as one of those words."""
+    section, name = key.split(".")
+    return choice(section, name, value)
 
 
 # what makes this machine behave like a lower class (benchmarks: --isa)

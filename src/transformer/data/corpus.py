@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from transformer.config import DataConfig
+from transformer.config import CHOICES, DataConfig, choice
 from transformer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ def read_split(cfg: DataConfig, split: str) -> list[Pair]:
         if not cfg.hub_name:
             raise UserError("data.hub_name is required when data.source=hub")
         return read_hub(cfg, split)
-    if cfg.source != "files":
-        raise UserError(f"data.source={cfg.source!r}: expected builtin, files or hub")
+    if choice("data", "source", cfg.source) != "files":
+        raise UserError(f"data.source={cfg.source!r}: expected one of builtin, files, hub")
     if cfg.format == "text":
         src, tgt = getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt")
         if not src or not tgt:
@@ -134,7 +134,7 @@ def read_split(cfg: DataConfig, split: str) -> list[Pair]:
         return read_tsv(path)
     if cfg.format == "jsonl":
         return read_jsonl(path, cfg)
-    raise UserError(f"data.format={cfg.format!r}: expected text, tsv or jsonl")
+    raise UserError(f"data.format={cfg.format!r}: expected one of {', '.join(CHOICES['data']['format'])}")
 
 
 def clean_pairs(pairs: list[Pair], name: str) -> list[Pair]:

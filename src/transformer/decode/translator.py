@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer.config import DecodeConfig
+from transformer.config import DecodeConfig, validate_section
 from transformer.data.batching import pad
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
 from transformer.errors import UserError
 from transformer.model import Transformer
-from transformer.hardware import check_precision, parse_switch, resolve_precision
+from transformer.hardware import parse_switch, resolve_precision
 from transformer.model.prepack import onednn_shapes, packed_for_cpu
 from transformer.runtime import autocast, resolve_device
 from transformer.vocab import BOS, EOS
@@ -63,17 +63,12 @@ def make_scorer(models: Sequence[Transformer], cached: bool = True) -> Scorer:
 
 def check_decode_config(cfg: DecodeConfig) -> None:
     """Name the decode key that is wrong before any search starts."""
-    choices = {"lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"decode.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    validate_section("decode", cfg)
     for key in ("beam_size", "n_best"):
         if getattr(cfg, key) < 1:
             raise UserError(f"decode.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.sampling and cfg.temperature <= 0:
         raise UserError(f"decode.temperature={cfg.temperature} must be > 0 when sampling")
-    check_precision(cfg.precision, "decode.precision")
-    parse_switch(cfg.prepack, "decode.prepack")
 
 
 def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:

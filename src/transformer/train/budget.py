@@ -74,9 +74,11 @@ def plan_schedule(t: Any, budget_minutes: float, costs: Costs) -> Plan:
 
 
 def apply_plan(t: Any, plan: dict) -> None:
-    """Write a plan (as stored in a checkpoint) into the trainer config node ``t``."""
+    """Write a plan (as stored in a checkpoint: Plan's fields, and the costs it was made
+    from under ``measured``) into the trainer config node ``t``."""
     for key, value in plan.items():
-        setattr(t, key, value)
+        if key != "measured":
+            setattr(t, key, value)
 
 
 def timed(run: Callable[[], Any]) -> float:
@@ -86,17 +88,25 @@ def timed(run: Callable[[], Any]) -> float:
     return clock() - start
 
 
+def search_seconds(search: Callable[[], list[int]], reference_lengths: int) -> float:
+    """Seconds of ``search`` (which returns its hypotheses' lengths) as if it had written
+    ``reference_lengths`` subwords: an untrained model writes to the length limit, a
+    trained one about as long as the references, and search time grows with the output."""
+    start = clock()
+    produced = sum(search())
+    return (clock() - start) * min(1.0, reference_lengths / max(produced, 1))
+
+
 def measure_costs(started: float, update: Callable[[Any], Any], groups: list, valid_loss: Callable[[], Any],
-                  eval_sample: Callable[[], Any], test_sample: Callable[[], Any], scale: float, warm: int = 3) -> Costs:
+                  eval_sample: Callable[[], float], test_sample: Callable[[], float], scale: float, warm: int = 3) -> Costs:
     """Time ``update`` on ``groups`` (the first ``warm`` untimed: kernels and pages are built
-    then), the validation loss, and the validation and test searches on a sample of
-    sentences, scaled by ``scale`` (the split's size over the sample's; an untrained model
-    writes to the length limit, so the searches come out high: the safe side). The caller
-    undoes what the updates changed."""
+    then) and the validation loss; ``eval_sample`` and ``test_sample`` give the seconds of
+    the validation and test searches on a sample of sentences (``search_seconds``), scaled
+    by ``scale`` (the split's size over the sample's). The caller undoes what the updates changed."""
     warm = min(warm, len(groups) - 1)
     for group in groups[:warm]:
         update(group)
     step = timed(lambda: [update(group) for group in groups[warm:]]) / len(groups[warm:])
-    evaluation = timed(valid_loss) + timed(eval_sample) * scale
-    test = timed(test_sample) * scale
+    evaluation = timed(valid_loss) + eval_sample() * scale
+    test = test_sample() * scale
     return Costs(spent=clock() - started, step=step, evaluation=evaluation, test=test)

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from transformer.config import DecodeConfig, ModelConfig
+from transformer.config import DecodeConfig, ModelConfig, validate
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import check_decode_config
 from transformer.errors import UserError
@@ -37,6 +37,7 @@ def setup_runtime(cfg: Any) -> Runtime:
     t = cfg.trainer
     if t.time_budget_minutes < 0:
         raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
+    validate(cfg)  # every enumerated key, before anything runs
     dist, device = setup_distributed(t.device)
     rt = Runtime(dist, device, resolve_precision(t.precision, device, "trainer.precision"), parse_switch(t.onednn_linear, "trainer.onednn_linear"))
     autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading

@@ -83,18 +83,21 @@ class Trainer:
         """Fit the schedule to trainer.time_budget_minutes from updates and searches timed
         now, then undone: the run is the one an unbudgeted run with the plan would be."""
         t, sample = self.cfg.trainer, self.data.valid_source_ids[:64]
+        wanted = sum(len(e.tgt) - 1 for e in self.data.valid_examples[: len(sample)])  # reference subwords + EOS
+
+        def search(cfg: DecodeConfig) -> float:
+            return budget.search_seconds(lambda: [len(h[0].tokens) for h in translate_ids([self.model], sample, cfg)], wanted)
+
         with throwaway(self.model, self.optimizer, self.scaler):
             costs = budget.measure_costs(
                 started, self.train_step, list(itertools.islice(chunked(self.data.epoch_batches(0), t.update_freq), 13)),
                 lambda: valid_loss(self.model, self.data.valid_examples, self.cfg.data.max_tokens, self.device, self.precision),
-                lambda: translate_ids([self.model], sample, eval_decode_config(self.cfg)),
-                lambda: translate_ids([self.model], sample, DecodeConfig(**OmegaConf.to_container(self.cfg.decode))),
+                lambda: search(eval_decode_config(self.cfg)), lambda: search(DecodeConfig(**OmegaConf.to_container(self.cfg.decode))),
                 scale=len(self.data.valid_source_ids) / max(len(sample), 1),
             )
-        plan = share(budget.plan_schedule(t, t.time_budget_minutes, costs).to_dict() if self.dist.main else None, self.dist)
-        log.info("trainer.time_budget_minutes=%g: start-up %.1f min, %.3f s per update, %.1f s per validation, ~%.0f s test "
-                 "scoring -> %s", t.time_budget_minutes, costs.spent / 60, costs.step, costs.evaluation, costs.test, plan)
-        return plan
+        plan = budget.plan_schedule(t, t.time_budget_minutes, costs).to_dict() if self.dist.main else None
+        log.info("trainer.time_budget_minutes=%g: measured %s -> %s", t.time_budget_minutes, costs, plan)
+        return share({**plan, "measured": vars(costs)} if plan else None, self.dist)
 
     # the loop ----------------------------------------------------------------------
 
