@@ -36,7 +36,8 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 from transformer.hardware import class_line, emulate_isa
 from transformer.model import build_model
-from transformer.model.prepack import linear_on_packed, onednn_shapes, pack_weight, train_linears_on_onednn
+from transformer.model.kernels import linear_on_packed, onednn_shapes, pack_weight
+from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.loss import label_smoothed_loss
 from transformer.vocab import PAD

@@ -18,7 +18,9 @@ from transformer.config import ModelConfig
 from transformer.errors import UserError
 from transformer.hardware import Hardware, parse_switch, read_cpu_flags, resolve_precision
 from transformer.model import build_model
-from transformer.model.prepack import onednn_shapes, packed_for_cpu, shape_of, train_linears_on_onednn
+from transformer.model.kernels import onednn_shapes, shape_of
+from transformer.model.onednn_linear import train_linears_on_onednn
+from transformer.model.prepack import packed_for_cpu
 from transformer.train import budget, loop
 
 CPU = torch.device("cpu")

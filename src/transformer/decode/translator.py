@@ -24,7 +24,8 @@ from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search,
 from transformer.errors import UserError
 from transformer.model import Transformer
 from transformer.hardware import parse_switch, resolve_precision
-from transformer.model.prepack import onednn_shapes, packed_for_cpu
+from transformer.model.kernels import onednn_shapes
+from transformer.model.prepack import packed_for_cpu
 from transformer.runtime import autocast, resolve_device
 from transformer.vocab import BOS, EOS
 

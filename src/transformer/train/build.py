@@ -18,7 +18,8 @@ from transformer.decode.translator import check_decode_config
 from transformer.errors import UserError
 from transformer.hardware import parse_switch, resolve_precision
 from transformer.model import Transformer, build_model
-from transformer.model.prepack import onednn_shapes, train_linears_on_onednn
+from transformer.model.kernels import onednn_shapes
+from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.distributed import Dist, setup_distributed, share
 from transformer.train.optim import build_optimizer
