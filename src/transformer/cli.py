@@ -165,3 +165,13 @@ def _decode(cfg: DictConfig) -> None:
 def decode_cli() -> None:
     hydra_entry("decode", _decode)
 
+
+
+# serve ------------------------------------------------------------------------------
+
+
+def serve_cli() -> None:
+    from transformer.serve.server import serve
+    from transformer.serve.settings import USAGE, ServeRunConfig
+
+    run_plain_command(ServeRunConfig, sys.argv[1:], USAGE, serve)
