@@ -209,9 +209,31 @@ def test_sigterm_finishes_the_request_in_flight(tiny_run: Path, tmp_path: Path) 
             server.wait()
 
 
-def test_cli_names_a_bad_setting(cli, tiny_run: Path, tmp_path: Path) -> None:
-    result = cli("serve", f"checkpoint={tiny_run}", "serve.max_queue=0", cwd=tmp_path)
-    assert result.returncode == 2 and "error: serve.max_queue=0 must be >= 1" in result.stderr
+def test_several_models_by_name(tiny_run: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from transformer.serve.models import load_models
+    from transformer.serve.settings import ServeRunConfig
+
+    given = OmegaConf.from_cli([f"models={{en-de: {tiny_run}, copy: {tiny_run}}}", "device=cpu", "decode.beam_size=2"])
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeRunConfig), given))
+    models = load_models(cfg)
+    with TestClient(create_app(models, cfg.serve)) as client:
+        listed = client.get("/models").json()["models"]
+        assert [(m["name"], m["decode_defaults"]["beam_size"]) for m in listed] == [("en-de", 2), ("copy", 2)]
+        answer = client.post("/translate", json={"text": SENTENCES[0], "model": "copy"}).json()
+        assert answer["model"] == "copy" and answer["translations"][0]["text"] == models[0].translator.translate(SENTENCES[0])
+
+
+def test_command_names_a_bad_setting(tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from transformer.cli import serve_cli
+
+    for argv, message in (([f"checkpoint={tiny_run}", "serve.max_queue=0"], "error: serve.max_queue=0 must be >= 1"),
+                          (["port=1"], "error: give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...}")):
+        monkeypatch.setattr(sys, "argv", ["transformer-serve", *argv])
+        with pytest.raises(SystemExit) as stopped:
+            serve_cli()
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_page_translates_in_a_browser(served: ServedModel) -> None:
