@@ -59,7 +59,7 @@ def start_server(checkpoint: str, batching: bool, args: argparse.Namespace) -> t
     script = Path(sys.executable).parent / "transformer-serve"
     command = [str(script), f"checkpoint={checkpoint}", "host=127.0.0.1", f"port={port}", "log_level=warning", "device=cpu",
                f"serve.batching={str(batching).lower()}", f"serve.max_wait_ms={args.max_wait_ms}", f"serve.max_batch_tokens={args.max_batch_tokens}",
-               f"decode.beam_size={args.beam}", "serve.max_queue=100000"]
+               f"decode.beam_size={args.beam}", f"serve.threads={args.threads}", "serve.max_queue=100000"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (1: the clients need the other core; 0: PyTorch's default)")
     args = parser.parse_args()
     sentences, origin = source_sentences(args.checkpoint, args.src, args.sentences)
     print(f"{len(sentences)} sentences from {origin}; beam {args.beam}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
@@ -157,7 +158,7 @@ def main() -> None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     decode = decode_file_speed(args.checkpoint, sentences, args.beam)
-    print(f"\n| mode | clients | sentences | sentences/s | p50 ms | p95 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|---|---|")
+    print("\n| mode | clients | sentences | sentences/s | p50 ms | p95 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['sentences']} | {r['per_s']:.1f} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | {1000 * r['p99']:.0f} | {r['batch']:.1f} |")
     print(f"| transformer-decode (file) | - | {len(sentences)} | {decode:.1f} | - | - | - | - |")

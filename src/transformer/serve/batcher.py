@@ -54,8 +54,12 @@ class Job:
         """Resolve the request's future from the worker thread (a no-op once it is done)."""
 
         def settle() -> None:
-            if not self.future.done():
-                self.future.set_exception(error) if error is not None else self.future.set_result(result)
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
 
         try:
             self.loop.call_soon_threadsafe(settle)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 LabelKey = tuple[tuple[str, str], ...]
+M = TypeVar("M", bound="Metric")
 
 
 def _labels(key: LabelKey, extra: tuple[tuple[str, str], ...] = ()) -> str:
@@ -110,7 +111,7 @@ class Registry:
     def __init__(self) -> None:
         self.metrics: list[Metric] = []
 
-    def add(self, metric: Metric) -> Metric:
+    def add(self, metric: M) -> M:
         self.metrics.append(metric)
         return metric
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from importlib.util import find_spec
 from types import FrameType
 from typing import Any, Optional
 
@@ -42,11 +43,10 @@ def draining_server(config: Any, state: Any, timeout_s: float) -> Any:
 
 
 def serve(cfg: ServeRunConfig) -> None:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise UserError("transformer-serve needs the serve extra: pip install 'transformer[serve]' (fastapi, uvicorn)") from None
+    if find_spec("fastapi") is None or find_spec("uvicorn") is None:
+        raise UserError("transformer-serve needs the serve extra: pip install 'transformer[serve]' (fastapi, uvicorn)")
+    import uvicorn
+
     from transformer.serve.app import create_app
     from transformer.serve.models import load_models
 
