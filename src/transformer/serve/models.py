@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 from transformer.config import DecodeConfig
 from transformer.decode.translator import Translation, Translator, check_decode_config
@@ -21,11 +21,14 @@ class ServedModel:
     """A translator under a name, with its description for GET /models."""
 
     name: str
-    translator: Translator
+    translator: Translator  # tokenizes requests; decodes them too unless ``decoder`` is set
     info: dict[str, Any]
+    decoder: Optional[Callable[[list[str], DecodeConfig, bool], list[list[Translation]]]] = None  # e.g. a worker.ProcessDecoder
 
     def decode(self, sentences: list[str], options: DecodeConfig, alignment: bool) -> list[list[Translation]]:
-        """n-best lists of one batch (run by the model's decoding worker)."""
+        """n-best lists of one batch (run by the model's batcher thread)."""
+        if self.decoder is not None:
+            return self.decoder(sentences, options, alignment)
         return self.translator.hypotheses(sentences, attention=alignment, **asdict(options))
 
 
@@ -44,16 +47,23 @@ def describe(name: str, path: str, ckpt: dict, translator: Translator) -> dict[s
     }
 
 
-def load_served_model(name: str, path: str, device: str, decode: DecodeConfig) -> ServedModel:
-    """Load a checkpoint and translate once, so packed weights exist before the first request."""
+def load_translator(path: str, device: str, decode: DecodeConfig) -> tuple[Translator, dict]:
+    """A checkpoint's translator (and the checkpoint), used once so packed weights exist
+    before the first request."""
     ckpt = load_checkpoint(resolve_checkpoint(path))
     model, tokenizer = model_from_checkpoint(ckpt)
     translator = Translator([model.to(resolve_device(device))], tokenizer, decode)
+    translator.translate("warm up")
+    return translator, ckpt
+
+
+def load_served_model(name: str, path: str, device: str, decode: DecodeConfig) -> ServedModel:
+    """The model under ``name`` (empty: its languages, e.g. en-de)."""
+    translator, ckpt = load_translator(path, device, decode)
     if not name:
         data = ckpt.get("config", {}).get("data", {})
         name = f"{data['src_lang']}-{data['tgt_lang']}" if data.get("src_lang") and data.get("tgt_lang") else "default"
-    translator.translate("warm up")
-    log.info("model %s: %s (%s parameters)", name, path, f"{model.num_parameters():,}")
+    log.info("model %s: %s (%s parameters)", name, path, f"{translator.models[0].num_parameters():,}")
     return ServedModel(name, translator, describe(name, path, ckpt, translator))
 
 

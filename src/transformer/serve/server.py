@@ -49,13 +49,22 @@ def serve(cfg: ServeRunConfig) -> None:
 
     from transformer.serve.app import create_app
     from transformer.serve.models import load_models
+    from transformer.serve.worker import ProcessDecoder
 
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)
     for key in ("max_batch_tokens", "max_sentences", "max_chars", "max_queue", "max_beam_size"):
         if getattr(cfg.serve, key) < 1:
             raise UserError(f"serve.{key}={getattr(cfg.serve, key)} must be >= 1")
-    app = create_app(load_models(cfg), cfg.serve)
+    models = load_models(cfg)
+    decoders = [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads) for m in models] if cfg.serve.decode_process else []
+    for model, decoder in zip(models, decoders):
+        model.decoder = decoder
+    app = create_app(models, cfg.serve)
     log.info("serving %s on http://%s:%d (batching %s)", ", ".join(app.state.server.models), cfg.host, cfg.port, "on" if cfg.serve.batching else "off")
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.serve.drain_timeout_s)
-    draining_server(config, app.state.server, cfg.serve.drain_timeout_s).run()
+    try:
+        draining_server(config, app.state.server, cfg.serve.drain_timeout_s).run()
+    finally:
+        for decoder in decoders:
+            decoder.close()

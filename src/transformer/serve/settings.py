@@ -32,7 +32,8 @@ class ServeConfig:
     max_beam_size: int = 16  # largest beam_size (and n_best) a request may ask for; more is answered 422
     retry_after_s: int = 1  # the Retry-After header of a 429
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take before the server stops anyway
-    threads: int = 0  # torch intra-op threads, set once at start (0: PyTorch's default)
+    threads: int = 0  # torch intra-op threads of the decoding, set once at start (0: PyTorch's default)
+    decode_process: bool = True  # decode in a child process per model, so the search does not hold the event loop's GIL (false: a thread)
 
 
 @dataclass
