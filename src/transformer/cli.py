@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from transformer.config import DecodeConfig, config_dir, register_configs
-from transformer.commands import quiet_logging
+from transformer.commands import quiet_logging, run_plain_command
 from transformer.errors import UserError
 
 
@@ -136,3 +136,13 @@ def _decode(cfg: DictConfig) -> None:
 def decode_cli() -> None:
     hydra_entry("decode", _decode)
 
+
+
+# serve ------------------------------------------------------------------------------
+
+
+def serve_cli() -> None:
+    from transformer.serve.server import serve
+    from transformer.serve.settings import USAGE, ServeRunConfig
+
+    run_plain_command(ServeRunConfig, sys.argv[1:], USAGE, serve)

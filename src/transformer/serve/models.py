@@ -1,0 +1,83 @@
+"""The checkpoints a server translates with, by name, and what GET /models says of them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from transformer.config import DecodeConfig
+from transformer.decode.translator import Translation, Translator, check_decode_config
+from transformer.errors import UserError
+from transformer.runtime import resolve_device
+from transformer.serve.settings import ServeRunConfig
+from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """A translator under a name, with its description for GET /models."""
+
+    name: str
+    translator: Translator  # tokenizes requests; decodes them too unless ``decoder`` is set
+    info: dict[str, Any]
+    decoder: Optional[Callable[[list[str], DecodeConfig, bool], list[list[Translation]]]] = None  # e.g. a worker.ProcessDecoder
+
+    def decode(self, sentences: list[str], options: DecodeConfig, alignment: bool) -> list[list[Translation]]:
+        """n-best lists of one batch (run by the model's batcher thread)."""
+        if self.decoder is not None:
+            return self.decoder(sentences, options, alignment)
+        return self.translator.hypotheses(sentences, attention=alignment, **asdict(options))
+
+
+def describe(name: str, path: str, ckpt: dict, translator: Translator) -> dict[str, Any]:
+    """Name, languages, vocabulary, size and decode defaults of a loaded checkpoint."""
+    data = ckpt.get("config", {}).get("data", {})
+    model = translator.models[0]
+    tok = translator.tokenizer
+    return {
+        "name": name, "checkpoint": path,
+        "source_language": data.get("src_lang"), "target_language": data.get("tgt_lang"),
+        "source_vocab_size": tok.src_vocab_size, "target_vocab_size": tok.tgt_vocab_size, "joint_vocab": tok.joint,
+        "parameters": model.num_parameters(),
+        "architecture": {k: getattr(model.cfg, k) for k in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_positions")},
+        "decode_defaults": asdict(translator.config),
+    }
+
+
+def load_translator(path: str, device: str, decode: DecodeConfig) -> tuple[Translator, dict]:
+    """A checkpoint's translator (and the checkpoint), used once so packed weights exist
+    before the first request."""
+    ckpt = load_checkpoint(resolve_checkpoint(path))
+    model, tokenizer = model_from_checkpoint(ckpt)
+    translator = Translator([model.to(resolve_device(device))], tokenizer, decode)
+    translator.translate("warm up")
+    return translator, ckpt
+
+
+def load_served_model(name: str, path: str, device: str, decode: DecodeConfig) -> ServedModel:
+    """The model under ``name`` (empty: its languages, e.g. en-de)."""
+    translator, ckpt = load_translator(path, device, decode)
+    if not name:
+        data = ckpt.get("config", {}).get("data", {})
+        name = f"{data['src_lang']}-{data['tgt_lang']}" if data.get("src_lang") and data.get("tgt_lang") else "default"
+    log.info("model %s: %s (%s parameters)", name, path, f"{translator.models[0].num_parameters():,}")
+    return ServedModel(name, translator, describe(name, path, ckpt, translator))
+
+
+def load_models(cfg: ServeRunConfig) -> list[ServedModel]:
+    """``checkpoint=`` (one model, named after its languages) or ``models={name: path}``."""
+    if bool(cfg.checkpoint) == bool(cfg.models):
+        raise UserError("give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...} (exactly one of them)")
+    try:
+        check_decode_config(cfg.decode)
+    except UserError as e:
+        raise UserError(f"{e} (the server's decode defaults)") from None
+    if cfg.checkpoint:
+        return [load_served_model("", cfg.checkpoint, cfg.device, cfg.decode)]
+    for name in cfg.models:
+        if not name.strip() or "/" in name:
+            raise UserError(f"models: {name!r} is not a usable model name (non-empty, no '/')")
+    return [load_served_model(name, str(path), cfg.device, cfg.decode) for name, path in cfg.models.items()]
