@@ -43,7 +43,7 @@ class ModelConfig:
     tgt_word_dropout: float = 0.0  # whole decoder-input token embeddings zeroed in training (--dropout-trg)
     activation: str = "relu"  # relu | gelu
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
-    positional: str = "sinusoidal"  # sinusoidal | learned
+    positional: str = "sinusoidal"  # sinusoidal | sinusoidal_fairseq | learned (the choices: CHOICES above)
     max_positions: int = 1024  # longest sequence (in subwords, with BOS/EOS) the model accepts
     share_embeddings: bool = True  # one embedding for source and target (needs a joint vocabulary)
     tie_output: bool = True  # output projection shares the target embedding matrix

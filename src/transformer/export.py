@@ -275,7 +275,7 @@ class ExportConfig:
     checkpoint: str = MISSING  # run directory (uses best.pt) or checkpoint file
     output: str = MISSING  # the Hugging Face model directory to write
     beam_size: int = 5  # generation_config default
-    max_length: Optional[int] = None  # generation_config limit (default: the model's positions)
+    max_length: Optional[int] = None  # generation_config limit (default: the model's positions, at most 256)
     ct2: Optional[str] = None  # also convert for CTranslate2 into this directory
     quantization: Optional[str] = None  # CTranslate2 weights: int8, int8_float32, ... (needs ct2)
 

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings and bytes: model weights,
 the model config and the tokenizer (so decode needs nothing else), and, for resuming,
-optimizer, scheduler, scaler, RNG states and the position in the epoch.
+optimizer (the schedule is a pure function of the step), scaler, RNG states and the position in the epoch.
 """
 
 from __future__ import annotations
