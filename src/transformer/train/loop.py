@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import sacrebleu
 import torch
@@ -27,9 +27,11 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from transformer.config import DecodeConfig, ModelConfig
-from transformer.data.batching import Batch, Example, collate, encode_examples, shard, token_batches
+from transformer.data.batching import Batch, Example, chunked, collate, encode_examples, pair_lengths, shard, token_batches
+from transformer.data.cache import cache_root
 from transformer.data.corpus import Pair, load_split
-from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.data.source import read_train_pairs, train_examples, train_tokenizer
+from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import translate_ids
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
@@ -104,13 +106,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
-    """Consecutive groups of ``size`` items; the last group may be shorter."""
-    it = iter(items)
-    while group := list(itertools.islice(it, size)):
-        yield group
-
-
 def accumulate_gradients(
     net: nn.Module, batches: list[Batch], n_tokens: Tensor, *, label_smoothing: float, precision: str,
     scaler: Optional[torch.amp.GradScaler] = None, world: int = 1, rdrop_alpha: float = 0.0,
@@ -169,15 +164,18 @@ class Trainer:
         resume = self.find_resume()
 
         self.streaming = bool(cfg.data.streaming)
-        if self.streaming and cfg.data.source != "hub":
-            raise UserError(f"data.streaming=true needs data.source=hub (got {cfg.data.source!r}); other sources are read into memory")
-        train_pairs = None if self.streaming else load_split(cfg.data, "train")
+        self.cache_dir = cache_root(cfg.data, self.run_dir)
+        train_pairs = read_train_pairs(cfg.data, need_pairs=t.bidirectional_epochs > 0)
+        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
+        if self.dist.world > 1 and not self.dist.main and train_pairs is None:
+            dist.barrier()  # rank 0 builds the cache, the others then map it
+        self.train_examples = train_examples(cfg.data, self.tokenizer, self.max_len, train_pairs, self.cache_dir)
+        if self.dist.world > 1 and self.dist.main and train_pairs is None:
+            dist.barrier()
         valid_pairs = load_split(cfg.data, "valid")
         if cfg.data.valid_max_sentences > 0:
             valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
-        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
-        self.train_examples = [] if train_pairs is None else self.encode(train_pairs, "train")
-        self.both_ways_examples = self.train_examples + self.reversed_examples(train_pairs)
+        self.both_ways_examples = self.train_examples + reverse if (reverse := self.reversed_examples(train_pairs)) else self.train_examples
         self.valid_examples = self.encode(valid_pairs, "valid")
         self.valid_sources = [s for s, _ in valid_pairs]
         self.valid_refs = [r for _, r in valid_pairs]
@@ -235,19 +233,14 @@ class Trainer:
         return path, load_checkpoint(path)
 
     def setup_tokenizer(self, train_pairs: Optional[list[Pair]], resume) -> Tokenizer:
-        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it; a
-        streamed corpus trains it on its first ``data.tokenizer_sample`` pairs."""
+        """Reuse the run's tokenizer (resume), else train BPE on rank 0 (see
+        ``train_tokenizer``) and share it."""
         if resume is not None:
             tok = Tokenizer.from_state(resume[1]["tokenizer"])
         else:
             tok = Tokenizer.load(self.run_dir)
             if tok is None and self.dist.main:
-                d = self.cfg.data
-                if train_pairs is None:
-                    from transformer.data.streaming import stream_pairs
-
-                    train_pairs = list(itertools.islice(stream_pairs(d), d.tokenizer_sample))
-                tok = build_tokenizer(train_pairs, d.vocab_size, d.joint_vocab, d.tokenizer_sample)
+                tok = train_tokenizer(self.cfg.data, train_pairs, self.cache_dir)
             if self.dist.world > 1:
                 box = [tok.to_state() if self.dist.main else None]
                 dist.broadcast_object_list(box, src=0)
@@ -331,17 +324,17 @@ class Trainer:
 
     # the loop ----------------------------------------------------------------------
 
-    def epoch_batches(self, epoch: int) -> Iterator[list[Example]]:
-        """This rank's batches of ``epoch``, a pure function of the seed and the epoch."""
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[list[Example]]:
+        """This rank's batches of ``epoch``, a pure function of the seed and the epoch; the
+        first ``skip`` are passed over without building their examples."""
         d, seed = self.cfg.data, self.cfg.trainer.seed
         if self.streaming:
             from transformer.data.streaming import stream_batches
 
-            return stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world)
+            return itertools.islice(stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world), skip, None)
         examples = self.both_ways_examples if epoch < self.cfg.trainer.bidirectional_epochs else self.train_examples
-        lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
-        batches = shard(token_batches(lengths, d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
-        return ([examples[i] for i in b] for b in batches)
+        batches = shard(token_batches(pair_lengths(examples), d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
+        return ([examples[i] for i in b] for b in batches[skip:])
 
     def train_step(self, group: list[list[Example]]) -> dict:
         """One optimizer update over ``group`` (update_freq batches); see accumulate_gradients."""
@@ -404,7 +397,7 @@ class Trainer:
         done = self.progress.step >= t.max_steps
         with self.catch_signals():
             while not done:
-                batches = itertools.islice(self.epoch_batches(self.progress.epoch), self.progress.batch_in_epoch, None)
+                batches = self.epoch_batches(self.progress.epoch, skip=self.progress.batch_in_epoch)
                 for group in chunked(batches, t.update_freq):
                     stats = self.train_step(group)
                     self.progress.batch_in_epoch += len(group)
