@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -120,7 +121,12 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_arrays(tmp, encoded_chunks(cfg, tokenizer, max_len), np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 1 << 16 else np.int32, key)
+    start = time.time()
+    dtype = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 1 << 16 else np.int32
+    n = write_arrays(tmp, encoded_chunks(cfg, tokenizer, max_len), dtype, key)
+    seconds = time.time() - start
+    size = sum(p.stat().st_size for p in tmp.iterdir()) / 2**20
+    log.info("encoded %d pairs in %.1f s (%.0f pairs/s): %.1f MiB on disk", n, seconds, n / max(seconds, 1e-9), size)
     publish(tmp, directory)
     return CachedCorpus(directory)
 
@@ -138,9 +144,9 @@ def encoded_chunks(cfg: DataConfig, tokenizer: Tokenizer, max_len: int) -> Itera
     log_dropped(f"{cfg.name} train", total, too_long, bad_ratio, max_len, cfg.max_len_ratio)
 
 
-def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[list[int]]]], dtype: type, key: dict) -> None:
+def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[list[int]]]], dtype: type, key: dict) -> int:
     """``src.bin``/``tgt.bin`` (ids), ``src.off.npy``/``tgt.off.npy`` (offsets), then
-    ``meta.json`` with each file's size and digest, written last."""
+    ``meta.json`` with each file's size and digest, written last; returns the pair count."""
     hashes = {side: hashlib.blake2b(digest_size=16) for side in SIDES}
     lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
     files = {side: open(directory / f"{side}.bin", "wb") for side in SIDES}
@@ -164,6 +170,7 @@ def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[l
         meta["files"][f"{side}.off.npy"] = file_digest(directory / f"{side}.off.npy")
         meta["files"][f"{side}.bin"] = {"bytes": (directory / f"{side}.bin").stat().st_size, "blake2b": hashes[side].hexdigest()}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return n
 
 
 def file_digest(path: Path) -> dict:
