@@ -91,11 +91,13 @@ def first_update(run_dir: Path, name: str, args: list[str], want_step: int) -> d
     log = open(run_dir.with_suffix(f".{name}.log"), "w")
     start = time.time()
     proc = subprocess.Popen([str(script), *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    metrics, seconds, at_update, peak = run_dir / "metrics.jsonl", None, {}, 0
+    metrics, seconds, at_update, peak, setup = run_dir / "metrics.jsonl", None, {}, 0, {}
     while proc.poll() is None:
         try:
             now = memory(proc.pid)
             peak = max(peak, now.get("VmHWM", 0))
+            if not setup and "parameters;" in run_dir.with_suffix(f".{name}.log").read_text():  # setup done: data in place, no step yet
+                setup = now
             if seconds is None and metrics.exists() and any(json.loads(line).get("step") == want_step for line in metrics.read_text().splitlines() if line.endswith("}")):
                 seconds, at_update = time.time() - start, now
         except (OSError, ValueError):
@@ -104,7 +106,7 @@ def first_update(run_dir: Path, name: str, args: list[str], want_step: int) -> d
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"run failed, see {run_dir.with_suffix(f'.{name}.log')}")
-    return {"seconds": seconds, "peak_mb": peak, "anon_mb": at_update.get("RssAnon", 0), "file_mb": at_update.get("RssFile", 0)}
+    return {"seconds": seconds, "peak_mb": peak, "setup_mb": setup.get("VmHWM", 0), "anon_mb": at_update.get("RssAnon", 0), "file_mb": at_update.get("RssFile", 0)}
 
 
 def encoding_rate(log_file: Path) -> float | None:
@@ -143,20 +145,24 @@ def main() -> None:
     work = Path(args.work)
     common = [
         "experiment=tiny", "data.source=files", "data.format=text", f"data.vocab_size={args.vocab}", f"data.tokenizer_sample={args.bpe_sample}",
-        "data.max_len=256", "data.max_tokens=4096", "data.valid_max_sentences=20", "evaluate_test=false",
+        "data.max_len=256", "data.max_tokens=1024", "data.valid_max_sentences=20", "evaluate_test=false",
         "trainer.eval_every=100000", "trainer.log_every=1", "trainer.threads=2", "decode.max_len_b=5", "decode.max_len_a=0",
     ]
     print(f"{os.cpu_count()} cores; vocab {args.vocab}; BPE sample {args.bpe_sample} pairs", flush=True)
-    header = "| pairs | cold: first update | warm fresh run | resume | nocache (in memory) | peak RSS cold / resume | RSS at update, resume (anon + file) | cache on disk | encoding |"
+    header = (
+        "| pairs | first update: cold | warm fresh run | resume | nocache (in memory) | peak RSS at setup end: cold / resume / nocache "
+        "| peak RSS: cold / resume | RSS at the update, resume (anon + file) | cache on disk | encoding |"
+    )
     print(header, flush=True)
     print("|" + "---|" * (header.count("|") - 1), flush=True)
     for n in (int(float(s)) for s in args.sizes.split(",")):
         r = bench(n, work, common, n <= args.nocache_max)
         nc = r.get("nocache")
-        nocache = f"{nc['seconds']:.1f} s, {nc['peak_mb']} MiB" if nc else "-"
+        nocache, nocache_mb = (f"{nc['seconds']:.1f} s", nc["setup_mb"]) if nc else ("-", "-")
         print(
             f"| {n:,} | {r['cold']['seconds']:.1f} s | {r['warm']['seconds']:.1f} s | {r['resume']['seconds']:.1f} s | "
-            f"{nocache} | {r['cold']['peak_mb']} / {r['resume']['peak_mb']} MiB | "
+            f"{nocache} | "
+            f"{r['cold']['setup_mb']} / {r['resume']['setup_mb']} / {nocache_mb} MiB | {r['cold']['peak_mb']} / {r['resume']['peak_mb']} MiB | "
             f"{r['resume']['anon_mb']} + {r['resume']['file_mb']} MiB | {r['cache_mb']:.0f} MiB | {r['encode_pairs_s'] or 0:,.0f} pairs/s |",
             flush=True,
         )

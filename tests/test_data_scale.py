@@ -251,3 +251,32 @@ def test_streamed_files_train_and_resume_exactly(corpus_dir: Path, tmp_path: Pat
     loop.train(tiny_files(split, corpus_dir, *stream, "trainer.max_steps=12", f"trainer.resume={split}"))
     assert losses(split) == losses(full)
     assert losses(full)[-1][1] >= 1
+
+
+# the WMT14 recipe ------------------------------------------------------------------------
+
+
+def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_data import write_corpus
+
+    recipe = compose_config("train", ["experiment=wmt14_en_de_base"])
+    assert (recipe.data.hub_name, recipe.data.hub_config, recipe.data.src_lang, recipe.data.tgt_lang) == ("wmt14", "de-en", "en", "de")
+    assert (recipe.model.d_model, recipe.model.d_ff, recipe.model.n_heads, recipe.model.n_encoder_layers) == (512, 2048, 8, 6)
+    assert (recipe.data.vocab_size, recipe.data.joint_vocab, recipe.data.max_tokens * recipe.trainer.update_freq) == (32000, True, 25000)
+    assert (recipe.trainer.schedule, recipe.trainer.warmup_steps, recipe.trainer.label_smoothing, recipe.trainer.average_last) == ("inverse_sqrt", 4000, 0.1, 5)
+
+    files = write_corpus(tmp_path / "wmt", 300, n_eval=10)
+    shrink = [
+        "model.d_model=32", "model.n_heads=2", "model.n_encoder_layers=1", "model.n_decoder_layers=1", "model.d_ff=64",
+        "data.vocab_size=300", "data.max_tokens=1024", "trainer.update_freq=2", "trainer.max_steps=2", "trainer.save_every=1",
+        "trainer.eval_every=2", "trainer.average_last=2", "trainer.keep_last=2", "trainer.precision=fp32", "trainer.device=cpu",
+        "trainer.progress=false", "trainer.threads=1", "decode.beam_size=2", "decode.max_len_b=3",
+    ]
+    data = ["data.source=files", "data.format=text", *(f"{k}={v}" for k, v in files.items())]
+    metrics = loop.train(compose_config("train", ["experiment=wmt14_en_de_base", f"run_dir={tmp_path / 'run'}", *data, *shrink]))
+    assert metrics["step"] == 2 and (tmp_path / "run/checkpoints/averaged.pt").exists()
+    assert metrics["test"]["bleu_signature"].startswith("nrefs:1") and (tmp_path / "run/test.hyp.txt").read_text().count("\n") == 10  # sacreBLEU on the test split
+    assert list((tmp_path / "cache").glob("train-*"))  # the recipe's corpus went through the cache
