@@ -280,3 +280,19 @@ def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Pat
     assert metrics["step"] == 2 and (tmp_path / "run/checkpoints/averaged.pt").exists()
     assert metrics["test"]["bleu_signature"].startswith("nrefs:1") and (tmp_path / "run/test.hyp.txt").read_text().count("\n") == 10  # sacreBLEU on the test split
     assert list((tmp_path / "cache").glob("train-*"))  # the recipe's corpus went through the cache
+
+
+def test_ddp_ranks_map_one_cache_and_train_as_one_process(corpus_dir: Path, tmp_path: Path) -> None:
+    """Two gloo ranks: rank 0 builds the cache, rank 1 maps it; the updates equal one process
+    with update_freq=2. Streamed files also train over two ranks (equal batch counts: no hang)."""
+    from test_train import torchrun
+
+    data = [*files_overrides(corpus_dir), "trainer.schedule=constant", "trainer.max_steps=4"]
+    torchrun(tmp_path / "ddp", *data)
+    loop.train(tiny_files(tmp_path / "single", corpus_dir, "trainer.update_freq=2", "trainer.max_steps=4"))
+    two, one = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert [(s, e) for s, e, _ in two] == [(s, e) for s, e, _ in one]
+    assert [l for _, _, l in two] == pytest.approx([l for _, _, l in one], rel=1e-5)
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 1 and not list((tmp_path / "cache").glob("*.tmp-*"))
+    torchrun(tmp_path / "stream", *data, "data.streaming=true", "data.shuffle_buffer=64")
+    assert [s for s, _, _ in losses(tmp_path / "stream")] == [1, 2, 3, 4]
