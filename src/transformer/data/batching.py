@@ -39,6 +39,10 @@ class Batch:
         return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb), self.n_tokens)
 
 
+def id_lengths(ids: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+
 def keep_mask(src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Which encoded pairs training keeps: (kept, too_long); ``too_long`` marks pairs with a
     side longer than ``max_len`` (ids with specials), and with ``max_ratio`` > 0 a pair is
@@ -61,8 +65,7 @@ def log_dropped(name: str, total: int, too_long: int, bad_ratio: int, max_len: i
 def encode_examples(src_ids: Sequence[list[int]], tgt_ids: Sequence[list[int]], max_len: int, name: str, max_ratio: float = 0.0) -> list[Example]:
     """Pair up encoded sentences, dropping (and counting) pairs longer than ``max_len`` or,
     with ``max_ratio``, of too unequal lengths."""
-    lens = lambda ids: np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # noqa: E731
-    kept, too_long = keep_mask(lens(src_ids), lens(tgt_ids), max_len, max_ratio)
+    kept, too_long = keep_mask(id_lengths(src_ids), id_lengths(tgt_ids), max_len, max_ratio)
     log_dropped(name, len(src_ids), int(too_long.sum()), int((~kept).sum() - too_long.sum()), max_len, max_ratio)
     return [Example(s, t) for s, t, k in zip(src_ids, tgt_ids, kept) if k]
 

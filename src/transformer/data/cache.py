@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from transformer.config import DataConfig
-from transformer.data.batching import Example, chunked, keep_mask, log_dropped
+from transformer.data.batching import Example, chunked, id_lengths, keep_mask, log_dropped
 from transformer.data.corpus import iter_train_pairs, split_files
 from transformer.data.tokenizer import BPE_SAMPLE_SEED, Tokenizer, build_tokenizer
 from transformer.errors import UserError
@@ -137,8 +137,7 @@ def encoded_chunks(cfg: DataConfig, tokenizer: Tokenizer, max_len: int) -> Itera
     total = too_long = bad_ratio = 0
     for pairs in chunked(iter_train_pairs(cfg), CHUNK_PAIRS):
         src, tgt = tokenizer.encode_pairs(pairs)
-        lens = [np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) for ids in (src, tgt)]
-        kept, long = keep_mask(*lens, max_len, cfg.max_len_ratio)
+        kept, long = keep_mask(id_lengths(src), id_lengths(tgt), max_len, cfg.max_len_ratio)
         total, too_long, bad_ratio = total + len(pairs), too_long + int(long.sum()), bad_ratio + int((~kept).sum() - long.sum())
         yield list(itertools.compress(src, kept)), list(itertools.compress(tgt, kept))
     log_dropped(f"{cfg.name} train", total, too_long, bad_ratio, max_len, cfg.max_len_ratio)
@@ -156,7 +155,7 @@ def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[l
                 flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype).tobytes()
                 files[side].write(flat)
                 hashes[side].update(flat)
-                lengths[side].append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+                lengths[side].append(id_lengths(ids))
     finally:
         for f in files.values():
             f.close()
