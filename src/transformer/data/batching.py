@@ -113,7 +113,8 @@ def token_batches(lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: i
     if shuffle:
         rng.shuffle(order)
     order = np.array(order, dtype=np.int64)
-    order = order[np.lexsort((lengths[order, 1], lengths[order, 0]))]  # stable: the shuffle breaks ties
+    key = lengths[order, 0] * (int(lengths[:, 1].max()) + 1) + lengths[order, 1]  # (source, target) in one int
+    order = order[np.argsort(key, kind="stable")]  # stable: the shuffle breaks ties
     starts, count, longest = [], 0, 0
     for k, size in enumerate(lengths.max(axis=1)[order].tolist()):
         if count and max(longest, size) * (count + 1) > max_tokens:
