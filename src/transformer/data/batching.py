@@ -115,14 +115,17 @@ def token_batches(lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: i
     order = np.array(order, dtype=np.int64)
     key = lengths[order, 0] * (int(lengths[:, 1].max()) + 1) + lengths[order, 1]  # (source, target) in one int
     order = order[np.argsort(key, kind="stable")]  # stable: the shuffle breaks ties
-    starts, count, longest = [], 0, 0
-    for k, size in enumerate(lengths.max(axis=1)[order].tolist()):
-        if count and max(longest, size) * (count + 1) > max_tokens:
-            starts.append(k)
-            count, longest = 0, 0
+    starts, count, longest = [0], 0, 0  # batch k is order[starts[k]:starts[k + 1]]
+    for k, size in enumerate(lengths.max(axis=1)[order].tolist()):  # greedy, as plain as Python gets
+        if size > longest:
+            longest = size
         count += 1
-        longest = max(longest, size)
-    batches = [b.tolist() for b in np.split(order, starts)]
+        if count > 1 and longest * count > max_tokens:
+            starts.append(k)
+            count, longest = 1, size
+    starts.append(len(order))
+    order = order.tolist()
+    batches = [order[a:b] for a, b in zip(starts, starts[1:])]
     if shuffle:
         rng.shuffle(batches)
     return batches
