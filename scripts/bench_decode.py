@@ -37,6 +37,7 @@ from transformer.data.batching import pad  # noqa: E402
 from transformer.data.corpus import load_files, load_split  # noqa: E402
 from transformer.decode.translator import length_batches, translate_ids  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
+from transformer.hardware import class_line, emulate_isa  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
 from transformer.vocab import BOS, EOS, PAD  # noqa: E402
 
@@ -46,7 +47,7 @@ TINY_RUN = "runs/bench-tiny"
 
 def search_config(beam: int, batch_tokens: int) -> DecodeConfig:
     """Our settings that HF generate() and CTranslate2 also implement."""
-    return DecodeConfig(beam_size=beam, lp_style="average", length_penalty=1.0, early_stop="fairseq", batch_tokens=batch_tokens)
+    return DecodeConfig(beam_size=beam, lp_style="average", length_penalty=1.0, early_stop="fairseq", batch_tokens=batch_tokens, precision="fp32")
 
 
 def max_new_tokens(batch_ids: list[list[int]], cfg: DecodeConfig) -> int:
@@ -223,10 +224,12 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="source tokens per batch, for every system")
     parser.add_argument("--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--isa", default=os.environ.get("BENCH_ISA", "native"), help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
     parser.add_argument("--export", help=argparse.SUPPRESS)
     parser.add_argument("--ct2", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    emulate_isa(args.isa)
     if args.run_one:
         print(json.dumps(run_one(args)))
         return
@@ -235,7 +238,8 @@ def main() -> None:
         sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         rows = benchmark(args, Path(tmp))
-    print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads\n")
+    print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads")
+    print(f"hardware: {class_line()}\n")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

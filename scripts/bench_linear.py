@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from transformer.model.prepack import linear_on_packed, pack_weight
+from transformer.model.kernels import linear_on_packed, pack_weight
 
 SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 8000)]  # (in, out)
 

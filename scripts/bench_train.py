@@ -4,7 +4,7 @@ Both train on the same Multi30k batches (our BPE, our token-budget batching) wit
 optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping; each
 configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
 the allocator setting our trainer applies (``runtime.keep_freed_memory``) and, in fp32, its
-oneDNN linear layers (``trainer.onednn_linear``; --mkl: without); HF as it ships, or with
+oneDNN linear layers where they time faster (``trainer.onednn_linear=auto``; --mkl: without); HF as it ships, or with
 the same allocator setting under --same-allocator. Prints a markdown table: target tokens/s,
 ms/step, peak RSS (CPU) or peak allocated memory (CUDA), and MFU against a matmul peak
 measured in the same run.
@@ -33,8 +33,11 @@ from transformer.config import DataConfig, ModelConfig, config_dir
 from transformer.data.batching import collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.errors import UserError
+from transformer.hardware import class_line, emulate_isa
 from transformer.model import build_model
-from transformer.model.prepack import linear_on_packed, pack_weight, train_linears_on_onednn
+from transformer.model.kernels import linear_on_packed, onednn_shapes, pack_weight
+from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.loss import label_smoothed_loss
 from transformer.vocab import PAD
@@ -130,8 +133,8 @@ def run_one(args) -> dict:
     cfg = model_config(args.model, vocab)
     ours = args.impl == "ours"
     model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
-    if ours and not args.mkl and not args.compile:
-        train_linears_on_onednn(model)  # what our trainer does (trainer.onednn_linear; fp32 CPU calls only)
+    if ours and not args.mkl and not args.compile and device.type == "cpu" and args.precision == "fp32":
+        train_linears_on_onednn(model, onednn_shapes(model, rows=512, training=True))  # what our trainer does (trainer.onednn_linear=auto)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)  # HF Trainer default
     net = torch.compile(model) if args.compile else model  # what trainer.compile does
     times, tokens, flops = [], 0, 0.0
@@ -170,6 +173,22 @@ def run_one(args) -> dict:
     }
 
 
+def print_table(args: argparse.Namespace, results: list[dict]) -> None:
+    """The run's settings and hardware, then one row per (implementation, precision)."""
+    hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
+    print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
+          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    print(f"hardware: {class_line()}\n")
+    print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        peer = hf.get(r["precision"])
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        print(f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
+              f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", help="a config name under configs/model")
@@ -190,14 +209,20 @@ def main() -> None:
                         help="CUDA: give HF our attention backends too (no cuDNN attention, which plans per shape)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (give --warmup room for recompiles)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--isa", default=os.environ.get("BENCH_ISA", "native"), help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    emulate_isa(args.isa)
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     if args.child:
         args.impl, args.precision = args.impl[0], args.precision[0]
         print(json.dumps(run_one(args)))
         return
-    load_batches(args)  # train the shared BPE once, before the timed children
+    try:
+        load_batches(args)  # train the shared BPE once, before the timed children
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     results = []
     switches = [f"--{name.replace('_', '-')}" for name in ("same_allocator", "mkl", "compile", "no_cudnn_attention") if getattr(args, name)]
     for precision in args.precision:
@@ -211,17 +236,7 @@ def main() -> None:
                 print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
-    print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
-          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "") + "\n")
-    print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        peer = hf.get(r["precision"])
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-        print(f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
-              f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |")
+    print_table(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

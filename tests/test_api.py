@@ -16,7 +16,7 @@ import transformer
 from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.errors import UserError
-from transformer.model.prepack import packed_for_cpu
+from transformer.decode.translator import pack_models, resolve_decode
 
 SENTENCES = ["twenty-one", "I have three red apples.", "the nineteen small dogs", "three hundred forty-five"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -146,13 +146,20 @@ def test_search_sizes_must_be_positive(translator: Translator) -> None:
             translator.translate("twenty-one", **{key: 0})
 
 
-def test_packed_weights_decode_like_plain_linear_layers(translator: Translator) -> None:
+@pytest.mark.parametrize("prepack", ["true", "auto"])
+def test_packed_weights_decode_like_plain_linear_layers(translator: Translator, prepack: str) -> None:
     sentences = SENTENCES + ["We see seventy-seven red cars."]
-    plain = translator.hypotheses(sentences, beam_size=3, n_best=3, prepack=False)
-    packed = translator.hypotheses(sentences, beam_size=3, n_best=3)
+    plain = translator.hypotheses(sentences, beam_size=3, n_best=3, prepack=False, precision="fp32")
+    packed = translator.hypotheses(sentences, beam_size=3, n_best=3, prepack=prepack, precision="fp32")
     assert [[h.text for h in hyps] for hyps in packed] == [[h.text for h in hyps] for hyps in plain]
     assert [h.score for hyps in packed for h in hyps] == pytest.approx([h.score for hyps in plain for h in hyps], abs=1e-4)
-    cfg = translator.options()
+    cfg = translator.options(prepack=prepack, precision="fp32")
     assert translator.search_models(cfg) is translator.search_models(cfg)  # packed once, not per call
-    assert packed_for_cpu(translator.search_models(cfg)[0]) is translator.search_models(cfg)[0]
-    assert translator.search_models(translator.options(prepack=False)) is translator.models
+    searched = translator.search_models(cfg)
+    assert pack_models(searched, resolve_decode(cfg, torch.device("cpu"))) == searched  # packing again changes nothing
+    assert translator.search_models(translator.options(prepack=False, precision="fp32")) is translator.models
+
+
+def test_prepack_is_a_switch(translator: Translator) -> None:
+    with pytest.raises(UserError, match="decode.prepack='sometimes': expected one of auto, true, false"):
+        translator.translate("twenty-one", prepack="sometimes")

@@ -99,7 +99,7 @@ def test_truncated_checkpoint_names_the_path(best: Path, tmp_path: Path) -> None
 def test_foreign_files_name_the_path(tmp_path: Path) -> None:
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(UserError, match=f"{text}: not a readable checkpoint"):
+    with pytest.raises(UserError, match=f"{text}: not a readable checkpoint: 17 bytes that are not a PyTorch checkpoint archive"):
         load_checkpoint(text)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.ones(1)}}, other)

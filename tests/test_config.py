@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from transformer.config import DecodeRunConfig, EvaluateConfig, TrainConfig, config_dir
+from transformer.errors import UserError
 
 CONFIGS = Path(config_dir())
 GROUPS = ("model", "data", "trainer", "decode", "experiment")
@@ -76,3 +77,16 @@ def test_wrong_type_fails_at_compose(compose_cfg) -> None:
     with pytest.raises(ConfigCompositionException, match="trainer.max_steps=many") as err:
         compose_cfg("train", ["trainer.max_steps=many"])
     assert "Integer" in str(err.value.__cause__)
+
+
+def test_every_enumerated_key_is_checked_at_start(compose_cfg, tmp_path) -> None:
+    """A misspelt value of any enumerated key fails before data loads, naming the key."""
+    from transformer.config import CHOICES
+    from transformer.train.loop import train
+
+    for section, keys in CHOICES.items():
+        for key in keys:
+            cfg = compose_cfg("train", ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"])
+            with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of "):
+                train(cfg)
+            assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE

@@ -99,7 +99,7 @@ def test_cached_steps_equal_uncached_and_full_forward(norm_first, device):
 def test_beam_size_one_is_greedy(device):
     model = tiny_model().to(device)
     sources = random_sources([5, 9, 3, 12, 7])
-    greedy = translate_ids([model], sources, DecodeConfig(beam_size=1))
+    greedy = translate_ids([model], sources, DecodeConfig(beam_size=1, precision="fp32"))
     with torch.inference_mode():
         beam = beam_search(ModelScorer(model), padded(sources).to(device), beam_size=1, lp_style="gnmt", early_stop="fairseq", max_len_limit=63)
         plain = greedy_search(ModelScorer(model), padded(sources).to(device), max_len_limit=63)
@@ -125,7 +125,7 @@ def test_sentence_alone_equals_sentence_in_batch(norm_first, beam_size):
 def test_nbest_sorted_and_equal_to_rescoring(lp_style):
     model = eos_prone(tiny_model(), boost=1.0)  # a mix of early EOS and forced EOS at the limit
     sources = random_sources([5, 8, 3])
-    cfg = DecodeConfig(beam_size=5, n_best=5, length_penalty=1.0, lp_style=lp_style)
+    cfg = DecodeConfig(beam_size=5, n_best=5, length_penalty=1.0, lp_style=lp_style, precision="fp32")
     for src, hyps in zip(sources, translate_ids([model], sources, cfg)):
         assert len(hyps) == 5
         assert len({tuple(h.tokens) for h in hyps}) == 5

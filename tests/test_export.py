@@ -78,7 +78,7 @@ def test_logits_match_on_a_padded_batch(exported):
 
 def test_generate_greedy_equals_our_greedy(exported):
     _, model, _, sources, directory = exported
-    ours = translate_ids([model], sources, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN))
+    ours = translate_ids([model], sources, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN, precision="fp32"))
     src = padded(sources)
     with torch.no_grad():
         theirs = hf_model(directory).generate(input_ids=src, attention_mask=(src != PAD).long(), num_beams=1, do_sample=False)
@@ -89,7 +89,7 @@ def test_generate_beam_equals_our_beam(exported):
     """HF scores log-prob / generated length ** length_penalty and, with early_stopping=True,
     stops at num_beams finished hypotheses: our lp_style=average, early_stop=fairseq."""
     _, model, _, sources, directory = exported
-    cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN)
+    cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN, precision="fp32")
     ours = [h[0] for h in translate_ids([model], sources, cfg)]
     # HF gives a forced EOS log-prob 0 where we keep the model's: compare where no beam needed it.
     assert all(len(h.tokens) < MAX_LEN for h in ours)
@@ -116,7 +116,7 @@ def test_tokenizer_round_trip(exported):
 def test_ctranslate2_greedy_equals_our_greedy(exported, tmp_path):
     ctranslate2 = pytest.importorskip("ctranslate2")
     _, model, tokenizer, sources, directory = exported
-    ours = translate_ids([model], sources, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN))
+    ours = translate_ids([model], sources, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN, precision="fp32"))
     translator = ctranslate2.Translator(str(convert_ct2(directory, tmp_path / "ct2")), device="cpu", intra_threads=1)
     pieces = [[tokenizer.src.id_to_piece(i) for i in ids] for ids in sources]
     # CTranslate2 stops at its limit without forcing EOS: compare the tokens before EOS.

@@ -13,7 +13,8 @@ import torch
 from transformer.config import ModelConfig
 from transformer.model import Transformer, build_model
 from transformer.model.attention import sdpa
-from transformer.model.prepack import OneDNNLinear, PackedLinear, packed_for_cpu, train_linears_on_onednn
+from transformer.model.onednn_linear import OneDNNLinear, train_linears_on_onednn
+from transformer.model.prepack import PackedLinear, packed_for_cpu
 from transformer.model.transformer import Dropout
 from transformer.vocab import BOS, EOS, PAD
 

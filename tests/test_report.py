@@ -16,7 +16,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from transformer import Translator
 from transformer.errors import UserError
 from transformer.plots import MISSING_MATPLOTLIB
-from transformer.report import hydra_value, read_metrics, summary_table, write_run_report
+from transformer.report import hydra_value, write_run_report
+from transformer.rundir import read_records
+from transformer.sweep import summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["experiment=tiny"]
@@ -45,7 +47,7 @@ def test_curves_png_is_written(report_run: Path) -> None:
 
 
 def test_metrics_split_into_training_and_validation(report_run: Path) -> None:
-    train, valid = read_metrics(report_run)
+    train, valid = read_records(report_run)
     results = json.loads((report_run / "results.json").read_text(encoding="utf-8"))
     assert train and all({"step", "minutes", "loss"} <= set(r) for r in train)
     assert max(r["valid_bleu"] for r in valid) == results["best_valid_bleu"]

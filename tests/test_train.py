@@ -31,7 +31,7 @@ from transformer.data.builtin import builtin_splits
 from transformer.data.tokenizer import build_tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
-from transformer.train import loop
+from transformer.train import loop, step, validation
 from transformer.train.average import main as average_main
 from transformer.train.checkpoint import load_checkpoint
 from transformer.vocab import BOS, EOS
@@ -113,11 +113,11 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
 def test_bidirectional_epochs_train_each_pair_both_ways_then_forward_only(tmp_path: Path) -> None:
     trainer = loop.Trainer(tiny(tmp_path, "trainer.bidirectional_epochs=1"))
     pair = lambda e: (tuple(e.src), tuple(e.tgt))  # noqa: E731
-    forward = Counter(map(pair, trainer.train_examples))
+    forward = Counter(map(pair, trainer.data.train_examples))
     reverse = Counter((tuple(t[1:]), (BOS, *s)) for s, t in forward.elements())  # src = pieces + EOS, tgt = BOS + pieces + EOS
-    first = Counter(pair(e) for batch in trainer.epoch_batches(0) for e in batch)
+    first = Counter(pair(e) for batch in trainer.data.epoch_batches(0) for e in batch)
     assert first == forward + reverse
-    second = Counter(pair(e) for batch in trainer.epoch_batches(1) for e in batch)
+    second = Counter(pair(e) for batch in trainer.data.epoch_batches(1) for e in batch)
     assert second == forward
     with pytest.raises(UserError, match="bidirectional_epochs needs data.joint_vocab=true"):
         loop.Trainer(tiny(tmp_path / "separate", "trainer.bidirectional_epochs=1", "data.joint_vocab=false"))
@@ -148,7 +148,7 @@ def test_corrupt_last_checkpoint_falls_back_to_newest_step(tmp_path: Path, caplo
 
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     trainer = loop.Trainer(tiny(tmp_path, "trainer.max_bad_steps=3", "trainer.eval_every=1000", "trainer.log_every=1"))
-    real, calls, before = loop.label_smoothed_loss, [0], {}
+    real, calls, before = step.label_smoothed_loss, [0], {}
 
     def poisoned(logits, target, smoothing):
         calls[0] += 1
@@ -158,7 +158,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch: p
         before.setdefault("weights", {k: v.clone() for k, v in trainer.model.state_dict().items()})
         return loss * float("nan"), nll
 
-    monkeypatch.setattr(loop, "label_smoothed_loss", poisoned)
+    monkeypatch.setattr(step, "label_smoothed_loss", poisoned)
     with pytest.raises(UserError, match="3 consecutive non-finite steps after step 4"):
         trainer.run()
     assert sum("non-finite" in r.getMessage() for r in caplog.records) == 3
@@ -201,7 +201,7 @@ def gradients(model: torch.nn.Module, groups: list[list[Example]], **kwargs) -> 
     model.zero_grad(set_to_none=True)
     batches = [collate(g) for g in groups]
     n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)))
-    loss, _ = loop.accumulate_gradients(model, batches, n_tokens, label_smoothing=0.1, precision="fp32", **kwargs)
+    loss, _ = step.accumulate_gradients(model, batches, n_tokens, label_smoothing=0.1, precision="fp32", **kwargs)
     return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
@@ -238,7 +238,7 @@ def test_rdrop_adds_the_disagreement_of_two_dropout_passes() -> None:
 
 
 def test_early_stopping_on_validation_bleu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop.sacrebleu, "corpus_bleu", lambda hyps, refs: SimpleNamespace(score=1.0))
+    monkeypatch.setattr(validation.sacrebleu, "corpus_bleu", lambda hyps, refs: SimpleNamespace(score=1.0))
     result = loop.train(tiny(tmp_path, "trainer.patience=2", "trainer.eval_every=2", "trainer.max_steps=100"))
     assert result["step"] == 6  # best at step 2, no gain at 4 and 6
     assert result["best_step"] == 2

@@ -6,7 +6,7 @@
 
 from transformer.decode.translator import Translation, Translator
 from transformer.evaluate import evaluate
-from transformer.train.loop import train
+from transformer.evaluate import train_and_test as train
 
 __all__ = ["Translator", "Translation", "evaluate", "train"]
 __version__ = "0.1.0"

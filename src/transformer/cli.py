@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from transformer.config import DecodeConfig, config_dir, register_configs
-from transformer.errors import UserError, first_line
+from transformer.commands import quiet_logging
+from transformer.errors import UserError
 
 
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
@@ -34,36 +35,6 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(guarded)()
 
 
-def run_plain_command(schema: type, argv: list[str], usage: str, task: Callable[[Any], None], listed: tuple[str, ...] = ()) -> None:
-    """A command without config groups (export, average): ``key=value`` arguments checked
-    against the dataclass ``schema`` (keys in ``listed`` also take a single value), then
-    ``task(config)``; UserErrors print one line and exit with 2."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        return
-    quiet_logging()
-    try:
-        try:
-            given = OmegaConf.from_cli(argv)
-            for key in listed:
-                if isinstance(given.get(key), str):
-                    given[key] = [given[key]]
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), given))
-        except OmegaConfBaseException as e:
-            raise UserError(f"{first_line(e)} (usage: {usage.splitlines()[0].removeprefix('usage: ')})") from None
-        task(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def quiet_logging() -> None:
-    """decode/evaluate: INFO to stderr, so stdout carries only translations or scores."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-
-
 def decode_config(cfg: DictConfig) -> DecodeConfig:
     return DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
 
@@ -72,7 +43,7 @@ def decode_config(cfg: DictConfig) -> DecodeConfig:
 
 
 def _train(cfg: DictConfig) -> float:
-    from transformer.train.loop import train
+    from transformer.evaluate import train_and_test as train
 
     if not cfg.run_dir:
         cfg.run_dir = HydraConfig.get().runtime.output_dir

@@ -14,6 +14,18 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from transformer.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWITCHES = ("auto", "true", "false")
+# every enumerated key, checked by ``validate`` when a command starts
+CHOICES = {
+    "model": {"activation": ("relu", "gelu"), "positional": ("sinusoidal", "sinusoidal_fairseq", "learned")},
+    "data": {"source": ("builtin", "files", "hub"), "format": ("text", "tsv", "jsonl")},
+    "trainer": {"schedule": ("inverse_sqrt", "cosine", "noam", "constant"), "precision": PRECISIONS, "onednn_linear": SWITCHES},
+    "decode": {"precision": PRECISIONS, "prepack": SWITCHES, "lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")},
+}
+
 
 @dataclass
 class ModelConfig:
@@ -95,11 +107,12 @@ class TrainerConfig:
 
     seed: int = 1  # initial weights, batch order and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 where the CPU (avx512_bf16/AMX) or GPU runs it natively, else fp32 (fp16: CUDA only, with a gradient scaler)
     max_steps: int = 10000  # optimizer updates
     max_epochs: int = 0  # 0: no limit
     bidirectional_epochs: int = 0  # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
+    time_budget_minutes: float = 0.0  # whole run (BPE, training, test scoring) in this many minutes: the first updates are timed, then max_steps, warmup, eval_every and save_every are scaled to fit (0: off)
     update_freq: int = 1  # gradient accumulation: batches per optimizer update
     lr: float = 5e-4  # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW beta1, beta2
@@ -121,7 +134,7 @@ class TrainerConfig:
     average_last: int = 0  # average the last N kept checkpoints at the end (0: off)
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
     compile: bool = False  # torch.compile the model
-    onednn_linear: bool = True  # fp32 on CPU: linear layers on oneDNN rather than MKL (faster here; see BENCHMARKS.md)
+    onednn_linear: str = "auto"  # auto | true | false: fp32 CPU linear layers on oneDNN instead of MKL; auto times both per layer shape at start-up
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults on big tensors; ~10% faster)
     resume: Optional[str] = None  # run directory or checkpoint to continue from
@@ -141,8 +154,8 @@ class DecodeConfig:
     min_len: int = 0  # EOS is forbidden before this many subwords
     early_stop: str = "exact"  # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
     batch_tokens: int = 4096  # source tokens per decoding batch
-    prepack: bool = True  # CPU fp32: search on a copy of the model with linear weights packed for oneDNN (2-2.5x faster matmuls than MKL)
-    precision: str = "fp32"  # fp32 | bf16 (CPU with avx512_bf16/AMX, or CUDA; ~1.6x faster beam search) | fp16 (CUDA)
+    prepack: str = "auto"  # auto | true | false: CPU fp32 search on a copy with linear weights packed for oneDNN; auto times both per layer shape
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 where native (avx512_bf16/AMX CPU, CUDA), else fp32
     sampling: bool = False  # sample instead of search (back-translation)
     temperature: float = 1.0  # sampling: logits are divided by it
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)
@@ -216,3 +229,28 @@ def to_dict(cfg: Any) -> dict:
     if isinstance(cfg, dict):
         return cfg
     return OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+
+
+def choice(section: str, key: str, value: Any) -> str:
+    """``value`` of ``section.key`` if it is one of CHOICES (switches as lower-case words:
+    YAML may hand over a bool), else one error line naming the key."""
+    allowed = CHOICES[section][key]
+    text = str(value).lower() if allowed is SWITCHES else value
+    if text not in allowed:
+        raise UserError(f"{section}.{key}={value!r}: expected one of {', '.join(allowed)}")
+    return text
+
+
+def validate(cfg: Any, sections: tuple[str, ...] = tuple(CHOICES)) -> None:
+    """Check every enumerated value of a composed config (or of the sections it has) at
+    start-up, so a typo fails before data loads instead of at the first step or validation."""
+    for section in sections:
+        node = getattr(cfg, section, None)
+        if node is not None:
+            validate_section(section, node)
+
+
+def validate_section(section: str, node: Any) -> None:
+    """The enumerated keys of one section (a ModelConfig, DecodeConfig, ... or its node)."""
+    for key in CHOICES[section]:
+        choice(section, key, getattr(node, key))

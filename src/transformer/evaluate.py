@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import sacrebleu
+from omegaconf import OmegaConf
 
 from transformer.config import DataConfig, DecodeConfig
 from transformer.data.corpus import load_files, load_split
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
+from transformer.rundir import TEST_HYPOTHESES
+from transformer.train.loop import train  # before the package binds its name `train` to train_and_test
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +78,14 @@ def evaluate(
     result["hypotheses_file"] = str(out)
     log.info("%s: BLEU %.2f chrF %.2f (%s)", name, result["bleu"], result["chrf"], result["bleu_signature"])
     return result
+
+
+def train_and_test(cfg: Any) -> dict:
+    """transformer-train's recipe: train (train/loop.py), then score the test split with the
+    best or averaged checkpoint and ``cfg.decode`` (skipped with evaluate_test=false)."""
+
+    def test(final: Path, device: Any) -> dict:
+        decode = DecodeConfig(**OmegaConf.to_container(cfg.decode))
+        return evaluate(str(final), data=cfg.data, split="test", decode=decode, output=str(Path(cfg.run_dir) / TEST_HYPOTHESES), device=str(device))
+
+    return train(cfg, test)

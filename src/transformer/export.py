@@ -290,7 +290,7 @@ def run_export(cfg: ExportConfig) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from transformer.cli import run_plain_command
+    from transformer.commands import run_plain_command
 
     run_plain_command(ExportConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_export)
 

@@ -1,10 +1,8 @@
 """What a finished run leaves for people: ``curves.png`` and a ``README.md`` run card in the
-run directory, and a summary table of a Hydra multirun sweep.
+run directory (sweep.py sums up a multirun).
 
 ``transformer-train`` calls ``write_run_report`` once training returns; Python users call it
-themselves after ``transformer.train(cfg)``, which stays free of plotting. A sweep
-(``transformer-train -m ...``) ends with ``MultirunSummary``, a Hydra callback registered in
-``configs/train.yaml``, which reads every job's ``results.json``.
+themselves after ``transformer.train(cfg)``, which stays free of plotting.
 """
 
 from __future__ import annotations
@@ -17,14 +15,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, config_dir, to_dict
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.plots import new_figure
+from transformer.rundir import TEST_SCORES, read_records, read_results
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +37,10 @@ SPLIT_KEYS = {
 # curves -----------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """Training records and validation records of ``<run>/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: not found (is {run_dir} a training run directory?)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in records if "loss" in r], [r for r in records if "valid_bleu" in r]
-
-
 def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
     """Training loss and validation NLL (top) and validation BLEU (bottom), against steps
     (left) and wall-clock minutes (right); written to ``<run>/curves.png`` by default."""
-    train, valid = read_metrics(run_dir)
+    train, valid = read_records(run_dir)
     fig = new_figure(figsize=(10, 6.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex="col", sharey="row")
     for col, (x, label) in enumerate((("step", "step"), ("minutes", "wall-clock minutes"))):
@@ -160,8 +149,8 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
     if tokenizer is None:
         raise UserError(f"{run}: no spm.model (is this a training run directory?)")
     test = metrics.get("test")
-    if test is None and (run / "test.hyp.json").is_file():
-        test = json.loads((run / "test.hyp.json").read_text(encoding="utf-8"))
+    if test is None and (run / TEST_SCORES).is_file():
+        test = json.loads((run / TEST_SCORES).read_text(encoding="utf-8"))
     t = cfg["trainer"]
     out = [f"# Run `{run.name}`", "", f"`{run}`", ""]
     if curves:
@@ -171,7 +160,14 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         f"- best validation BLEU **{metrics['best_valid_bleu']:.2f}** at step {metrics['best_step']} "
         f"(search: {'greedy' if t['eval_beam_size'] <= 1 else 'beam ' + str(t['eval_beam_size'])}, trainer.eval_beam_size)"
     )
-    out.append(f"- trained {metrics['step']} of {t['max_steps']} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)")
+    planned = metrics.get("budget_plan", {}).get("max_steps", t["max_steps"])
+    out.append(f"- trained {metrics['step']} of {planned} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)")
+    if "hardware" in metrics:
+        hw = metrics["hardware"]
+        out.append(f"- on {hw['machine']} class `{hw['cpu_class']}`{', CUDA ' + hw['cuda'] if hw.get('cuda') else ''}, {hw['threads']} threads, "
+                   f"training precision {metrics.get('precision', t['precision'])}")
+    if "budget_plan" in metrics:
+        out.append(f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}")
     if test:
         out.append(
             f"- test `{test['data']}` ({test['sentences']} sentences, `{Path(test['checkpoint']).name}`, beam {test['beam_size']}, "
@@ -209,9 +205,7 @@ def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: Optional[dic
             raise UserError(f"{run}: no .hydra/config.yaml; pass the config the run was trained with")
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     if metrics is None:
-        if not (run / "results.json").is_file():
-            raise UserError(f"{run}: no results.json (has training finished?)")
-        metrics = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        metrics = read_results(run)
     written: dict[str, Path] = {}
     try:
         written["curves"] = plot_curves(run)
@@ -221,59 +215,3 @@ def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: Optional[dic
     written["card"].write_text(run_card(run_dir, to_dict(cfg), metrics, curves="curves" in written), encoding="utf-8")
     log.info("run card: %s", written["card"])
     return written
-
-
-# sweeps -----------------------------------------------------------------------------
-
-
-def sweep_rows(sweep_dir: str | Path) -> list[dict]:
-    """One row per job of a multirun: its number, the overrides that tell it apart from the
-    other jobs, its run directory and (once finished) its results."""
-    sweep = Path(sweep_dir)
-    jobs = []
-    for hydra_dir in sweep.glob("**/.hydra"):
-        num = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num
-        overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
-        results = hydra_dir.parent / "results.json"
-        jobs.append({"job": num, "overrides": overrides, "run_dir": str(hydra_dir.parent),
-                     "results": json.loads(results.read_text(encoding="utf-8")) if results.is_file() else None})
-    common = set.intersection(*(set(j["overrides"]) for j in jobs)) if jobs else set()
-    for j in jobs:
-        j["overrides"] = [o for o in j["overrides"] if o not in common]
-    return sorted(jobs, key=lambda j: j["job"])
-
-
-def summary_table(rows: list[dict]) -> str:
-    """A Markdown table of the jobs with their best validation BLEU and test BLEU."""
-    lines = ["| job | overrides | best valid BLEU | at step | test BLEU | wall time | run dir |", "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        r = row["results"]
-        if r is None:
-            cells = ["(no results.json)", "", "", ""]
-        else:
-            test = r.get("test", {}).get("bleu")
-            cells = [f"{r['best_valid_bleu']:.2f}", str(r["best_step"]), "" if test is None else f"{test:.2f}", minutes_text(r["minutes"])]
-        lines.append(f"| {row['job']} | {' '.join(row['overrides']) or '(none)'} | " + " | ".join(cells) + f" | {row['run_dir']} |")
-    finished = [row for row in rows if row["results"] is not None]
-    if finished:
-        best = max(finished, key=lambda row: row["results"]["best_valid_bleu"])
-        lines += ["", f"best: job {best['job']} ({' '.join(best['overrides']) or 'no overrides'}), valid BLEU {best['results']['best_valid_bleu']:.2f}, {best['run_dir']}"]
-    return "\n".join(lines)
-
-
-def write_sweep_summary(sweep_dir: str | Path) -> str:
-    """Write ``summary.md`` and ``summary.json`` into the sweep directory; returns the table."""
-    rows = sweep_rows(sweep_dir)
-    table = summary_table(rows)
-    Path(sweep_dir, "summary.md").write_text(table + "\n", encoding="utf-8")
-    Path(sweep_dir, "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    return table
-
-
-class MultirunSummary(Callback):
-    """Hydra callback: after the last job of ``transformer-train -m``, print and save the
-    sweep's summary table (``<sweep dir>/summary.md``)."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        print(f"\nsweep {sweep_dir}:\n{write_sweep_summary(sweep_dir)}", flush=True)

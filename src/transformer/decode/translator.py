@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer.config import DecodeConfig
+from transformer.config import DecodeConfig, validate_section
 from transformer.data.batching import pad
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
 from transformer.errors import UserError
 from transformer.model import Transformer
+from transformer.hardware import parse_switch, resolve_precision
+from transformer.model.kernels import onednn_shapes
 from transformer.model.prepack import packed_for_cpu
 from transformer.runtime import autocast, resolve_device
 from transformer.vocab import BOS, EOS
@@ -62,15 +64,18 @@ def make_scorer(models: Sequence[Transformer], cached: bool = True) -> Scorer:
 
 def check_decode_config(cfg: DecodeConfig) -> None:
     """Name the decode key that is wrong before any search starts."""
-    choices = {"lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"decode.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    validate_section("decode", cfg)
     for key in ("beam_size", "n_best"):
         if getattr(cfg, key) < 1:
             raise UserError(f"decode.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.sampling and cfg.temperature <= 0:
         raise UserError(f"decode.temperature={cfg.temperature} must be > 0 when sampling")
+
+
+def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:
+    """``cfg`` with ``auto`` settled for this device: precision (bf16 where native) and
+    prepack (``true``/``false``, or ``auto`` kept for a per-shape timing in ``pack_models``)."""
+    return replace(cfg, precision=resolve_precision(cfg.precision, device, "decode.precision"), prepack=parse_switch(cfg.prepack, "decode.prepack"))
 
 
 def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int) -> list[list[Hypothesis]]:
@@ -110,8 +115,14 @@ def fit_source(ids: list[int], limit: int, line: int) -> list[int]:
 
 
 def packs_weights(cfg: DecodeConfig, device: torch.device) -> bool:
-    """Whether fp32 search on this device runs on oneDNN-packed weights (``decode.prepack``)."""
-    return cfg.prepack and device.type == "cpu" and cfg.precision == "fp32"
+    """Whether fp32 search on this device may run on oneDNN-packed weights (``cfg`` resolved)."""
+    return cfg.prepack != "false" and device.type == "cpu" and cfg.precision == "fp32"
+
+
+def pack_models(models: Sequence[Transformer], cfg: DecodeConfig) -> list[Transformer]:
+    """Copies of ``models`` with linear weights packed for oneDNN: all of them
+    (``prepack=true``) or the layer shapes that time faster on oneDNN here (``auto``)."""
+    return [packed_for_cpu(m, None if cfg.prepack == "true" else onednn_shapes(m, rows=256, training=False)) for m in models]
 
 
 def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True, first_line: int = 1) -> list[list[Hypothesis]]:
@@ -120,10 +131,11 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
     check_decode_config(cfg)
     model = models[0]
     device = next(model.parameters()).device
+    cfg = resolve_decode(cfg, device)
     limit = model.cfg.max_positions
     src_ids = [fit_source(ids, limit, first_line + i) for i, ids in enumerate(src_ids)]
     if packs_weights(cfg, device):
-        models = [packed_for_cpu(m) for m in models]
+        models = pack_models(models, cfg)
     scorer = make_scorer(models, cached)
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
@@ -157,16 +169,18 @@ class Translator:
         self.models = [m.eval() for m in models]
         self.tokenizer = tokenizer
         self.config = config or DecodeConfig()
-        self.packed: Optional[list[Transformer]] = None  # built on first use; the models are not trained further
+        self.packed: Optional[tuple[str, list[Transformer]]] = None  # (prepack setting, copies): built on first use
 
     def search_models(self, cfg: DecodeConfig) -> list[Transformer]:
         """The models to search with under ``cfg``: the packed copies, built once, when it
         packs weights (so a stream of small chunks does not repack for each)."""
-        if not packs_weights(cfg, next(self.models[0].parameters()).device):
+        device = next(self.models[0].parameters()).device
+        cfg = resolve_decode(cfg, device)
+        if not packs_weights(cfg, device):
             return self.models
-        if self.packed is None:
-            self.packed = [packed_for_cpu(m) for m in self.models]
-        return self.packed
+        if self.packed is None or self.packed[0] != cfg.prepack:
+            self.packed = (cfg.prepack, pack_models(self.models, cfg))
+        return self.packed[1]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ensemble: Iterable[str | Path] = (), config: Optional[DecodeConfig] = None) -> "Translator":

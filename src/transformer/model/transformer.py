@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.config import ModelConfig
+from transformer.config import CHOICES, ModelConfig, validate_section
 from transformer.errors import UserError
 from transformer.model.attention import CrossAttention, SelfAttention
 from transformer.vocab import PAD
 
-POSITIONAL = ("sinusoidal", "sinusoidal_fairseq", "learned")
+POSITIONAL = CHOICES["model"]["positional"]
 
 
 def sinusoid_table(n_positions: int, d_model: int, style: str = "sinusoidal") -> Tensor:
@@ -169,10 +169,7 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.positional not in POSITIONAL:
-            raise UserError(f"model.positional={cfg.positional!r}: expected one of {', '.join(POSITIONAL)}")
-        if cfg.activation not in ("relu", "gelu"):
-            raise UserError(f"model.activation={cfg.activation!r}: expected relu or gelu")
+        validate_section("model", cfg)
         if cfg.share_embeddings and cfg.src_vocab_size != cfg.tgt_vocab_size:
             raise UserError("model.share_embeddings=true needs one joint vocabulary (data.joint_vocab=true)")
         self.cfg = cfg

@@ -63,7 +63,7 @@ def average(cfg: AverageConfig) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from transformer.cli import run_plain_command
+    from transformer.commands import run_plain_command
 
     run_plain_command(AverageConfig, sys.argv[1:] if argv is None else list(argv), USAGE, average, listed=("inputs",))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,11 +51,13 @@ def load_checkpoint(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has lost its directory
+        raise UserError(f"{path}: not a readable checkpoint: {path.stat().st_size} bytes that are not a PyTorch checkpoint archive "
+                        f"(a file cut short by a crash, or another kind of file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = first_line(e)
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+        raise UserError(f"{path}: not a readable checkpoint: a PyTorch archive whose contents are damaged or foreign ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this package (expected format {FORMAT})")
     return ckpt

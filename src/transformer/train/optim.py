@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from transformer.config import TrainerConfig
+from transformer.config import CHOICES, TrainerConfig
 from transformer.errors import UserError
 
-SCHEDULES = ("inverse_sqrt", "cosine", "noam", "constant")
+SCHEDULES = CHOICES["trainer"]["schedule"]
 
 
 def lr_at(step: int, cfg: TrainerConfig, d_model: int) -> float:

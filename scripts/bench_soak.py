@@ -1,0 +1,125 @@
+"""Soak: does training keep its speed and its memory over a long run?
+
+Runs ``transformer-train`` (the Multi30k recipe by default) for ``--minutes`` without
+evaluations, samples the process's resident memory every few seconds, and prints, per
+window of minutes, target tokens/s (from metrics.jsonl) and RSS. Each ``--variant`` (a
+label and overrides or environment, e.g. ``nokeep:trainer.keep_freed_memory=false``) runs
+after the default, one at a time, so the table compares them on the same machine and day.
+Targets (issue 22): tokens/s of the last 10 minutes within 10% of minutes 2-10; peak RSS
+under 2.5 GB for the 2.9M-parameter recipe.
+
+    python scripts/bench_soak.py --minutes 60
+    python scripts/bench_soak.py --minutes 15 --variant nokeep:trainer.keep_freed_memory=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transformer.errors import UserError
+from transformer.hardware import detect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB (0 once it has gone)."""
+    total = 0.0
+    for proc in [pid, *children(pid)]:
+        try:
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def run_one(label: str, extra: list[str], args: argparse.Namespace, workdir: Path) -> dict:
+    """One training process for --minutes; returns its RSS samples and train records."""
+    run_dir = workdir / label
+    env = dict(os.environ)
+    overrides = []
+    for item in extra:
+        key, _, value = item.partition("=")
+        if key.isupper():  # an environment variable, e.g. LD_PRELOAD=...
+            env[key] = value
+        else:
+            overrides.append(item)
+    cmd = [str(Path(sys.executable).parent / "transformer-train"), f"experiment={args.experiment}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}",
+           f"trainer.max_minutes={args.minutes}", "trainer.max_steps=10000000", "trainer.eval_every=10000000", "trainer.save_every=0",
+           "trainer.log_every=50", "trainer.progress=false", "evaluate_test=false", *args.overrides, *overrides]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples, start = [], time.time()
+    while proc.poll() is None and time.time() - start < args.minutes * 60 + 600:
+        samples.append(((time.time() - start) / 60, rss_mb(proc.pid)))
+        time.sleep(5)
+    if proc.poll() is None:
+        proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.wait() != 0:
+        raise UserError(f"{label}: training failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {"label": label, "rss": samples, "train": [r for r in records if "tokens_per_s" in r]}
+
+
+def window_speed(records: list[dict], lo: float, hi: float) -> float:
+    """Mean target tokens/s of the log records whose minute lies in [lo, hi)."""
+    speeds = [r["tokens_per_s"] for r in records if lo <= r["minutes"] < hi and r["step"] > 1]
+    return sum(speeds) / len(speeds) if speeds else float("nan")
+
+
+def report(results: list[dict], minutes: float, window: float) -> None:
+    print(f"\nSoak, {minutes:g} min per run, on {detect().describe()}\n")
+    edges = [i * window for i in range(int(minutes // window) + 1)]
+    head = " | ".join(f"{lo:g}-{hi:g} min" for lo, hi in zip(edges, edges[1:]))
+    print(f"| run | {head} | early (2-10) | last 10 | last/early | peak RSS MB | targets |")
+    print("|---|" + "---:|" * (len(edges) + 4))
+    for r in results:
+        cells = []
+        for lo, hi in zip(edges, edges[1:]):
+            rss = max((m for t, m in r["rss"] if lo <= t < hi), default=0)
+            cells.append(f"{window_speed(r['train'], lo, hi):.0f} tok/s, {rss:.0f} MB")
+        early, last = window_speed(r["train"], 2, 10), window_speed(r["train"], max(minutes - 10, 2), minutes + 1)
+        peak = max((m for _, m in r["rss"]), default=0)
+        ok = "met" if last / early >= 0.9 and peak < 2500 else "missed"
+        print(f"| {r['label']} | {' | '.join(cells)} | {early:.0f} | {last:.0f} | {last / early:.2f} | {peak:.0f} | {ok} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("--window", type=float, default=10, help="minutes per table column")
+    parser.add_argument("--experiment", default="multi30k_en_de")
+    parser.add_argument("--overrides", nargs="*", default=[], help="for every run, e.g. trainer.precision=fp32")
+    parser.add_argument("--variant", action="append", default=[], help="LABEL:KEY=VALUE[,KEY=VALUE...] run after the default")
+    parser.add_argument("--skip-default", action="store_true")
+    args = parser.parse_args()
+    runs = [] if args.skip_default else [("default", [])]
+    for v in args.variant:
+        label, _, items = v.partition(":")
+        runs.append((label, [i for i in items.split(",") if i]))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            report([run_one(label, extra, args, Path(tmp)) for label, extra in runs], args.minutes, args.window)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

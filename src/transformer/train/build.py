@@ -1,0 +1,72 @@
+"""What a run trains with: processes, device and precision, the model as the loop calls it
+(DDP-wrapped, compiled, its linear layers on the faster CPU kernel), optimizer and scaler.
+Every setting that can be wrong is checked here, before any data loads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from transformer.config import DecodeConfig, ModelConfig, validate
+from transformer.data.tokenizer import Tokenizer
+from transformer.decode.translator import check_decode_config
+from transformer.errors import UserError
+from transformer.hardware import parse_switch, resolve_precision
+from transformer.model import Transformer, build_model
+from transformer.model.kernels import onednn_shapes
+from transformer.model.onednn_linear import train_linears_on_onednn
+from transformer.runtime import autocast, keep_freed_memory
+from transformer.train.distributed import Dist, setup_distributed, share
+from transformer.train.optim import build_optimizer
+
+
+@dataclass
+class Runtime:
+    dist: Dist
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16, ``auto`` resolved
+    onednn: str  # auto | true | false
+
+
+def setup_runtime(cfg: Any) -> Runtime:
+    """Processes, device, precision and threads; cfg.run_dir becomes rank 0's."""
+    t = cfg.trainer
+    if t.time_budget_minutes < 0:
+        raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
+    validate(cfg)  # every enumerated key, before anything runs
+    dist, device = setup_distributed(t.device)
+    rt = Runtime(dist, device, resolve_precision(t.precision, device, "trainer.precision"), parse_switch(t.onednn_linear, "trainer.onednn_linear"))
+    autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading
+    check_decode_config(DecodeConfig(**OmegaConf.to_container(cfg.decode)))
+    if not dist.main:
+        logging.getLogger("transformer").setLevel(logging.WARNING)  # one rank tells the story
+    cfg.run_dir = share(cfg.run_dir, dist)  # Hydra names run directories by the clock: take rank 0's
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if t.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
+    return rt
+
+
+def setup_model(cfg: Any, tokenizer: Tokenizer, rt: Runtime) -> tuple[ModelConfig, Transformer, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """(model config, model, what the loop calls, optimizer, scaler); the same initial weights on every rank."""
+    t = cfg.trainer
+    model_cfg = OmegaConf.to_object(cfg.model) if OmegaConf.is_config(cfg.model) else ModelConfig(**cfg.model)
+    model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
+    torch.manual_seed(t.seed)
+    model = build_model(model_cfg).to(rt.device)
+    if rt.onednn != "false" and rt.device.type == "cpu" and rt.precision == "fp32" and not t.compile:
+        shapes = None if rt.onednn == "true" else onednn_shapes(model, rows=512, training=True)
+        train_linears_on_onednn(model, shapes)  # acts on fp32 CPU calls only
+    net: nn.Module = model  # maybe DDP-wrapped, maybe compiled
+    if rt.dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)  # checkpoints keep the plain model's state dict
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+    return model_cfg, model, net, build_optimizer(model, t), scaler

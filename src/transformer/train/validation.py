@@ -1,0 +1,57 @@
+"""Validation during training: the loss on the validation pairs and the BLEU of a search;
+the one place train/ calls decoding."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import sacrebleu
+import torch
+from omegaconf import OmegaConf
+
+from transformer.config import DecodeConfig
+from transformer.data.batching import Example, collate, token_batches
+from transformer.data.tokenizer import Tokenizer
+from transformer.decode.translator import translate_ids
+from transformer.model import Transformer
+from transformer.runtime import autocast
+from transformer.train.loss import label_smoothed_loss
+from transformer.vocab import PAD
+
+
+@torch.no_grad()
+def valid_loss(model: Transformer, examples: Sequence[Example], max_tokens: int, device: torch.device, precision: str) -> float:
+    """Mean NLL per target token (no label smoothing) over ``examples``."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in token_batches([(len(e.src), len(e.tgt)) for e in examples], max_tokens, 0, 0, shuffle=False):
+        batch = collate([examples[i] for i in b]).to(device)
+        with autocast(device, precision):
+            keep = batch.tgt_out != PAD
+            _, nll = label_smoothed_loss(model(batch.src, batch.tgt_in, keep), batch.tgt_out[keep], 0.0)
+        total += nll.item()
+        count += batch.n_tokens
+    return total / max(count, 1)
+
+
+def eval_decode_config(cfg: Any) -> DecodeConfig:
+    """The search of validation BLEU: cfg.decode with trainer.eval_beam_size, one hypothesis."""
+    return DecodeConfig(**{**OmegaConf.to_container(cfg.decode), "beam_size": cfg.trainer.eval_beam_size, "n_best": 1, "sampling": False})
+
+
+def valid_bleu(model: Transformer, tokenizer: Tokenizer, source_ids: Sequence[list[int]], references: Sequence[str],
+               decode_cfg: DecodeConfig) -> tuple[float, list[str]]:
+    """Corpus BLEU of the search's translations of ``source_ids``, and the translations."""
+    hyps = translate_ids([model], source_ids, decode_cfg)
+    texts = tokenizer.decode_tgt([h[0].tokens for h in hyps])
+    return sacrebleu.corpus_bleu(texts, [list(references)]).score, texts
+
+
+def valid_record(step: int, minutes: float, nll: float, bleu: float) -> dict:
+    return {"step": step, "minutes": round(minutes, 3), "valid_nll": nll, "valid_ppl": math.exp(min(nll, 50)), "valid_bleu": bleu}
+
+
+def samples_text(sources: Sequence[str], references: Sequence[str], hypotheses: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` translations, for TensorBoard."""
+    return "\n\n".join(f"    src: {s}\n    ref: {r}\n    hyp: {h}" for s, r, h in list(zip(sources, references, hypotheses))[:n])
