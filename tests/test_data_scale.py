@@ -167,11 +167,11 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(corpus_dir: Path, tmp_path: Pat
 def test_cached_and_uncached_runs_train_identically(corpus_dir: Path, tmp_path: Path) -> None:
     cached = loop.Trainer(tiny_files(tmp_path / "cached", corpus_dir))
     plain = loop.Trainer(tiny_files(tmp_path / "plain", corpus_dir, "data.cache=false"))
-    assert isinstance(cached.train_examples, CachedCorpus) and isinstance(plain.train_examples, list)
-    assert cached.tokenizer.to_state() == plain.tokenizer.to_state()
+    assert isinstance(cached.data.train_examples, CachedCorpus) and isinstance(plain.data.train_examples, list)
+    assert cached.data.tokenizer.to_state() == plain.data.tokenizer.to_state()
     for epoch in (0, 1):
-        assert [as_tuples(b) for b in cached.epoch_batches(epoch)] == [as_tuples(b) for b in plain.epoch_batches(epoch)]
-    assert [as_tuples(b) for b in cached.epoch_batches(1, skip=3)] == [as_tuples(b) for b in plain.epoch_batches(1)][3:]
+        assert [as_tuples(b) for b in cached.data.epoch_batches(epoch)] == [as_tuples(b) for b in plain.data.epoch_batches(epoch)]
+    assert [as_tuples(b) for b in cached.data.epoch_batches(1, skip=3)] == [as_tuples(b) for b in plain.data.epoch_batches(1)][3:]
     loop.train(tiny_files(tmp_path / "cached", corpus_dir, "trainer.max_steps=6"))
     loop.train(tiny_files(tmp_path / "plain", corpus_dir, "data.cache=false", "trainer.max_steps=6"))
     assert losses(tmp_path / "cached") == losses(tmp_path / "plain")
@@ -276,7 +276,9 @@ def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Pat
         "trainer.progress=false", "trainer.threads=1", "decode.beam_size=2", "decode.max_len_b=3",
     ]
     data = ["data.source=files", "data.format=text", *(f"{k}={v}" for k, v in files.items())]
-    metrics = loop.train(compose_config("train", ["experiment=wmt14_en_de_base", f"run_dir={tmp_path / 'run'}", *data, *shrink]))
+    from transformer.evaluate import train_and_test
+
+    metrics = train_and_test(compose_config("train", ["experiment=wmt14_en_de_base", f"run_dir={tmp_path / 'run'}", *data, *shrink]))
     assert metrics["step"] == 2 and (tmp_path / "run/checkpoints/averaged.pt").exists()
     assert metrics["test"]["bleu_signature"].startswith("nrefs:1") and (tmp_path / "run/test.hyp.txt").read_text().count("\n") == 10  # sacreBLEU on the test split
     assert list((tmp_path / "cache").glob("train-*"))  # the recipe's corpus went through the cache
