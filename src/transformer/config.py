@@ -79,8 +79,13 @@ class DataConfig:
     translation_field: Optional[str] = "translation"  # dict column {src_lang: .., tgt_lang: ..}; null for flat columns
     src_field: Optional[str] = None  # flat-column names (jsonl/hub) when translation_field is null
     tgt_field: Optional[str] = None  # flat-column name of the target side
-    streaming: bool = False  # hub: iterate without downloading the whole corpus first
+    streaming: bool = False  # hub or files: read the training split as a stream (bounded memory) instead of loading it
     shuffle_buffer: int = 100000  # streaming: pairs read, sorted by length and batched at a time
+    # files: the tokenised training split, memory-mapped (see README "Large corpora")
+    cache: bool = True  # files: encode the training split once into token-id arrays and map them in later runs and resumes
+    cache_dir: Optional[str] = None  # where caches live (default: cache/ beside the run directory)
+    max_len_ratio: float = 0.0  # drop training pairs where one side has more than this many times the other's subwords (0: off)
+    dedup: bool = False  # drop training pairs repeating an earlier (source, target) pair
     # builtin corpus sizes
     builtin_train: int = 20000  # builtin: training pairs generated
     builtin_valid: int = 500  # builtin: validation pairs (no source shared with training)
@@ -89,7 +94,7 @@ class DataConfig:
     # tokenizer
     vocab_size: int = 8000  # SentencePiece BPE pieces (per side when joint_vocab is false)
     joint_vocab: bool = True  # one BPE model for both languages (needed by model.share_embeddings)
-    tokenizer_sample: int = 2000000  # sentences fed to SentencePiece training (at most)
+    tokenizer_sample: int = 2000000  # pairs SentencePiece trains on (at most; a reproducible random sample of larger corpora)
     # batching
     max_len: int = 256  # longer pairs (in subwords) are dropped from training, with a count
     max_tokens: int = 4096  # token budget per batch (padded source or target, whichever is larger)

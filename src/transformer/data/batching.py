@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,13 +39,50 @@ class Batch:
         return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb), self.n_tokens)
 
 
-def encode_examples(src_ids: Sequence[list[int]], tgt_ids: Sequence[list[int]], max_len: int, name: str) -> list[Example]:
-    """Pair up encoded sentences, dropping (and counting) pairs longer than ``max_len``."""
-    examples = [Example(s, t) for s, t in zip(src_ids, tgt_ids) if len(s) <= max_len and len(t) <= max_len]
-    dropped = len(src_ids) - len(examples)
-    if dropped:
-        log.warning("%s: dropped %d of %d pairs longer than data.max_len=%d subwords", name, dropped, len(src_ids), max_len)
-    return examples
+def id_lengths(ids: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+
+def keep_mask(src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Which encoded pairs training keeps: (kept, too_long); ``too_long`` marks pairs with a
+    side longer than ``max_len`` (ids with specials), and with ``max_ratio`` > 0 a pair is
+    also dropped when one side has more than ``max_ratio`` times the other's subwords."""
+    too_long = (src_lens > max_len) | (tgt_lens > max_len)
+    kept = ~too_long
+    if max_ratio > 0:
+        s, t = np.maximum(src_lens - 1, 1), np.maximum(tgt_lens - 2, 1)  # pieces, without EOS / BOS+EOS
+        kept &= np.maximum(s, t) <= max_ratio * np.minimum(s, t)
+    return kept, too_long
+
+
+def log_dropped(name: str, total: int, too_long: int, bad_ratio: int, max_len: int, max_ratio: float) -> None:
+    if too_long:
+        log.warning("%s: dropped %d of %d pairs longer than data.max_len=%d subwords", name, too_long, total, max_len)
+    if bad_ratio:
+        log.warning("%s: dropped %d of %d pairs whose length ratio exceeds data.max_len_ratio=%g", name, bad_ratio, total, max_ratio)
+
+
+def encode_examples(src_ids: Sequence[list[int]], tgt_ids: Sequence[list[int]], max_len: int, name: str, max_ratio: float = 0.0) -> list[Example]:
+    """Pair up encoded sentences, dropping (and counting) pairs longer than ``max_len`` or,
+    with ``max_ratio``, of too unequal lengths."""
+    kept, too_long = keep_mask(id_lengths(src_ids), id_lengths(tgt_ids), max_len, max_ratio)
+    log_dropped(name, len(src_ids), int(too_long.sum()), int((~kept).sum() - too_long.sum()), max_len, max_ratio)
+    return [Example(s, t) for s, t, k in zip(src_ids, tgt_ids, kept) if k]
+
+
+def pair_lengths(examples: Sequence[Example]) -> np.ndarray:
+    """(n, 2) int: source length and target length without BOS (what a batch holds), read
+    from the arrays of a memory-mapped corpus (``lengths``) rather than example by example."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths
+    return np.array([(len(e.src), len(e.tgt) - 1) for e in examples], dtype=np.int64).reshape(-1, 2)
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive groups of ``size`` items; the last group may be shorter."""
+    it = iter(items)
+    while group := list(itertools.islice(it, size)):
+        yield group
 
 
 def pad(seqs: Sequence[Sequence[int]]) -> Tensor:
@@ -61,25 +99,33 @@ def collate(examples: Sequence[Example]) -> Batch:
     return Batch(src=src, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:], n_tokens=sum(len(e.tgt) - 1 for e in examples))
 
 
-def token_batches(lengths: Sequence[tuple[int, int]], max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+def token_batches(lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
     """Indices grouped so that each batch's padded size (rows x longest side) stays within
     ``max_tokens``. Examples are sorted by length (random tie-break per epoch) so batches
-    hold similar lengths; batch order is shuffled per epoch. Every index appears once."""
+    hold similar lengths; batch order is shuffled per epoch. Every index appears once.
+    ``lengths`` may be an (n, 2) array: sorting is numpy's, and the result is the same as
+    for the list of tuples (the tie-break shuffle is ``random``'s, as it always was)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+    if not len(lengths):
+        return []
     rng = random.Random(seed * 100003 + epoch)
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
-    order.sort(key=lambda i: (lengths[i][0], lengths[i][1]))  # stable: shuffle breaks ties
-    batches, current, longest = [], [], 0
-    for i in order:
-        size = max(lengths[i])
-        if current and max(longest, size) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, size)
-    if current:
-        batches.append(current)
+    order = np.array(order, dtype=np.int64)
+    key = lengths[order, 0] * (int(lengths[:, 1].max()) + 1) + lengths[order, 1]  # (source, target) in one int
+    order = order[np.argsort(key, kind="stable")]  # stable: the shuffle breaks ties
+    starts, count, longest = [0], 0, 0  # batch k is order[starts[k]:starts[k + 1]]
+    for k, size in enumerate(lengths.max(axis=1)[order].tolist()):  # greedy, as plain as Python gets
+        if size > longest:
+            longest = size
+        count += 1
+        if count > 1 and longest * count > max_tokens:
+            starts.append(k)
+            count, longest = 1, size
+    starts.append(len(order))
+    order = order.tolist()
+    batches = [order[a:b] for a, b in zip(starts, starts[1:])]
     if shuffle:
         rng.shuffle(batches)
     return batches
@@ -92,8 +138,15 @@ def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int
     return batches[rank:usable:world_size]
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
-    """Consecutive groups of ``size`` items; the last group may be shorter."""
-    it = iter(items)
-    while group := list(itertools.islice(it, size)):
-        yield group
+def balanced_shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Like ``shard``, but every index lands on exactly one rank: the largest batches are
+    halved (staying within budget) until their count divides evenly. Only when every batch
+    holds a single example and they still do not divide evenly is the remainder dropped."""
+    batches = list(batches)
+    while len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        b = batches[largest]
+        if len(b) < 2:
+            break
+        batches[largest : largest + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
+    return shard(batches, rank, world_size)

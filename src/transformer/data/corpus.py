@@ -10,10 +10,14 @@ Every reading error names the file and line. Pairs with an empty side are skippe
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
+from hashlib import blake2b
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
 
 from transformer.config import CHOICES, DataConfig, choice
 from transformer.errors import UserError, first_line
@@ -44,23 +48,25 @@ def open_text(path: str) -> Iterator[tuple[int, str]]:
         raise UserError(f"{path}: cannot read ({e})") from None
 
 
-def read_text_pair(src_path: str, tgt_path: str) -> list[Pair]:
-    """Two files, one sentence a line, aligned by line number."""
-    src = [line for _, line in open_text(src_path)]
-    tgt = [line for _, line in open_text(tgt_path)]
-    if len(src) != len(tgt):
-        raise UserError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: parallel files must align line by line")
-    return list(zip(src, tgt))
+def read_text_pair(src_path: str, tgt_path: str) -> Iterator[Pair]:
+    """Two files, one sentence a line, aligned by line number (read in step, so a corpus
+    larger than memory streams)."""
+    counts = [0, 0]
+    for s, t in itertools.zip_longest(open_text(src_path), open_text(tgt_path)):
+        counts[0] += s is not None
+        counts[1] += t is not None
+        if s is not None and t is not None:
+            yield s[1], t[1]
+    if counts[0] != counts[1]:
+        raise UserError(f"{src_path} has {counts[0]} lines but {tgt_path} has {counts[1]}: parallel files must align line by line")
 
 
-def read_tsv(path: str) -> list[Pair]:
-    pairs = []
+def read_tsv(path: str) -> Iterator[Pair]:
     for number, line in open_text(path):
         fields = line.split("\t")
         if len(fields) != 2:
             raise UserError(f"{path}:{number}: expected 2 tab-separated fields (source<TAB>target), found {len(fields)}")
-        pairs.append((fields[0], fields[1]))
-    return pairs
+        yield fields[0], fields[1]
 
 
 def pair_from_record(record: dict, cfg: DataConfig, where: str) -> Pair:
@@ -78,8 +84,7 @@ def pair_from_record(record: dict, cfg: DataConfig, where: str) -> Pair:
     return str(src or ""), str(tgt or "")
 
 
-def read_jsonl(path: str, cfg: DataConfig) -> list[Pair]:
-    pairs = []
+def read_jsonl(path: str, cfg: DataConfig) -> Iterator[Pair]:
     for number, line in open_text(path):
         if not line.strip():
             continue
@@ -87,8 +92,7 @@ def read_jsonl(path: str, cfg: DataConfig) -> list[Pair]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        pairs.append(pair_from_record(record, cfg, f"{path}:{number}"))
-    return pairs
+        yield pair_from_record(record, cfg, f"{path}:{number}")
 
 
 def load_hub(cfg: DataConfig, split_name: str, streaming: bool) -> Any:
@@ -112,6 +116,8 @@ def read_hub(cfg: DataConfig, split: str) -> list[Pair]:
 
 def read_split(cfg: DataConfig, split: str) -> list[Pair]:
     """Raw pairs of one split, as stored."""
+    if cfg.source == "files":
+        return list(iter_files(cfg, split))
     if cfg.source == "builtin":
         from transformer.data.builtin import builtin_splits
 
@@ -120,32 +126,77 @@ def read_split(cfg: DataConfig, split: str) -> list[Pair]:
         if not cfg.hub_name:
             raise UserError("data.hub_name is required when data.source=hub")
         return read_hub(cfg, split)
-    if choice("data", "source", cfg.source) != "files":
-        raise UserError(f"data.source={cfg.source!r}: expected one of builtin, files, hub")
+    choice("data", "source", cfg.source)
+    raise UserError(f"data.source={cfg.source!r}: expected one of builtin, files, hub")
+
+
+def split_files(cfg: DataConfig, split: str) -> list[str]:
+    """The local files holding ``split`` (data.source=files), checked to be set."""
     if cfg.format == "text":
         src, tgt = getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt")
         if not src or not tgt:
             raise UserError(f"data.{split}_src and data.{split}_tgt must be set for data.format=text")
-        return read_text_pair(src, tgt)
+        return [src, tgt]
+    if cfg.format not in ("tsv", "jsonl"):
+        raise UserError(f"data.format={cfg.format!r}: expected one of {', '.join(CHOICES['data']['format'])}")
     path = getattr(cfg, f"{split}_file")
     if not path:
         raise UserError(f"data.{split}_file must be set for data.format={cfg.format}")
-    if cfg.format == "tsv":
-        return read_tsv(path)
-    if cfg.format == "jsonl":
-        return read_jsonl(path, cfg)
-    raise UserError(f"data.format={cfg.format!r}: expected one of {', '.join(CHOICES['data']['format'])}")
+    return [path]
+
+
+def iter_files(cfg: DataConfig, split: str) -> Iterator[Pair]:
+    """Raw pairs of a split of local files, one at a time (the corpus need not fit in memory)."""
+    paths = split_files(cfg, split)
+    if cfg.format == "text":
+        return read_text_pair(*paths)
+    return read_tsv(paths[0]) if cfg.format == "tsv" else read_jsonl(paths[0], cfg)
+
+
+def iter_clean(pairs: Iterable[Pair], name: str) -> Iterator[Pair]:
+    """Strip whitespace, skip pairs with an empty side (counted once the corpus is read),
+    fail on an empty corpus."""
+    kept = skipped = 0
+    for s, t in pairs:
+        s, t = s.strip(), t.strip()
+        if s and t:
+            kept += 1
+            yield s, t
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d pairs with an empty side", name, skipped)
+    if not kept:
+        raise UserError(f"{name}: no sentence pairs (the corpus is empty or every line is blank)")
 
 
 def clean_pairs(pairs: list[Pair], name: str) -> list[Pair]:
-    """Strip whitespace, skip pairs with an empty side (counted), fail on an empty corpus."""
-    kept = [(s.strip(), t.strip()) for s, t in pairs]
-    kept = [(s, t) for s, t in kept if s and t]
-    if len(kept) < len(pairs):
-        log.warning("%s: skipped %d pairs with an empty side", name, len(pairs) - len(kept))
-    if not kept:
-        raise UserError(f"{name}: no sentence pairs (the corpus is empty or every line is blank)")
-    return kept
+    return list(iter_clean(pairs, name))
+
+
+def duplicate_mask(pairs: Iterable[Pair]) -> np.ndarray:
+    """True for the first occurrence of each (source, target) pair, False for its repeats
+    (data.dedup). Pairs are told apart by a 64-bit hash: 8 bytes a pair, whatever the
+    corpus size; two different pairs collide with odds ~n^2 / 2^65."""
+    digests = np.fromiter((int.from_bytes(blake2b(f"{s}\t{t}".encode(), digest_size=8).digest(), "little") for s, t in pairs), dtype=np.uint64)
+    keep = np.zeros(len(digests), dtype=bool)
+    keep[np.unique(digests, return_index=True)[1]] = True
+    return keep
+
+
+def log_duplicates(keep: np.ndarray, name: str) -> None:
+    dropped = int(len(keep) - keep.sum())
+    log.info("%s: dropped %d of %d pairs repeating an earlier pair (data.dedup)", name, dropped, len(keep))
+
+
+def load_train_pairs(cfg: DataConfig) -> list[Pair]:
+    """Clean training pairs in memory, without repeats when data.dedup is set."""
+    pairs = load_split(cfg, "train")
+    if not cfg.dedup:
+        return pairs
+    keep = duplicate_mask(pairs)
+    log_duplicates(keep, f"{cfg.name} train")
+    return list(itertools.compress(pairs, keep))
 
 
 def load_split(cfg: DataConfig, split: str) -> list[Pair]:
@@ -153,6 +204,17 @@ def load_split(cfg: DataConfig, split: str) -> list[Pair]:
     if split not in SPLITS:
         raise UserError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     return clean_pairs(read_split(cfg, split), f"{cfg.name} {split}")
+
+
+def iter_train_pairs(cfg: DataConfig) -> Iterator[Pair]:
+    """Clean training pairs of local files, streamed, without repeats when data.dedup is set
+    (a first pass finds them): the same pairs, in the same order, as ``load_train_pairs``."""
+    name = f"{cfg.name} train"
+    if not cfg.dedup:
+        return iter_clean(iter_files(cfg, "train"), name)
+    keep = duplicate_mask(iter_clean(iter_files(cfg, "train"), name))
+    log_duplicates(keep, name)
+    return itertools.compress(iter_clean(iter_files(cfg, "train"), name), keep)
 
 
 def load_files(src_path: str, ref_path: Optional[str]) -> tuple[list[str], Optional[list[str]]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -106,8 +107,27 @@ class Tokenizer:
         return None
 
 
-def build_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int, joint: bool, max_sentences: int) -> Tokenizer:
-    """Train BPE on the training pairs: one model over both sides, or one per side."""
+BPE_SAMPLE_SEED = 0  # fixed: the same corpus always gives the same sample, the same BPE model, one cache
+
+
+def sample_pairs(pairs: Iterable[tuple[str, str]], k: int, seed: int = BPE_SAMPLE_SEED) -> list[tuple[str, str]]:
+    """A reproducible uniform sample of at most ``k`` pairs in corpus order, from one pass
+    in O(k) memory (reservoir sampling, Algorithm R); a corpus of at most ``k`` pairs
+    comes back whole, as it is."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, tuple[str, str]]] = []
+    for i, pair in enumerate(pairs):
+        if i < k:
+            reservoir.append((i, pair))
+        elif (j := rng.randrange(i + 1)) < k:
+            reservoir[j] = (i, pair)
+    return [pair for _, pair in sorted(reservoir, key=lambda item: item[0])]
+
+
+def build_tokenizer(pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool, max_sentences: int) -> Tokenizer:
+    """Train BPE on the training pairs, or on a reproducible sample of ``max_sentences``
+    of them (data.tokenizer_sample): one model over both sides, or one per side."""
+    pairs = sample_pairs(pairs, max_sentences)
     log.info("training SentencePiece BPE (vocab %d, %s) on %d pairs", vocab_size, "joint" if joint else "separate", len(pairs))
     if joint:
         return Tokenizer(train_sentencepiece((s for pair in pairs for s in pair), vocab_size, 2 * max_sentences))

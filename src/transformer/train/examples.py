@@ -7,9 +7,13 @@ import itertools
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from transformer.data.batching import Example, encode_examples, shard, token_batches
+import torch
+
+from transformer.data.batching import Example, encode_examples, pair_lengths, shard, token_batches
+from transformer.data.cache import cache_root
 from transformer.data.corpus import Pair, load_split
-from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.data.source import read_train_pairs, train_examples, train_tokenizer
+from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 from transformer.train.distributed import Dist, share
 
@@ -19,35 +23,33 @@ class RunData:
         self.cfg, self.dist = cfg, dist
         d = cfg.data
         self.streaming = bool(d.streaming)
-        if self.streaming and d.source != "hub":
-            raise UserError(f"data.streaming=true needs data.source=hub (got {d.source!r}); other sources are read into memory")
-        train_pairs = None if self.streaming else load_split(d, "train")
+        self.cache_dir = cache_root(d, Path(cfg.run_dir))
+        train_pairs = read_train_pairs(d, need_pairs=cfg.trainer.bidirectional_epochs > 0)
+        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
+        if dist.world > 1 and not dist.main and train_pairs is None:
+            torch.distributed.barrier()  # rank 0 builds the cache, the others then map it
+        self.train_examples = train_examples(d, self.tokenizer, self.max_len, train_pairs, self.cache_dir)
+        if dist.world > 1 and dist.main and train_pairs is None:
+            torch.distributed.barrier()
+        self.both_ways_examples = self.train_examples + reverse if (reverse := self.reversed_examples(train_pairs)) else self.train_examples
         valid_pairs = load_split(d, "valid")
         if d.valid_max_sentences > 0:
             valid_pairs = valid_pairs[: d.valid_max_sentences]
-        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
-        self.train_examples = [] if train_pairs is None else self.encode(train_pairs, "train")
-        self.both_ways_examples = self.train_examples + self.reversed_examples(train_pairs)
         self.valid_examples = self.encode(valid_pairs, "valid")
         self.valid_sources = [s for s, _ in valid_pairs]
         self.valid_refs = [r for _, r in valid_pairs]
         self.valid_source_ids = self.tokenizer.encode_src(self.valid_sources)  # BLEU needs every sentence
 
     def setup_tokenizer(self, train_pairs: Optional[list[Pair]], resume: Optional[tuple[Any, dict]]) -> Tokenizer:
-        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it; a
-        streamed corpus trains it on its first ``data.tokenizer_sample`` pairs."""
+        """Reuse the run's tokenizer (resume), else train BPE on rank 0 (see
+        ``train_tokenizer``) and share it."""
         run_dir = Path(self.cfg.run_dir)
         if resume is not None:
             tok = Tokenizer.from_state(resume[1]["tokenizer"])
         else:
             tok = Tokenizer.load(run_dir)
             if tok is None and self.dist.main:
-                d = self.cfg.data
-                if train_pairs is None:
-                    from transformer.data.streaming import stream_pairs
-
-                    train_pairs = list(itertools.islice(stream_pairs(d), d.tokenizer_sample))
-                tok = build_tokenizer(train_pairs, d.vocab_size, d.joint_vocab, d.tokenizer_sample)
+                tok = train_tokenizer(self.cfg.data, train_pairs, self.cache_dir)
             tok = Tokenizer.from_state(share(tok.to_state() if self.dist.main else None, self.dist))
         if self.dist.main:
             tok.save(run_dir)
@@ -70,14 +72,14 @@ class RunData:
     def max_len(self) -> int:
         return min(self.cfg.data.max_len, self.cfg.model.max_positions)
 
-    def epoch_batches(self, epoch: int) -> Iterator[list[Example]]:
-        """This rank's batches of ``epoch``, a pure function of the seed and the epoch."""
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[list[Example]]:
+        """This rank's batches of ``epoch``, a pure function of the seed and the epoch; the
+        first ``skip`` are passed over without building their examples."""
         d, seed = self.cfg.data, self.cfg.trainer.seed
         if self.streaming:
             from transformer.data.streaming import stream_batches
 
-            return stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world)
+            return itertools.islice(stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world), skip, None)
         examples = self.both_ways_examples if epoch < self.cfg.trainer.bidirectional_epochs else self.train_examples
-        lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
-        batches = shard(token_batches(lengths, d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
-        return ([examples[i] for i in b] for b in batches)
+        batches = shard(token_batches(pair_lengths(examples), d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
+        return ([examples[i] for i in b] for b in batches[skip:])

@@ -114,7 +114,7 @@ class Trainer:
         stop = "steps" if self.progress.step >= t.max_steps else ""
         with catch_signals(self.on_signal):
             while not stop:
-                batches = itertools.islice(self.data.epoch_batches(self.progress.epoch), self.progress.batch_in_epoch, None)
+                batches = self.data.epoch_batches(self.progress.epoch, skip=self.progress.batch_in_epoch)
                 for group in chunked(batches, t.update_freq):
                     stats = self.train_step(group)
                     self.progress.batch_in_epoch += len(group)

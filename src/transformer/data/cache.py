@@ -1,0 +1,210 @@
+"""The training split of local files, tokenised once and memory-mapped (``data.cache``).
+
+The first run streams the corpus in chunks (memory bounded by a chunk, not the corpus),
+encodes it with SentencePiece (whose batch encoder runs on every core) and writes flat
+token-id arrays (uint16 when the vocabulary allows, else int32) plus int64 offsets into
+``<cache_dir>/train-<key>/``; the directory is built under a temporary name and renamed, so
+a cache is either whole or absent. Later runs, resumes and every DDP rank map the arrays
+(``np.memmap``: pages are shared, nothing is copied) and build a batch's examples from them
+when it is collated. The BPE model trained on the same corpus is kept beside it
+(``bpe-<key>/``), so a fresh run on a cached corpus starts without training or encoding.
+
+A key is a hash of everything the arrays depend on: each corpus file's path, size, mtime and
+a hash of its first and last MiB; the reading options; the tokenizer's model bytes; the
+length and ratio filters and dedup. Touching a file gives it a new key. A cache whose files
+do not match the sizes and blake2b digests in its ``meta.json`` is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from transformer.config import DataConfig
+from transformer.data.batching import Example, chunked, id_lengths, keep_mask, log_dropped
+from transformer.data.corpus import iter_train_pairs, split_files
+from transformer.data.tokenizer import BPE_SAMPLE_SEED, Tokenizer, build_tokenizer
+from transformer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the layout changes: old caches are then simply not found
+CHUNK_PAIRS = 50_000  # pairs read and encoded at a time (~20 MB of text and ids)
+EDGE_BYTES = 1 << 20  # hashed at each end of a corpus file
+SIDES = ("src", "tgt")
+
+
+class CorruptCache(Exception):
+    """A cache directory that must not be read."""
+
+
+def uses_cache(cfg: DataConfig) -> bool:
+    """Whether the training split is memory-mapped: local files, data.cache on, not streamed."""
+    return cfg.cache and cfg.source == "files" and not cfg.streaming
+
+
+def cache_root(cfg: DataConfig, run_dir: Path) -> Path:
+    """data.cache_dir, else ``cache/`` beside the run directory (``runs/<data.name>/cache``
+    with the default Hydra layout): every run, resume and sweep job on the data shares it."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir).resolve().parent / "cache"
+
+
+def file_identity(path: str) -> dict:
+    """What tells a corpus file apart without reading it all."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{path}: file not found")
+    st = p.stat()
+    h = hashlib.blake2b(digest_size=16)
+    with open(p, "rb") as f:
+        h.update(f.read(EDGE_BYTES))
+        f.seek(max(st.st_size - EDGE_BYTES, 0))
+        h.update(f.read(EDGE_BYTES))
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges": h.hexdigest()}
+
+
+def corpus_identity(cfg: DataConfig) -> dict:
+    """The training files and how they are read into pairs."""
+    reading = ("format", "src_lang", "tgt_lang", "translation_field", "src_field", "tgt_field", "dedup")
+    return {"version": VERSION, "files": [file_identity(p) for p in split_files(cfg, "train")]} | {k: getattr(cfg, k) for k in reading}
+
+
+def digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished build into place; another process that got there first wins."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
+    """The BPE model of this corpus and these tokenizer settings: read from the cache, or
+    trained on a sample of the streamed corpus and stored there."""
+    settings = {"vocab_size": cfg.vocab_size, "joint": cfg.joint_vocab, "sample": cfg.tokenizer_sample, "seed": BPE_SAMPLE_SEED}
+    directory = root / f"bpe-{digest(corpus_identity(cfg) | settings)}"
+    tok = Tokenizer.load(directory)
+    if tok is not None:
+        log.info("reusing the BPE model cached in %s", directory)
+        return tok
+    tok = build_tokenizer(iter_train_pairs(cfg), cfg.vocab_size, cfg.joint_vocab, cfg.tokenizer_sample)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    tok.save(tmp)
+    publish(tmp, directory)
+    return tok
+
+
+def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path) -> "CachedCorpus":
+    """The training split as memory-mapped examples, encoding it first if no valid cache exists."""
+    proto = hashlib.sha256(tokenizer.src_proto + b"\0" + tokenizer.tgt_proto).hexdigest()
+    key = corpus_identity(cfg) | {"tokenizer": proto, "max_len": max_len, "max_len_ratio": cfg.max_len_ratio}
+    directory = root / f"train-{digest(key)}"
+    if directory.exists():
+        try:
+            return CachedCorpus(directory)
+        except CorruptCache as e:
+            log.warning("%s: %s; rebuilding the cache", directory, e)
+            shutil.rmtree(directory, ignore_errors=True)
+    log.info("encoding %s train into %s (once: later runs map it)", cfg.name, directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.time()
+    dtype = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 1 << 16 else np.int32
+    n = write_arrays(tmp, encoded_chunks(cfg, tokenizer, max_len), dtype, key)
+    seconds = time.time() - start
+    size = sum(p.stat().st_size for p in tmp.iterdir()) / 2**20
+    log.info("encoded %d pairs in %.1f s (%.0f pairs/s): %.1f MiB on disk", n, seconds, n / max(seconds, 1e-9), size)
+    publish(tmp, directory)
+    return CachedCorpus(directory)
+
+
+def encoded_chunks(cfg: DataConfig, tokenizer: Tokenizer, max_len: int) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
+    """Kept (source ids, target ids) of the corpus, a chunk at a time; the filters' counts are
+    logged at the end, as ``encode_examples`` logs them."""
+    total = too_long = bad_ratio = 0
+    for pairs in chunked(iter_train_pairs(cfg), CHUNK_PAIRS):
+        src, tgt = tokenizer.encode_pairs(pairs)
+        kept, long = keep_mask(id_lengths(src), id_lengths(tgt), max_len, cfg.max_len_ratio)
+        total, too_long, bad_ratio = total + len(pairs), too_long + int(long.sum()), bad_ratio + int((~kept).sum() - long.sum())
+        yield list(itertools.compress(src, kept)), list(itertools.compress(tgt, kept))
+    log_dropped(f"{cfg.name} train", total, too_long, bad_ratio, max_len, cfg.max_len_ratio)
+
+
+def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[list[int]]]], dtype: type, key: dict) -> int:
+    """``src.bin``/``tgt.bin`` (ids), ``src.off.npy``/``tgt.off.npy`` (offsets), then
+    ``meta.json`` with each file's size and digest, written last; returns the pair count."""
+    hashes = {side: hashlib.blake2b(digest_size=16) for side in SIDES}
+    lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+    files = {side: open(directory / f"{side}.bin", "wb") for side in SIDES}
+    try:
+        for chunk in chunks:
+            for side, ids in zip(SIDES, chunk):
+                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype).tobytes()
+                files[side].write(flat)
+                hashes[side].update(flat)
+                lengths[side].append(id_lengths(ids))
+    finally:
+        for f in files.values():
+            f.close()
+    n = sum(map(len, lengths["src"]))
+    if n == 0:
+        raise UserError(f"{directory.parent}: every training pair was dropped by data.max_len / data.max_len_ratio")
+    meta: dict = {"pairs": n, "dtype": np.dtype(dtype).name, "key": key, "files": {}}
+    for side in SIDES:
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths[side]))]).astype(np.int64)
+        np.save(directory / f"{side}.off.npy", offsets)
+        meta["files"][f"{side}.off.npy"] = file_digest(directory / f"{side}.off.npy")
+        meta["files"][f"{side}.bin"] = {"bytes": (directory / f"{side}.bin").stat().st_size, "blake2b": hashes[side].hexdigest()}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return n
+
+
+def file_digest(path: Path) -> dict:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "blake2b": h.hexdigest()}
+
+
+class CachedCorpus(Sequence[Example]):
+    """Training examples read from the cache's arrays; ``lengths`` is the (n, 2) array batching
+    packs by (source length, target length without BOS)."""
+
+    def __init__(self, directory: Path):
+        try:
+            meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+            for name, expected in meta["files"].items():
+                if not (directory / name).is_file() or file_digest(directory / name) != expected:
+                    raise CorruptCache(f"{name} does not match meta.json (damaged or cut short)")
+            self.ids = {side: np.memmap(directory / f"{side}.bin", dtype=meta["dtype"], mode="r") for side in SIDES}
+            self.offsets = {side: np.load(directory / f"{side}.off.npy", mmap_mode="r") for side in SIDES}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptCache(f"unreadable ({e})") from None
+        self.directory = directory
+        self.lengths = np.stack([np.diff(self.offsets["src"]), np.diff(self.offsets["tgt"]) - 1], axis=1)
+        if len(self.lengths) != meta["pairs"]:
+            raise CorruptCache("offsets do not match the pair count")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        src, tgt = (self.ids[s][int(self.offsets[s][i]) : int(self.offsets[s][i + 1])].tolist() for s in SIDES)
+        return Example(src, tgt)
