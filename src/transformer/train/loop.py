@@ -39,9 +39,9 @@ from transformer.train.checkpoint import (
     CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, checkpoint_step, list_step_checkpoints,
     load_checkpoint, newest_valid_checkpoint, resolve_checkpoint,
 )
+from transformer.train.init import apply_init_from, load_init_weights
 from transformer.train.loss import label_smoothed_loss, symmetric_kl
 from transformer.train.optim import build_optimizer, lr_at, set_lr
-from transformer.vocab import PAD
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def accumulate_gradients(
         defer_sync = world > 1 and j < len(batches) - 1  # DDP all-reduces once, after the last batch
         with net.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast(device, precision):
-                keep = b.tgt_out != PAD  # (B, T)
+                keep = b.tgt_out != b.pad_id  # (B, T)
                 src, tgt_in, tgt_keep, target = b.src, b.tgt_in, keep, b.tgt_out[keep]
                 if rdrop_alpha:  # the batch twice, stacked
                     src, tgt_in, tgt_keep, target = (torch.cat([t, t]) for t in (src, tgt_in, tgt_keep, target))
@@ -167,6 +167,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         resume = self.find_resume()
+        init = apply_init_from(cfg)  # cfg.model becomes the checkpoint's
 
         self.streaming = bool(cfg.data.streaming)
         if self.streaming and cfg.data.source != "hub":
@@ -175,7 +176,7 @@ class Trainer:
         valid_pairs = load_split(cfg.data, "valid")
         if cfg.data.valid_max_sentences > 0:
             valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
-        self.tokenizer = self.setup_tokenizer(train_pairs, resume)
+        self.tokenizer = self.setup_tokenizer(train_pairs, resume or init)
         self.train_examples = [] if train_pairs is None else self.encode(train_pairs, "train")
         self.both_ways_examples = self.train_examples + self.reversed_examples(train_pairs)
         self.valid_examples = self.encode(valid_pairs, "valid")
@@ -188,6 +189,8 @@ class Trainer:
         self.model_cfg = model_cfg
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: Transformer = build_model(model_cfg).to(self.device)
+        if init is not None and resume is None:
+            load_init_weights(self.model, init)
         if t.onednn_linear and not t.compile:
             train_linears_on_onednn(self.model)  # acts on fp32 CPU calls only (autocast, CUDA: nn.Linear)
         self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped, maybe compiled
@@ -235,7 +238,7 @@ class Trainer:
         return path, load_checkpoint(path)
 
     def setup_tokenizer(self, train_pairs: Optional[list[Pair]], resume) -> Tokenizer:
-        """Reuse the run's tokenizer (resume), else train BPE on rank 0 and share it; a
+        """Reuse the run's tokenizer (resume) or trainer.init_from's, else train BPE on rank 0 and share it; a
         streamed corpus trains it on its first ``data.tokenizer_sample`` pairs."""
         if resume is not None:
             tok = Tokenizer.from_state(resume[1]["tokenizer"])
@@ -347,7 +350,7 @@ class Trainer:
         """One optimizer update over ``group`` (update_freq batches); see accumulate_gradients."""
         t = self.cfg.trainer
         self.net.train()
-        batches = [collate(examples).to(self.device) for examples in group]
+        batches = [collate(examples, self.model_cfg.pad_id).to(self.device) for examples in group]
         n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)), device=self.device)
         if self.dist.world > 1:
             dist.all_reduce(n_tokens)
@@ -527,9 +530,9 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for b in token_batches([(len(e.src), len(e.tgt)) for e in self.valid_examples], self.cfg.data.max_tokens, 0, 0, shuffle=False):
-            batch = collate([self.valid_examples[i] for i in b]).to(self.device)
+            batch = collate([self.valid_examples[i] for i in b], self.model_cfg.pad_id).to(self.device)
             with autocast(self.device, self.cfg.trainer.precision):
-                keep = batch.tgt_out != PAD
+                keep = batch.tgt_out != batch.pad_id
                 _, nll = label_smoothed_loss(self.model(batch.src, batch.tgt_in, keep), batch.tgt_out[keep], 0.0)
             total += nll.item()
             count += batch.n_tokens
