@@ -41,8 +41,21 @@ def opus_vocab(src_proto: bytes, tgt_proto: bytes, extra: Sequence[str] = (), si
     return {p: i for i, p in enumerate(pieces + ["<pad>"])}
 
 
+def spread(model: torch.nn.Module) -> torch.nn.Module:
+    """Xavier-uniform matrices (transformers' N(0, 0.02) makes a random model's output the
+    same few tokens whatever the input); the padding rows stay zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                pad = model.config.pad_token_id
+                torch.nn.init.xavier_uniform_(p)
+                if "embed_tokens" in name or "shared" in name:
+                    p[pad].zero_()
+    return model
+
+
 def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64, vocab_size: int = 0,
-                 spm_size: int = 80, seed: int = 0, eos_boost: float = 2.0, pairs: int = 300) -> Path:
+                 spm_size: int = 80, seed: int = 0, eos_boost: float = 0.5, pairs: int = 300) -> Path:
     """A random MarianMTModel with an OPUS-MT config and tokenizer in ``directory``: separate
     source.spm/target.spm, one vocab.json, swish, pad = decoder start = last id, eos = 0, a
     non-zero final_logits_bias (EOS raised by ``eos_boost`` so beams end after a few tokens)."""
@@ -64,9 +77,9 @@ def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: 
         share_encoder_decoder_embeddings=True, architectures=["MarianMTModel"],
     )
     torch.manual_seed(seed)
-    model = MarianMTModel(config)
+    model = spread(MarianMTModel(config))
     with torch.no_grad():
-        model.final_logits_bias.normal_(0.0, 0.5)
+        model.final_logits_bias.normal_(0.0, 0.1)
         model.final_logits_bias[0, 0] += eos_boost
     model.generation_config.bad_words_ids = [[pad]]
     model.save_pretrained(str(directory))
@@ -92,7 +105,7 @@ def write_m2m100(directory: Path, *, seed: int = 0, eos_boost: float = 1.5) -> P
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, architectures=["M2M100ForConditionalGeneration"],
     )
     torch.manual_seed(seed)
-    model = M2M100ForConditionalGeneration(config)
+    model = spread(M2M100ForConditionalGeneration(config))
     with torch.no_grad():  # raise EOS through the decoder's last LayerNorm bias (M2M100 has no logits bias)
         row = model.lm_head.weight[2]
         model.model.decoder.layer_norm.bias.copy_(eos_boost * row / row.norm() ** 2)

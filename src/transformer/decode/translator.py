@@ -181,6 +181,16 @@ class Translator:
             models.append(other)
         return cls([m.to(dev) for m in models], tokenizer, config)
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "auto", config: Optional[DecodeConfig] = None, **languages: Optional[str]) -> "Translator":
+        """A Hugging Face Marian/M2M100 model directory, imported in memory (``transformer-import``
+        writes the same as a checkpoint); M2M100 needs ``src_lang=`` and ``tgt_lang=``."""
+        from transformer.import_hf import import_directory
+        from transformer.train.checkpoint import model_from_checkpoint
+
+        model, tokenizer = model_from_checkpoint(import_directory(directory, **languages))
+        return cls([model.to(resolve_device(device))], tokenizer, config)
+
     def options(self, **overrides: Any) -> DecodeConfig:
         """This translator's decode settings with ``overrides`` (names of DecodeConfig)."""
         known = {f.name for f in fields(DecodeConfig)}
