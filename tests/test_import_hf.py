@@ -217,3 +217,11 @@ def test_hub_names_are_not_looked_up_offline(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["hf=Helsinki-NLP/opus-mt-en-de", f"output={tmp_path / 'x.pt'}"])
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_train_cli_names_the_contradicting_key(marian, tmp_path, cli):
+    _, checkpoint = marian
+    done = cli("train", "experiment=tiny", f"trainer.init_from={checkpoint}", "model.n_heads=2", f"run_dir={tmp_path / 'run'}",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "error: model.n_heads=2 contradicts trainer.init_from" in done.stderr

@@ -30,7 +30,7 @@ from transformer.config import ModelConfig
 from transformer.data.tokenizer import MappedTokenizer, Tokenizer
 from transformer.errors import UserError
 from transformer.model import Transformer
-from transformer.vocab import BOS, EOS, PAD, UNK, Specials
+from transformer.vocab import EOS, PAD, UNK, Specials
 
 MARIAN, M2M100 = "marian", "m2m_100"
 
@@ -98,26 +98,23 @@ def weight_names(cfg: ModelConfig, family: str) -> list[tuple[str, tuple[str, ..
         for part in ("weight", "bias"):
             table.append((f"{ours}.{part}", tuple(f"{t}.{part}" for t in theirs)))
 
+    def layer(o: str, h: str, self_sub: str, cross: bool) -> None:
+        linear(f"{o}.self_attn.qkv", *(f"{h}.self_attn.{n}_proj" for n in "qkv"))
+        linear(f"{o}.self_attn.out", f"{h}.self_attn.out_proj")
+        linear(f"{o}.{self_sub}.norm", f"{h}.self_attn_layer_norm")
+        if cross:
+            linear(f"{o}.cross_attn.q", f"{h}.encoder_attn.q_proj")
+            linear(f"{o}.cross_attn.kv", f"{h}.encoder_attn.k_proj", f"{h}.encoder_attn.v_proj")
+            linear(f"{o}.cross_attn.out", f"{h}.encoder_attn.out_proj")
+            linear(f"{o}.cross_sub.norm", f"{h}.encoder_attn_layer_norm")
+        linear(f"{o}.ffn.fc1", f"{h}.fc1")
+        linear(f"{o}.ffn.fc2", f"{h}.fc2")
+        linear(f"{o}.ffn_sub.norm", f"{h}.final_layer_norm")
+
     for i in range(cfg.n_encoder_layers):
-        o, h = f"encoder.{i}", f"model.encoder.layers.{i}"
-        linear(f"{o}.self_attn.qkv", *(f"{h}.self_attn.{n}_proj" for n in "qkv"))
-        linear(f"{o}.self_attn.out", f"{h}.self_attn.out_proj")
-        linear(f"{o}.attn_sub.norm", f"{h}.self_attn_layer_norm")
-        linear(f"{o}.ffn.fc1", f"{h}.fc1")
-        linear(f"{o}.ffn.fc2", f"{h}.fc2")
-        linear(f"{o}.ffn_sub.norm", f"{h}.final_layer_norm")
+        layer(f"encoder.{i}", f"model.encoder.layers.{i}", "attn_sub", cross=False)
     for i in range(cfg.n_decoder_layers):
-        o, h = f"decoder.{i}", f"model.decoder.layers.{i}"
-        linear(f"{o}.self_attn.qkv", *(f"{h}.self_attn.{n}_proj" for n in "qkv"))
-        linear(f"{o}.self_attn.out", f"{h}.self_attn.out_proj")
-        linear(f"{o}.self_sub.norm", f"{h}.self_attn_layer_norm")
-        linear(f"{o}.cross_attn.q", f"{h}.encoder_attn.q_proj")
-        linear(f"{o}.cross_attn.kv", f"{h}.encoder_attn.k_proj", f"{h}.encoder_attn.v_proj")
-        linear(f"{o}.cross_attn.out", f"{h}.encoder_attn.out_proj")
-        linear(f"{o}.cross_sub.norm", f"{h}.encoder_attn_layer_norm")
-        linear(f"{o}.ffn.fc1", f"{h}.fc1")
-        linear(f"{o}.ffn.fc2", f"{h}.fc2")
-        linear(f"{o}.ffn_sub.norm", f"{h}.final_layer_norm")
+        layer(f"decoder.{i}", f"model.decoder.layers.{i}", "self_sub", cross=True)
     if family == M2M100:
         linear("encoder_norm", "model.encoder.layer_norm")
         linear("decoder_norm", "model.decoder.layer_norm")
@@ -243,10 +240,10 @@ def _pieces(vocab: dict[str, int]) -> list[str]:
     return [piece for piece, _ in sorted(vocab.items(), key=lambda item: item[1])]
 
 
-def _ct2_loader(family: str) -> Any:
+def _ct2_loader(family: str, pad_id: int = PAD) -> Any:
     """A CTranslate2 loader for our exports. The stock Marian loader assumes OPUS-MT conventions
     (PAD is the last piece and dropped; the decoder starts from a zero vector) and the stock
-    M2M100 loader assumes PAD=1; ours start from BOS and have PAD=0."""
+    M2M100 loader assumes PAD=1; ours start from BOS and have PAD=0 (an imported model: its own ids)."""
     from ctranslate2.converters.transformers import BartLoader
 
     class ExportLoader(BartLoader):
@@ -261,7 +258,7 @@ def _ct2_loader(family: str) -> Any:
 
         def set_position_encodings(self, spec, module):
             # Marian's table starts at position 0; M2M100's row PAD+1 holds the first position.
-            spec.encodings = module.weight if family == MARIAN else module.weights[PAD + 1 :]
+            spec.encodings = module.weight if family == MARIAN else module.weights[pad_id + 1 :]
 
         def get_vocabulary(self, model, tokenizer):
             target = tokenizer.target_encoder if tokenizer.separate_vocabs else tokenizer.encoder
@@ -273,8 +270,9 @@ def _ct2_loader(family: str) -> Any:
 
         def set_config(self, config, model, tokenizer):
             pieces = _pieces(tokenizer.target_encoder if tokenizer.separate_vocabs else tokenizer.encoder)
-            config.bos_token, config.eos_token, config.unk_token = pieces[BOS], pieces[EOS], pieces[UNK]
-            config.decoder_start_token = pieces[BOS]
+            start, eos = model.config.decoder_start_token_id, model.config.eos_token_id
+            config.bos_token, config.eos_token, config.unk_token = pieces[start], pieces[eos], tokenizer.unk_token
+            config.decoder_start_token = pieces[start]
 
     return ExportLoader()
 
@@ -293,7 +291,7 @@ def convert_ct2(hf_dir: str | Path, output: str | Path, quantization: Optional[s
         def _load(self):
             model = AutoModelForSeq2SeqLM.from_pretrained(self._model_name_or_path)
             tokenizer = MarianTokenizer.from_pretrained(self._model_name_or_path)
-            return _ct2_loader(model.config.model_type)(model, tokenizer)
+            return _ct2_loader(model.config.model_type, model.config.pad_token_id)(model, tokenizer)
 
     return Path(ExportConverter(str(hf_dir)).convert(str(output), quantization=quantization, force=force))
 
