@@ -13,6 +13,7 @@ memory is its own. Prints a markdown table with speed ratios against HF.
     python scripts/bench_decode.py --train-tiny                    # no checkpoint: train a small builtin model first
     python scripts/bench_decode.py --hf opus-mt-en-de --limit 48   # a Hugging Face Marian directory, imported
     python scripts/bench_decode.py --make-opus-like runs/opus-random  # a random model of opus-mt-en-de's shapes
+    python scripts/bench_decode.py --hf runs/opus-random --src none --max-len 24   # ... on the builtin test split
 
 With ``--hf DIR`` the model is imported (transformer-import) for ours, HF generate() runs on
 DIR itself and CTranslate2 on the stock conversion of DIR.
@@ -40,7 +41,8 @@ import torch  # noqa: E402
 from transformer.config import DataConfig, DecodeConfig  # noqa: E402
 from transformer.data.batching import pad  # noqa: E402
 from transformer.data.corpus import load_files, load_split  # noqa: E402
-from transformer.decode.translator import length_batches, translate_ids  # noqa: E402
+from transformer.decode.translator import length_batches, packs_weights, translate_ids  # noqa: E402
+from transformer.model.prepack import packed_for_cpu  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
 from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
@@ -71,6 +73,8 @@ def decode_ours(checkpoint: str, cfg: DecodeConfig):
 
     model, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
     model.eval()
+    if packs_weights(cfg, torch.device("cpu")):
+        model = packed_for_cpu(model)  # once, as Translator does (translate_ids would repack per call)
 
     def run(ids: list[list[int]]) -> list[list[int]]:
         return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg)]
@@ -135,6 +139,8 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     system, beam = args.run_one.split(":")
     cfg = search_config(int(beam), args.batch_tokens)
+    if args.max_len:  # every system generates at most this many tokens per sentence
+        cfg = replace(cfg, max_len_a=0.0, max_len_b=args.max_len)
     if system.endswith("-bf16"):
         cfg = replace(cfg, precision="bf16")
     model, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
@@ -237,7 +243,7 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
         for system in args.systems:
             cmd = [sys.executable, __file__, f"--run-one={system}:{beam}", f"--checkpoint={args.checkpoint}", f"--src={args.src}",
                    f"--ref={args.ref}", f"--threads={args.threads}", f"--limit={args.limit}", f"--batch-tokens={args.batch_tokens}",
-                   f"--export={export_dir}", f"--ct2={work / 'ct2'}"] + ([f"--hf={args.hf}"] if args.hf else [])
+                   f"--export={export_dir}", f"--ct2={work / 'ct2'}", f"--max-len={args.max_len}"] + ([f"--hf={args.hf}"] if args.hf else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
@@ -259,6 +265,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="source tokens per batch, for every system")
     parser.add_argument("--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}")
     parser.add_argument("--hf", help="a Hugging Face Marian model directory to import and benchmark (instead of --checkpoint)")
+    parser.add_argument("--max-len", type=int, default=0, help="at most N tokens per sentence for every system (0: 1.5 * source + 10; "
+                        "a random model never ends a sentence, and HF's limit is per batch, not per sentence)")
     parser.add_argument("--make-opus-like", metavar="DIR", help="write a random MarianMTModel of opus-mt-en-de's shapes to DIR and exit")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess

@@ -201,6 +201,8 @@ def edit_config(**changes):
     (edit_config(add_bias_logits=True), "add_bias_logits=True"),
     (edit_config(normalize_embedding=True), "normalize_embedding=True"),
     (lambda d: (d / "model.safetensors").write_bytes(b"junk"), "unreadable weights"),
+    (lambda d: (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "d_model"})), "no d_model field"),
+    (edit_config(model_type="bart"), "model_type='bart'"),
 ])
 def test_broken_directory_is_one_error_line(marian, tmp_path, capsys, edit, message):
     directory, _ = marian

@@ -221,7 +221,10 @@ def import_directory(directory: str | Path, src_lang: Optional[str] = None, tgt_
     config, weights = read_directory(directory)
     family = family_of(config)
     config = DEFAULTS[family] | config
-    cfg = model_config(config, family)
+    try:
+        cfg = model_config(config, family)
+    except KeyError as e:
+        raise UserError(f"{directory / 'config.json'}: no {e.args[0]} field") from None
     saved = Tokenizer.load(directory)
     if saved is not None:
         tokenizer = saved
