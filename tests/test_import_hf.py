@@ -219,6 +219,10 @@ def test_hub_names_are_not_looked_up_offline(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["hf=Helsinki-NLP/opus-mt-en-de", f"output={tmp_path / 'x.pt'}"])
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"hf={tmp_path / 'missing'}", f"output={tmp_path / 'x.pt'}"])
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("missing: no such directory") and len(err.splitlines()) == 1
 
 
 def test_train_cli_names_the_contradicting_key(marian, tmp_path, cli):

@@ -253,13 +253,18 @@ def resolve_source(source: str) -> Path:
         return path
     if path.exists():
         raise UserError(f"hf={source}: a file, not a model directory")
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not a hub name (org/name)
+        raise UserError(f"hf={source}: no such directory")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise UserError(f"hf={source}: no such directory, and HF_HUB_OFFLINE is set, so it is not looked up on the hub")
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="transformer-import-"))
-    AutoModelForSeq2SeqLM.from_pretrained(source).save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(source).save_pretrained(str(tmp))
+    try:
+        AutoModelForSeq2SeqLM.from_pretrained(source).save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(source).save_pretrained(str(tmp))
+    except Exception as e:
+        raise UserError(f"hf={source}: no such directory, and transformers could not load it from the hub ({first_line(e)})") from None
     return tmp
 
 
