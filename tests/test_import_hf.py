@@ -231,3 +231,21 @@ def test_train_cli_names_the_contradicting_key(marian, tmp_path, cli):
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert done.returncode == 2
     assert "error: model.n_heads=2 contradicts trainer.init_from" in done.stderr
+
+
+def test_checkpoints_without_the_new_model_keys_still_load():
+    """Checkpoints written before the import options existed get their defaults (ids 0-3,
+    embeddings scaled, no logits bias) and compute what they computed."""
+    from test_decode import random_sources, tiny_model, tiny_tokenizer
+
+    from transformer.train.checkpoint import FORMAT
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(vocab=tokenizer.src_vocab_size)
+    new_keys = ("scale_embedding", "final_logits_bias", "pad_id", "bos_id", "eos_id", "forced_bos_id")
+    old_config = {k: v for k, v in vars(model.cfg).items() if k not in new_keys}
+    old = {"format": FORMAT, "model": model.state_dict(), "model_config": old_config, "tokenizer": tokenizer.to_state()}
+    reloaded = model_from_checkpoint(old)[0].eval()
+    src, tgt = pad(random_sources([5, 3], vocab=tokenizer.src_vocab_size)), torch.tensor([[2, 7, 9], [2, 5, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(src, tgt), model(src, tgt), atol=0, rtol=0)
