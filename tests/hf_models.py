@@ -55,16 +55,21 @@ def spread(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64, vocab_size: int = 0,
-                 spm_size: int = 80, seed: int = 0, eos_boost: float = 0.5, pairs: int = 300) -> Path:
+                 spm_size: int = 80, seed: int = 0, eos_boost: float = 0.5, pairs: int = 300, separate: bool = False) -> Path:
     """A random MarianMTModel with an OPUS-MT config and tokenizer in ``directory``: separate
     source.spm/target.spm, one vocab.json, swish, pad = decoder start = last id, eos = 0, a
-    non-zero final_logits_bias (EOS raised by ``eos_boost`` so beams end after a few tokens)."""
+    non-zero final_logits_bias (EOS raised by ``eos_boost`` so beams end after a few tokens).
+    ``separate``: vocab.json for the source, target_vocab.json for the target (two embeddings)."""
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
 
     data = generate_pairs(pairs, seed=7)
     src_proto, tgt_proto = train_spm([s for s, _ in data], spm_size), train_spm([t for _, t in data], spm_size)
     vocab = opus_vocab(src_proto, tgt_proto, [">>deu<<", ">>nld<<"], vocab_size)
+    target_vocab = opus_vocab(tgt_proto, tgt_proto, (), len(vocab)) if separate else None
     directory.mkdir(parents=True, exist_ok=True)
+    if separate:
+        vocab = opus_vocab(src_proto, src_proto, [">>deu<<", ">>nld<<"], len(target_vocab))
+        (directory / "target_vocab.json").write_text(json.dumps(target_vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "source.spm").write_bytes(src_proto)
     (directory / "target.spm").write_bytes(tgt_proto)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -74,7 +79,7 @@ def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: 
         encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
         activation_function="swish", max_position_embeddings=512 if d_model >= 256 else 64, scale_embedding=True,
         pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0, dropout=0.0,
-        share_encoder_decoder_embeddings=True, architectures=["MarianMTModel"],
+        share_encoder_decoder_embeddings=not separate, architectures=["MarianMTModel"],
     )
     torch.manual_seed(seed)
     model = spread(MarianMTModel(config))
@@ -83,7 +88,10 @@ def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: 
         model.final_logits_bias[0, 0] += eos_boost
     model.generation_config.bad_words_ids = [[pad]]
     model.save_pretrained(str(directory))
-    MarianTokenizer(str(directory / "source.spm"), str(directory / "target.spm"), str(directory / "vocab.json")).save_pretrained(str(directory))
+    MarianTokenizer(
+        str(directory / "source.spm"), str(directory / "target.spm"), str(directory / "vocab.json"),
+        target_vocab_file=str(directory / "target_vocab.json") if separate else None, separate_vocabs=separate,
+    ).save_pretrained(str(directory))
     return directory
 
 
