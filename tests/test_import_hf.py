@@ -44,7 +44,9 @@ def marian(tmp_path_factory):
 def marian_separate(tmp_path_factory):
     """An OPUS-MT model with separate vocabularies (vocab.json, target_vocab.json)."""
     root = tmp_path_factory.mktemp("marian_separate")
-    directory = write_marian(root / "hf", separate=True, seed=1)  # seed 0's beams run into the length limit
+    directory = write_marian(root / "hf", separate=True, seed=1)
+    # (seed 0: its best beams run into the length limit, where HF scores the forced EOS as log-prob 0
+    # and we keep the model's, so the two pick different beams there)
     return directory, import_hf(str(directory), str(root / "imported.pt"))
 
 
@@ -110,8 +112,6 @@ def test_greedy_and_beam_equal_generate(which, request):
     assert [h[0].tokens for h in greedy] == hf_generate(directory, src, model, num_beams=1)
     cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN)
     beam = [h[0].tokens for h in translate_ids([model], ids, cfg)]
-    # HF gives a forced EOS log-prob 0 where we keep the model's: compare where no beam needed it.
-    assert all(len(t) < MAX_LEN for t in beam)
     assert beam == hf_generate(directory, src, model, num_beams=4, length_penalty=1.0, early_stopping=True)
     assert len({len(t) for t in beam}) > 1 and max(map(len, beam)) > 3  # varied outputs, not one token
 
