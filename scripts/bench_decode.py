@@ -11,6 +11,12 @@ memory is its own. Prints a markdown table with speed ratios against HF.
     python scripts/bench_decode.py                                 # runs/multi30k on Multi30k test2016
     python scripts/bench_decode.py --checkpoint runs/x --limit 300 --beam 5
     python scripts/bench_decode.py --train-tiny                    # no checkpoint: train a small builtin model first
+    python scripts/bench_decode.py --hf opus-mt-en-de --limit 48   # a Hugging Face Marian directory, imported
+    python scripts/bench_decode.py --make-opus-like runs/opus-random  # a random model of opus-mt-en-de's shapes
+    python scripts/bench_decode.py --hf runs/opus-random --src none --max-len 24   # ... on the builtin test split
+
+With ``--hf DIR`` the model is imported (transformer-import) for ours, HF generate() runs on
+DIR itself and CTranslate2 on the stock conversion of DIR.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ import torch  # noqa: E402
 from transformer.config import DataConfig, DecodeConfig  # noqa: E402
 from transformer.data.batching import pad  # noqa: E402
 from transformer.data.corpus import load_files, load_split  # noqa: E402
-from transformer.decode.translator import length_batches, translate_ids  # noqa: E402
+from transformer.decode.translator import length_batches, packs_weights, translate_ids  # noqa: E402
+from transformer.model.prepack import packed_for_cpu  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.hardware import class_line, emulate_isa  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
-from transformer.vocab import BOS, EOS, PAD  # noqa: E402
+from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
+from transformer.vocab import Specials  # noqa: E402
 
 SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8", "ours-bf16", "hf-bf16")  # -bf16: bf16 autocast
 TINY_RUN = "runs/bench-tiny"
@@ -66,6 +74,8 @@ def decode_ours(checkpoint: str, cfg: DecodeConfig):
 
     model, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
     model.eval()
+    if packs_weights(cfg, torch.device("cpu")):
+        model = packed_for_cpu(model)  # once, as Translator does (translate_ids would repack per call)
 
     def run(ids: list[list[int]]) -> list[list[int]]:
         return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg)]
@@ -73,7 +83,7 @@ def decode_ours(checkpoint: str, cfg: DecodeConfig):
     return run
 
 
-def decode_hf(export_dir: str, cfg: DecodeConfig):
+def decode_hf(export_dir: str, cfg: DecodeConfig, specials: Specials):
     from transformers import AutoModelForSeq2SeqLM
 
     model = AutoModelForSeq2SeqLM.from_pretrained(export_dir).eval()
@@ -82,35 +92,42 @@ def decode_hf(export_dir: str, cfg: DecodeConfig):
     def run(ids: list[list[int]]) -> list[list[int]]:
         out: list = [None] * len(ids)
         for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
-            src = pad([ids[i] for i in batch])
+            src = pad([ids[i] for i in batch], specials.pad)
             with autocast(src.device, cfg.precision):
                 seqs = model.generate(
-                    input_ids=src, attention_mask=(src != PAD).long(), num_beams=cfg.beam_size, do_sample=False,
+                    input_ids=src, attention_mask=(src != specials.pad).long(), num_beams=cfg.beam_size, do_sample=False,
                     length_penalty=cfg.length_penalty, early_stopping=True, max_new_tokens=max_new_tokens([ids[i] for i in batch], cfg),
+                    suppress_tokens=list(specials.never_generated),
                 )
             for i, row in zip(batch, seqs[:, 1:].tolist()):
-                out[i] = row[: row.index(EOS) + 1] if EOS in row else row
+                out[i] = row[: row.index(specials.eos) + 1] if specials.eos in row else row
         return out
 
     return run
 
 
-def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer):
+def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer, stock: bool = False):
+    """``stock``: a conversion by CTranslate2's own Marian loader, whose vocabulary has no <pad>."""
     import ctranslate2
 
     translator = ctranslate2.Translator(ct2_dir, device="cpu", inter_threads=1, intra_threads=threads)
+    if isinstance(tokenizer, MappedTokenizer):
+        src_piece, tgt_id = tokenizer.src_vocab.__getitem__, tokenizer.tgt_index.__getitem__
+    else:
+        src_piece, tgt_id = tokenizer.src.id_to_piece, tokenizer.tgt.piece_to_id
+    suppress = None if stock else [["<pad>"], ["<s>"]]
 
     def run(ids: list[list[int]]) -> list[list[int]]:
         out: list = [None] * len(ids)
         for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
-            pieces = [[tokenizer.src.id_to_piece(t) for t in ids[i]] for i in batch]
+            pieces = [[src_piece(t) for t in ids[i]] for i in batch]
             results = translator.translate_batch(
                 pieces, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, min_decoding_length=0,
-                max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg), suppress_sequences=[["<pad>"], ["<s>"]],
+                max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg), suppress_sequences=suppress,
                 return_end_token=True,
             )
             for i, r in zip(batch, results):
-                out[i] = [tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]]
+                out[i] = [tgt_id(p) for p in r.hypotheses[0]]
         return out
 
     return run
@@ -123,18 +140,21 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     system, beam = args.run_one.split(":")
     cfg = search_config(int(beam), args.batch_tokens)
+    if args.max_len:  # every system generates at most this many tokens per sentence
+        cfg = replace(cfg, max_len_a=0.0, max_len_b=args.max_len)
     if system.endswith("-bf16"):
         cfg = replace(cfg, precision="bf16")
-    _, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
+    model, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
+    specials = model.specials
     sources, references = load_files(args.src, args.ref)
     sources, references = sources[: args.limit or None], references[: args.limit or None]
     src_ids = tokenizer.encode_src(sources)
     if system.startswith("ours"):
         run = decode_ours(args.checkpoint, cfg)
     elif system.startswith("hf"):
-        run = decode_hf(args.export, cfg)
+        run = decode_hf(args.export, cfg, specials)
     else:
-        run = decode_ct2(args.ct2 + system[len("ct2"):], cfg, args.threads, tokenizer)
+        run = decode_ct2(args.ct2 + system[len("ct2"):], cfg, args.threads, tokenizer, stock=bool(args.hf))
     run(src_ids[:8])  # warm-up: lazy init, allocator
     before = rss_mib()
     start = time.perf_counter()
@@ -142,7 +162,7 @@ def run_one(args) -> dict:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hyps = tokenizer.decode_tgt(outputs)
-    tokens = sum(len([t for t in o if t not in (EOS, PAD, BOS)]) for o in outputs)
+    tokens = sum(len([t for t in o if t not in (specials.eos, specials.pad, specials.bos)]) for o in outputs)
     return {
         "system": system, "beam": int(beam), "sentences": len(src_ids), "seconds": seconds,
         "sent_per_s": len(src_ids) / seconds, "tok_per_s": tokens / seconds,
@@ -188,6 +208,8 @@ def benchmark(args, work: Path) -> list[dict]:
     """Export and convert once, then every (system, beam) in its own subprocess."""
     from transformer.export import convert_ct2, export
 
+    if args.hf:
+        return benchmark_hf(args, work)
     if not Path(args.checkpoint).exists():
         if not Path(TINY_RUN, "checkpoints", "best.pt").exists():
             train_tiny(TINY_RUN)
@@ -197,12 +219,32 @@ def benchmark(args, work: Path) -> list[dict]:
     if any(s.startswith("ct2") for s in args.systems):
         convert_ct2(export_dir, work / "ct2-fp32")
         convert_ct2(export_dir, work / "ct2-int8", quantization="int8")
+    return run_all(args, export_dir, work)
+
+
+def benchmark_hf(args, work: Path) -> list[dict]:
+    """A Hugging Face Marian directory: imported for ours, as it is for HF, stock-converted for CTranslate2."""
+    from transformer.import_hf import import_hf
+
+    args.checkpoint = str(import_hf(args.hf, str(work / "imported.pt")))
+    if not Path(args.src).exists():
+        args.src, args.ref = builtin_test_files(work)
+    if any(s.startswith("ct2") for s in args.systems):
+        from ctranslate2.converters import TransformersConverter
+
+        TransformersConverter(args.hf).convert(str(work / "ct2-fp32"), force=True)
+        TransformersConverter(args.hf).convert(str(work / "ct2-int8"), quantization="int8", force=True)
+    return run_all(args, args.hf, work)
+
+
+def run_all(args, export_dir, work: Path) -> list[dict]:
+    """Every (system, beam) in its own subprocess."""
     rows = []
     for beam in args.beam:
         for system in args.systems:
             cmd = [sys.executable, __file__, f"--run-one={system}:{beam}", f"--checkpoint={args.checkpoint}", f"--src={args.src}",
                    f"--ref={args.ref}", f"--threads={args.threads}", f"--limit={args.limit}", f"--batch-tokens={args.batch_tokens}",
-                   f"--export={export_dir}", f"--ct2={work / 'ct2'}"]
+                   f"--export={export_dir}", f"--ct2={work / 'ct2'}", f"--max-len={args.max_len}"] + ([f"--hf={args.hf}"] if args.hf else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
@@ -223,6 +265,10 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--batch-tokens", type=int, default=4096, help="source tokens per batch, for every system")
     parser.add_argument("--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}")
+    parser.add_argument("--hf", help="a Hugging Face Marian model directory to import and benchmark (instead of --checkpoint)")
+    parser.add_argument("--max-len", type=int, default=0, help="at most N tokens per sentence for every system (0: 1.5 * source + 10; "
+                        "a random model never ends a sentence, and HF's limit is per batch, not per sentence)")
+    parser.add_argument("--make-opus-like", metavar="DIR", help="write a random MarianMTModel of opus-mt-en-de's shapes to DIR and exit")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--isa", default=os.environ.get("BENCH_ISA", "native"), help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
@@ -233,7 +279,15 @@ def main() -> None:
     if args.run_one:
         print(json.dumps(run_one(args)))
         return
-    if not Path(args.checkpoint).exists() and not args.train_tiny:
+    if args.make_opus_like:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from hf_models import write_marian
+
+        # opus-mt-en-de: d_model 512, 6+6 layers, 8 heads, FFN 2048, 58,101 pieces
+        write_marian(Path(args.make_opus_like), d_model=512, layers=6, heads=8, ffn=2048, vocab_size=58101, spm_size=4000, pairs=5000)
+        print(f"random OPUS-MT-shaped model: {args.make_opus_like}")
+        return
+    if not args.hf and not Path(args.checkpoint).exists() and not args.train_tiny:
         print(f"no trained checkpoint at {args.checkpoint}: train one (make multi30k), pass --checkpoint, or add --train-tiny", file=sys.stderr)
         sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:

@@ -20,7 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("auto", "true", "false")
 # every enumerated key, checked by ``validate`` when a command starts
 CHOICES = {
-    "model": {"activation": ("relu", "gelu"), "positional": ("sinusoidal", "sinusoidal_fairseq", "learned")},
+    "model": {"activation": ("relu", "gelu", "silu"), "positional": ("sinusoidal", "sinusoidal_fairseq", "learned")},
     "data": {"source": ("builtin", "files", "hub"), "format": ("text", "tsv", "jsonl")},
     "trainer": {"schedule": ("inverse_sqrt", "cosine", "noam", "constant"), "precision": PRECISIONS, "onednn_linear": SWITCHES},
     "decode": {"precision": PRECISIONS, "prepack": SWITCHES, "lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")},
@@ -41,14 +41,21 @@ class ModelConfig:
     activation_dropout: float = 0.0  # inside the feed-forward block
     src_word_dropout: float = 0.0  # whole source token embeddings zeroed in training (Marian's --dropout-src)
     tgt_word_dropout: float = 0.0  # whole decoder-input token embeddings zeroed in training (--dropout-trg)
-    activation: str = "relu"  # relu | gelu
+    activation: str = "relu"  # relu | gelu | silu (x * sigmoid(x): OPUS-MT's swish)
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
-    positional: str = "sinusoidal"  # sinusoidal | sinusoidal_fairseq | learned (the choices: CHOICES above)
+    positional: str = "sinusoidal"  # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned
     max_positions: int = 1024  # longest sequence (in subwords, with BOS/EOS) the model accepts
     share_embeddings: bool = True  # one embedding for source and target (needs a joint vocabulary)
     tie_output: bool = True  # output projection shares the target embedding matrix
     src_vocab_size: int = 0  # filled from the tokenizer at training time
     tgt_vocab_size: int = 0  # filled from the tokenizer at training time
+    # Options for imported models (transformer-import); the defaults are what training here builds.
+    scale_embedding: bool = True  # token embeddings times sqrt(d_model)
+    final_logits_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
+    pad_id: int = 0  # special ids (transformer.vocab); Marian: pad = decoder start = last id, eos 0
+    bos_id: int = 2  # the decoder's first input (decoder_start_token_id)
+    eos_id: int = 3  # end of sentence
+    forced_bos_id: int = -1  # forced first output token (M2M100's target language); -1: none
 
 
 @dataclass
@@ -138,6 +145,7 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults on big tensors; ~10% faster)
     resume: Optional[str] = None  # run directory or checkpoint to continue from
+    init_from: Optional[str] = None  # start from this checkpoint's weights, tokenizer and model config (fresh optimizer; resume wins)
     progress: bool = True  # show a tqdm progress bar
 
 

@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from omegaconf import MISSING
 from torch import Tensor
 
 from transformer.config import ModelConfig
-from transformer.data.tokenizer import Tokenizer
+from transformer.data.tokenizer import MappedTokenizer, Tokenizer
 from transformer.errors import UserError
 from transformer.model import Transformer
-from transformer.vocab import BOS, EOS, PAD, UNK
+from transformer.vocab import EOS, PAD, UNK, Specials
 
 MARIAN, M2M100 = "marian", "m2m_100"
 
@@ -59,6 +58,8 @@ def hf_family(cfg: ModelConfig) -> str:
             "pre-norm models export as M2M100, which shares one embedding between source and target: "
             "train with model.share_embeddings=true and data.joint_vocab=true (or post-norm, which Marian exports either way)"
         )
+    if cfg.final_logits_bias:
+        raise UserError("model.final_logits_bias=true: M2M100, which pre-norm models export as, has no output bias")
     return M2M100
 
 
@@ -72,10 +73,12 @@ def hf_config(cfg: ModelConfig, family: str) -> Any:
         encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
         encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function=cfg.activation,
         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=True,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, decoder_start_token_id=BOS, forced_eos_token_id=EOS,
-        tie_word_embeddings=cfg.tie_output,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=cfg.scale_embedding,
+        pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, decoder_start_token_id=cfg.bos_id,
+        forced_eos_token_id=cfg.eos_id, tie_word_embeddings=cfg.tie_output,
     )
+    if cfg.forced_bos_id >= 0:
+        common["forced_bos_token_id"] = cfg.forced_bos_id
     if family == MARIAN:
         return MarianConfig(
             **common, decoder_vocab_size=cfg.tgt_vocab_size, share_encoder_decoder_embeddings=cfg.share_embeddings,
@@ -84,50 +87,64 @@ def hf_config(cfg: ModelConfig, family: str) -> Any:
     return M2M100Config(**common, architectures=["M2M100ForConditionalGeneration"])
 
 
-def _linear(prefix: str, weight: Tensor, bias: Tensor) -> dict[str, Tensor]:
-    return {f"{prefix}.weight": weight, f"{prefix}.bias": bias}
+def weight_names(cfg: ModelConfig, family: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The name table shared by export and import: each of our weights with the transformers
+    tensors it is made of, concatenated along the first dimension (fused q|k|v and k|v
+    projections). Embeddings and the output layer are in ``embedding_names``."""
+    table: list[tuple[str, tuple[str, ...]]] = []
+
+    def linear(ours: str, *theirs: str) -> None:
+        for part in ("weight", "bias"):
+            table.append((f"{ours}.{part}", tuple(f"{t}.{part}" for t in theirs)))
+
+    def layer(o: str, h: str, self_sub: str, cross: bool) -> None:
+        linear(f"{o}.self_attn.qkv", *(f"{h}.self_attn.{n}_proj" for n in "qkv"))
+        linear(f"{o}.self_attn.out", f"{h}.self_attn.out_proj")
+        linear(f"{o}.{self_sub}.norm", f"{h}.self_attn_layer_norm")
+        if cross:
+            linear(f"{o}.cross_attn.q", f"{h}.encoder_attn.q_proj")
+            linear(f"{o}.cross_attn.kv", f"{h}.encoder_attn.k_proj", f"{h}.encoder_attn.v_proj")
+            linear(f"{o}.cross_attn.out", f"{h}.encoder_attn.out_proj")
+            linear(f"{o}.cross_sub.norm", f"{h}.encoder_attn_layer_norm")
+        linear(f"{o}.ffn.fc1", f"{h}.fc1")
+        linear(f"{o}.ffn.fc2", f"{h}.fc2")
+        linear(f"{o}.ffn_sub.norm", f"{h}.final_layer_norm")
+
+    for i in range(cfg.n_encoder_layers):
+        layer(f"encoder.{i}", f"model.encoder.layers.{i}", "attn_sub", cross=False)
+    for i in range(cfg.n_decoder_layers):
+        layer(f"decoder.{i}", f"model.decoder.layers.{i}", "self_sub", cross=True)
+    if family == M2M100:
+        linear("encoder_norm", "model.encoder.layer_norm")
+        linear("decoder_norm", "model.decoder.layer_norm")
+    return table
 
 
-def _norm(prefix: str, norm: torch.nn.LayerNorm) -> dict[str, Tensor]:
-    return _linear(prefix, norm.weight, norm.bias)
-
-
-def _attention(prefix: str, names: Sequence[str], fused: torch.nn.Linear, out: torch.nn.Linear) -> dict[str, Tensor]:
-    """A fused projection (rows q|k|v or k|v) as separate q_proj/k_proj/v_proj, plus out_proj."""
-    parts = zip(names, fused.weight.chunk(len(names)), fused.bias.chunk(len(names)))
-    state = {k: v for name, w, b in parts for k, v in _linear(f"{prefix}.{name}_proj", w, b).items()}
-    return state | _linear(f"{prefix}.out_proj", out.weight, out.bias)
+def embedding_names(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """Our embedding and output weights with every transformers name that holds a copy: export
+    writes them all (with tie_word_embeddings=false transformers unties the shared ones too),
+    import reads the first one present (files saved by transformers leave tied copies out)."""
+    shared = ("model.shared.weight",) if cfg.share_embeddings else ()
+    tgt = ("model.decoder.embed_tokens.weight",) + shared
+    names = [
+        ("src_embed.tokens.weight", ("model.encoder.embed_tokens.weight",) + shared),
+        ("tgt_embed.tokens.weight", tgt),
+        ("output.weight", ("lm_head.weight",) + (tgt if cfg.tie_output else ())),
+    ]
+    if cfg.final_logits_bias:
+        names.append(("output.bias", ("final_logits_bias",)))  # (1, V) in transformers
+    return names
 
 
 def hf_state_dict(model: Transformer, family: str) -> dict[str, Tensor]:
-    """Our weights under the transformers names (tied copies and fixed position tables left out)."""
+    """Our weights under the transformers names (fixed position tables left out)."""
+    ours = model.state_dict()
     state: dict[str, Tensor] = {}
-    for i, layer in enumerate(model.encoder):
-        p = f"model.encoder.layers.{i}"
-        state |= _attention(f"{p}.self_attn", "qkv", layer.self_attn.qkv, layer.self_attn.out)
-        state |= _norm(f"{p}.self_attn_layer_norm", layer.attn_sub.norm)
-        state |= _linear(f"{p}.fc1", layer.ffn.fc1.weight, layer.ffn.fc1.bias)
-        state |= _linear(f"{p}.fc2", layer.ffn.fc2.weight, layer.ffn.fc2.bias)
-        state |= _norm(f"{p}.final_layer_norm", layer.ffn_sub.norm)
-    for i, layer in enumerate(model.decoder):
-        p = f"model.decoder.layers.{i}"
-        state |= _attention(f"{p}.self_attn", "qkv", layer.self_attn.qkv, layer.self_attn.out)
-        state |= _norm(f"{p}.self_attn_layer_norm", layer.self_sub.norm)
-        state |= _linear(f"{p}.encoder_attn.q_proj", layer.cross_attn.q.weight, layer.cross_attn.q.bias)
-        state |= _attention(f"{p}.encoder_attn", "kv", layer.cross_attn.kv, layer.cross_attn.out)
-        state |= _norm(f"{p}.encoder_attn_layer_norm", layer.cross_sub.norm)
-        state |= _linear(f"{p}.fc1", layer.ffn.fc1.weight, layer.ffn.fc1.bias)
-        state |= _linear(f"{p}.fc2", layer.ffn.fc2.weight, layer.ffn.fc2.bias)
-        state |= _norm(f"{p}.final_layer_norm", layer.ffn_sub.norm)
-    if family == M2M100:
-        state |= _norm("model.encoder.layer_norm", model.encoder_norm)
-        state |= _norm("model.decoder.layer_norm", model.decoder_norm)
-    # Every copy is given: with tie_word_embeddings=false transformers unties the shared ones too.
-    state["model.encoder.embed_tokens.weight"] = model.src_embed.tokens.weight
-    state["model.decoder.embed_tokens.weight"] = model.tgt_embed.tokens.weight
-    if model.cfg.share_embeddings:
-        state["model.shared.weight"] = model.tgt_embed.tokens.weight
-    state["lm_head.weight"] = model.output.weight
+    for name, theirs in weight_names(model.cfg, family):
+        state |= dict(zip(theirs, ours[name].chunk(len(theirs))))
+    for name, theirs in embedding_names(model.cfg):
+        tensor = ours[name][None] if name == "output.bias" else ours[name]
+        state |= dict.fromkeys(theirs if name != "output.weight" else theirs[:1], tensor)
     return {k: v.detach().float().clone() for k, v in state.items()}
 
 
@@ -156,6 +173,16 @@ def _vocab(processor_proto: bytes) -> dict[str, int]:
     return {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
 
 
+def _vocabularies(tokenizer: Tokenizer) -> tuple[dict[str, int], Optional[dict[str, int]], dict[str, str]]:
+    """vocab.json, target_vocab.json (None when shared) and the unk/eos/pad pieces."""
+    if isinstance(tokenizer, MappedTokenizer):
+        index = lambda vocab: {p: i for i, p in reversed(list(enumerate(vocab)))}  # noqa: E731 (first id of a repeated piece)
+        pieces = {k: tokenizer.src_vocab[tokenizer.ids[k]] for k in ("unk", "eos", "pad")}
+        return index(tokenizer.src_vocab), None if tokenizer.joint else index(tokenizer.tgt_vocab), pieces
+    pieces = {"unk": tokenizer.src.id_to_piece(UNK), "eos": tokenizer.src.id_to_piece(EOS), "pad": tokenizer.src.id_to_piece(PAD)}
+    return _vocab(tokenizer.src_proto), None if tokenizer.joint else _vocab(tokenizer.tgt_proto), pieces
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     """SentencePiece models plus a ``MarianTokenizer`` (source.spm, target.spm, vocab.json) that
     ``AutoTokenizer`` loads for either architecture: pieces + ``</s>`` with our ids."""
@@ -165,30 +192,32 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
         src, tgt = Path(tmp, "source.spm"), Path(tmp, "target.spm")
         src.write_bytes(tokenizer.src_proto)
         tgt.write_bytes(tokenizer.tgt_proto)
-        Path(tmp, "vocab.json").write_text(json.dumps(_vocab(tokenizer.src_proto), ensure_ascii=False), encoding="utf-8")
+        src_vocab, tgt_vocab, pieces = _vocabularies(tokenizer)
+        Path(tmp, "vocab.json").write_text(json.dumps(src_vocab, ensure_ascii=False), encoding="utf-8")
         target_vocab = None
-        if not tokenizer.joint:
+        if tgt_vocab is not None:
             target_vocab = Path(tmp, "target_vocab.json")
-            target_vocab.write_text(json.dumps(_vocab(tokenizer.tgt_proto), ensure_ascii=False), encoding="utf-8")
+            target_vocab.write_text(json.dumps(tgt_vocab, ensure_ascii=False), encoding="utf-8")
         hf_tok = MarianTokenizer(
             source_spm=str(src), target_spm=str(tgt), vocab=str(Path(tmp, "vocab.json")),
             target_vocab_file=str(target_vocab) if target_vocab else None, separate_vocabs=not tokenizer.joint,
-            unk_token=tokenizer.src.id_to_piece(UNK), eos_token=tokenizer.src.id_to_piece(EOS), pad_token=tokenizer.src.id_to_piece(PAD),
+            unk_token=pieces["unk"], eos_token=pieces["eos"], pad_token=pieces["pad"],
         )
         hf_tok.save_pretrained(str(directory))
-    tokenizer.save(directory)  # spm.model (or spm.src.model + spm.tgt.model), as transformer-decode writes it
+    tokenizer.save(directory)  # our own files too (spm.model, ...; tokenizer_state.json): transformer-import reads them back
 
 
-def generation_config(beam_size: int, max_length: int) -> Any:
+def generation_config(beam_size: int, max_length: int, specials: Specials = Specials()) -> Any:
     """Defaults for ``generate()`` that mirror our search: start from BOS, never emit PAD or BOS,
     EOS forced at the last position, beam scores = log-prob / length (``lp_style=average``),
     stop a sentence once ``beam_size`` hypotheses finished (``early_stop=fairseq``)."""
     from transformers import GenerationConfig
 
+    forced = dict(forced_bos_token_id=specials.forced_bos) if specials.forced_bos >= 0 else {}
     return GenerationConfig(
         num_beams=beam_size, max_length=max_length, length_penalty=1.0, early_stopping=True,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=BOS, forced_eos_token_id=EOS,
-        suppress_tokens=[PAD, BOS],
+        bos_token_id=specials.bos, eos_token_id=specials.eos, pad_token_id=specials.pad, decoder_start_token_id=specials.bos,
+        forced_eos_token_id=specials.eos, suppress_tokens=list(specials.never_generated), **forced,
     )
 
 
@@ -198,7 +227,7 @@ def export(checkpoint: str, output: str, beam_size: int = 5, max_length: Optiona
 
     model, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
     hf = to_hf(model)
-    hf.generation_config = generation_config(beam_size, max_length or min(model.cfg.max_positions, 256))
+    hf.generation_config = generation_config(beam_size, max_length or min(model.cfg.max_positions, 256), model.specials)
     out = Path(output)
     hf.save_pretrained(str(out))
     save_hf_tokenizer(tokenizer, out)
@@ -210,10 +239,10 @@ def _pieces(vocab: dict[str, int]) -> list[str]:
     return [piece for piece, _ in sorted(vocab.items(), key=lambda item: item[1])]
 
 
-def _ct2_loader(family: str) -> Any:
+def _ct2_loader(family: str, pad_id: int = PAD) -> Any:
     """A CTranslate2 loader for our exports. The stock Marian loader assumes OPUS-MT conventions
     (PAD is the last piece and dropped; the decoder starts from a zero vector) and the stock
-    M2M100 loader assumes PAD=1; ours start from BOS and have PAD=0."""
+    M2M100 loader assumes PAD=1; ours start from BOS and have PAD=0 (an imported model: its own ids)."""
     from ctranslate2.converters.transformers import BartLoader
 
     class ExportLoader(BartLoader):
@@ -228,7 +257,7 @@ def _ct2_loader(family: str) -> Any:
 
         def set_position_encodings(self, spec, module):
             # Marian's table starts at position 0; M2M100's row PAD+1 holds the first position.
-            spec.encodings = module.weight if family == MARIAN else module.weights[PAD + 1 :]
+            spec.encodings = module.weight if family == MARIAN else module.weights[pad_id + 1 :]
 
         def get_vocabulary(self, model, tokenizer):
             target = tokenizer.target_encoder if tokenizer.separate_vocabs else tokenizer.encoder
@@ -240,8 +269,9 @@ def _ct2_loader(family: str) -> Any:
 
         def set_config(self, config, model, tokenizer):
             pieces = _pieces(tokenizer.target_encoder if tokenizer.separate_vocabs else tokenizer.encoder)
-            config.bos_token, config.eos_token, config.unk_token = pieces[BOS], pieces[EOS], pieces[UNK]
-            config.decoder_start_token = pieces[BOS]
+            start, eos = model.config.decoder_start_token_id, model.config.eos_token_id
+            config.bos_token, config.eos_token, config.unk_token = pieces[start], pieces[eos], tokenizer.unk_token
+            config.decoder_start_token = pieces[start]
 
     return ExportLoader()
 
@@ -260,7 +290,7 @@ def convert_ct2(hf_dir: str | Path, output: str | Path, quantization: Optional[s
         def _load(self):
             model = AutoModelForSeq2SeqLM.from_pretrained(self._model_name_or_path)
             tokenizer = MarianTokenizer.from_pretrained(self._model_name_or_path)
-            return _ct2_loader(model.config.model_type)(model, tokenizer)
+            return _ct2_loader(model.config.model_type, model.config.pad_token_id)(model, tokenizer)
 
     return Path(ExportConverter(str(hf_dir)).convert(str(output), quantization=quantization, force=force))
 

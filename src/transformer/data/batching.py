@@ -33,10 +33,11 @@ class Batch:
     tgt_in: Tensor  # (B, T) BOS + pieces
     tgt_out: Tensor  # (B, T) pieces + EOS
     n_tokens: int  # target tokens that count in the loss
+    pad_id: int = PAD  # the padding id (an imported model's own)
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
-        return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb), self.n_tokens)
+        return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb), self.n_tokens, self.pad_id)
 
 
 def id_lengths(ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -85,18 +86,18 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
         yield group
 
 
-def pad(seqs: Sequence[Sequence[int]]) -> Tensor:
+def pad(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> Tensor:
     """Right-pad to the longest sequence: (B, L) int64."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
 
 
-def collate(examples: Sequence[Example]) -> Batch:
-    src = pad([e.src for e in examples])
-    tgt = pad([e.tgt for e in examples])
-    return Batch(src=src, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:], n_tokens=sum(len(e.tgt) - 1 for e in examples))
+def collate(examples: Sequence[Example], pad_id: int = PAD) -> Batch:
+    src = pad([e.src for e in examples], pad_id)
+    tgt = pad([e.tgt for e in examples], pad_id)
+    return Batch(src=src, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:], n_tokens=sum(len(e.tgt) - 1 for e in examples), pad_id=pad_id)
 
 
 def token_batches(lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:

@@ -1,12 +1,14 @@
 """SentencePiece BPE, trained on the training split and carried inside every checkpoint.
 
-Ids are fixed for every model: PAD=0, UNK=1, BOS=2, EOS=3 (``transformer.vocab``).
+Ids are fixed for every model trained here: PAD=0, UNK=1, BOS=2, EOS=3 (``transformer.vocab``).
 A source sentence is encoded as pieces + EOS; a target as BOS + pieces + EOS.
+``MappedTokenizer`` carries an imported model's own vocabulary and special ids.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from pathlib import Path
@@ -86,6 +88,8 @@ class Tokenizer:
 
     @classmethod
     def from_state(cls, state: dict) -> "Tokenizer":
+        if state.get("kind") == MappedTokenizer.KIND:
+            return MappedTokenizer.from_state(state)
         return cls(state["src"], state["tgt"])
 
     def save(self, directory: Path) -> None:
@@ -100,11 +104,107 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: Path) -> Optional["Tokenizer"]:
         """The tokenizer saved in ``directory``, or None when there is none."""
+        if (directory / MappedTokenizer.STATE_FILE).exists():
+            return MappedTokenizer.load(directory)
         if (directory / "spm.model").exists():
             return cls((directory / "spm.model").read_bytes())
         if (directory / "spm.src.model").exists():
             return cls((directory / "spm.src.model").read_bytes(), (directory / "spm.tgt.model").read_bytes())
         return None
+
+
+class MappedTokenizer(Tokenizer):
+    """SentencePiece pieces looked up in a vocabulary of their own, as Hugging Face's Marian
+    (OPUS-MT) and M2M100 tokenizers do: an id is a piece's position in ``src_vocab`` /
+    ``tgt_vocab`` (one list when shared), not its SentencePiece id, and a piece missing from
+    the list is ``unk``. A ``>>xx<<`` tag opening a line (OPUS-MT's target language) is one
+    token. Sources are src_prefix + pieces + EOS, targets BOS + tgt_prefix + pieces + EOS
+    (M2M100: the language tokens); ``special`` ids are dropped when detokenizing."""
+
+    KIND = "mapped"
+    STATE_FILE = "tokenizer_state.json"  # save(): everything but the SentencePiece models
+
+    def __init__(self, src_proto: bytes, tgt_proto: bytes, src_vocab: Sequence[str], tgt_vocab: Optional[Sequence[str]], *,
+                 unk: int, eos: int, bos: int, pad: int, special: Sequence[int], src_prefix: Sequence[int] = (), tgt_prefix: Sequence[int] = ()):
+        super().__init__(src_proto, tgt_proto)
+        self.src_vocab, self.tgt_vocab = list(src_vocab), None if tgt_vocab is None else list(tgt_vocab)
+        self.ids = dict(unk=unk, eos=eos, bos=bos, pad=pad)
+        self.special, self.src_prefix, self.tgt_prefix = sorted(set(special)), list(src_prefix), list(tgt_prefix)
+        self.src_index = _first_ids(self.src_vocab)
+        self.tgt_index = self.src_index if self.tgt_vocab is None else _first_ids(self.tgt_vocab)
+
+    @property
+    def joint(self) -> bool:
+        return self.tgt_vocab is None
+
+    @property
+    def src_vocab_size(self) -> int:
+        return len(self.src_vocab)
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return len(self.src_vocab if self.tgt_vocab is None else self.tgt_vocab)
+
+    def _pieces(self, sentence: str, sp: spm.SentencePieceProcessor) -> list[str]:
+        code = []
+        if sentence.startswith(">>") and (end := sentence.find("<<")) != -1:
+            code, sentence = [sentence[: end + 2]], sentence[end + 2 :]
+        return code + sp.encode(sentence, out_type=str)
+
+    def _ids(self, pieces: list[str], index: dict[str, int]) -> list[int]:
+        return [index.get(p, self.ids["unk"]) for p in pieces]
+
+    def encode_src(self, sentences: Sequence[str]) -> list[list[int]]:
+        return [self.src_prefix + self._ids(self._pieces(s, self.src), self.src_index) + [self.ids["eos"]] for s in sentences]
+
+    def encode_tgt(self, sentences: Sequence[str]) -> list[list[int]]:
+        start = [self.ids["bos"]] + self.tgt_prefix
+        return [start + self._ids(self._pieces(s, self.tgt), self.tgt_index) + [self.ids["eos"]] for s in sentences]
+
+    def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Detokenized text; special ids are dropped."""
+        special = set(self.special)
+        return [self.tgt.decode_pieces(self.tgt_pieces([i for i in seq if i not in special])).replace("\u2581", " ").strip() for seq in ids]
+
+    def src_pieces(self, sentence: str) -> list[str]:
+        return [self.src_vocab[i] for i in self.src_prefix] + self._pieces(sentence, self.src) + [self.src_vocab[self.ids["eos"]]]
+
+    def tgt_pieces(self, ids: Sequence[int]) -> list[str]:
+        vocab = self.src_vocab if self.tgt_vocab is None else self.tgt_vocab
+        return [vocab[i] for i in ids]
+
+    def to_state(self) -> dict:
+        return {"kind": self.KIND, "src": self.src_proto, "tgt": self.tgt_proto} | self._plain_state()
+
+    def _plain_state(self) -> dict:
+        return {"src_vocab": self.src_vocab, "tgt_vocab": self.tgt_vocab, "ids": dict(self.ids), "special": self.special,
+                "src_prefix": self.src_prefix, "tgt_prefix": self.tgt_prefix}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "MappedTokenizer":
+        return cls(state["src"], state["tgt"], state["src_vocab"], state["tgt_vocab"], **state["ids"], special=state["special"],
+                   src_prefix=state["src_prefix"], tgt_prefix=state["tgt_prefix"])
+
+    def save(self, directory: Path) -> None:
+        """Write ``source.spm``, ``target.spm`` and ``tokenizer_state.json`` (vocabularies, ids)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "source.spm").write_bytes(self.src_proto)
+        (directory / "target.spm").write_bytes(self.tgt_proto)
+        (directory / self.STATE_FILE).write_text(json.dumps(self._plain_state(), ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> "MappedTokenizer":
+        state = json.loads((directory / cls.STATE_FILE).read_text(encoding="utf-8"))
+        state |= {"kind": cls.KIND, "src": (directory / "source.spm").read_bytes(), "tgt": (directory / "target.spm").read_bytes()}
+        return cls.from_state(state)
+
+
+def _first_ids(vocab: Sequence[str]) -> dict[str, int]:
+    """piece -> id, the first id where a piece occurs more than once."""
+    index: dict[str, int] = {}
+    for i, piece in enumerate(vocab):
+        index.setdefault(piece, i)
+    return index
 
 
 BPE_SAMPLE_SEED = 0  # fixed: the same corpus always gives the same sample, the same BPE model, one cache

@@ -13,7 +13,10 @@ Conventions shared by all searches:
   last allowed position only EOS may be chosen, so every hypothesis finishes.
 * ``min_len`` counts tokens before EOS: EOS gets log-prob ``-inf`` while fewer than
   ``min_len`` tokens have been generated.
-* PAD and BOS are never generated.
+* PAD and BOS are never generated (BOS is the decoder's start token; when that is EOS, as
+  in M2M100, only PAD). The ids come from ``specials`` (``transformer.vocab.Specials``);
+  ``specials.forced_bos`` >= 0 is the only possible first token, at log-prob 0 (HF's
+  ``forced_bos_token_id``: M2M100's target language).
 * Impossible choices carry ``float('-inf')``, never a large negative constant, so a
   hypothesis that would need one is recognised as dead rather than merely unlikely.
 """
@@ -27,7 +30,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from transformer.vocab import BOS, EOS, PAD
+from transformer.vocab import BOS, EOS, PAD, Specials  # noqa: F401 (BOS, EOS, PAD: the defaults, imported from here by callers)
 
 NEG_INF = float("-inf")
 
@@ -116,25 +119,29 @@ def length_penalty(length: float | Tensor, alpha: float, style: str = "gnmt") ->
 _penalty = length_penalty  # beam_search's `length_penalty` argument shadows the function
 
 
-def _src_lengths(src: Tensor) -> Tensor:
-    return (src != PAD).sum(dim=1)  # (B,)
+def _src_lengths(src: Tensor, specials: Specials) -> Tensor:
+    return (src != specials.pad).sum(dim=1)  # (B,)
 
 
-def _constrain(log_probs: Tensor, t: int, min_len: int, max_len: Tensor) -> Tensor:
+def _constrain(log_probs: Tensor, t: int, min_len: int, max_len: Tensor, specials: Specials = Specials()) -> Tensor:
     """Apply the rules of the search, in place, to the log-probs for the (t+1)-th token.
 
     max_len (N,) per row. Only whole columns and forced rows are touched (no pass over
-    all N x V values); nothing is renormalised.
+    all N x V values), except for a forced first token; nothing is renormalised.
     """
-    log_probs[:, PAD] = NEG_INF
-    log_probs[:, BOS] = NEG_INF
+    eos_id = specials.eos
+    for token in specials.never_generated:
+        log_probs[:, token] = NEG_INF
+    if t == 0 and specials.forced_bos >= 0:
+        log_probs.fill_(NEG_INF)
+        log_probs[:, specials.forced_bos] = 0.0
     if t < min_len:
-        log_probs[:, EOS] = NEG_INF
+        log_probs[:, eos_id] = NEG_INF
     force = t + 1 >= max_len  # (N,) last allowed position: EOS only
     if bool(force.any()):
-        eos = log_probs[force, EOS]
+        eos = log_probs[force, eos_id]
         log_probs[force] = NEG_INF
-        log_probs[force, EOS] = eos
+        log_probs[force, eos_id] = eos
     return log_probs
 
 
@@ -150,6 +157,7 @@ def _decode_rows(
     max_len_b: int,
     max_len_limit: int,
     min_len: int,
+    specials: Specials,
 ) -> list[list[Hypothesis]]:
     """Left-to-right decoding with one row per output; `choose` picks each row's next token.
 
@@ -160,24 +168,24 @@ def _decode_rows(
     """
     batch, device = src.size(0), src.device
     rows = torch.arange(batch * copies, device=device)  # (N,) output slot: sentence * copies + k
-    max_len = max_lengths(_src_lengths(src), max_len_a, max_len_b, max_len_limit)
+    max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)
     max_len = max_len.repeat_interleave(copies)  # (N,)
     state = scorer.start(src)
     if copies > 1:
         state = scorer.select(state, torch.arange(batch, device=device).repeat_interleave(copies))
-    tokens = torch.full((batch * copies, 1), BOS, dtype=torch.long, device=device)  # (N, t+1)
+    tokens = torch.full((batch * copies, 1), specials.bos, dtype=torch.long, device=device)  # (N, t+1)
     token_lps = torch.zeros(batch * copies, 0, device=device)  # (N, t)
     results: list[Hypothesis | None] = [None] * (batch * copies)
     t = 0
     while rows.numel() > 0:
         log_probs, state = scorer.step(state, tokens)
-        log_probs = _constrain(log_probs, t, min_len, max_len)  # (N, V)
+        log_probs = _constrain(log_probs, t, min_len, max_len, specials)  # (N, V)
         dead = ~torch.isfinite(log_probs).any(dim=1)  # (N,) nothing possible: finish now
-        choice = torch.where(dead, EOS, choose(log_probs.masked_fill(dead[:, None], 0.0)))  # (N,)
+        choice = torch.where(dead, specials.eos, choose(log_probs.masked_fill(dead[:, None], 0.0)))  # (N,)
         chosen_lp = log_probs.gather(1, choice[:, None])  # (N, 1)
         tokens = torch.cat([tokens, choice[:, None]], dim=1)
         token_lps = torch.cat([token_lps, chosen_lp], dim=1)
-        done = choice == EOS  # (N,)
+        done = choice == specials.eos  # (N,)
         if bool(done.any()):
             ended = done.nonzero().flatten()
             ended_tokens, ended_lps = tokens[ended, 1:].tolist(), token_lps[ended].tolist()
@@ -200,6 +208,7 @@ def greedy_search(
     max_len_b: int = 10,
     max_len_limit: int = 1024,
     min_len: int = 0,
+    specials: Specials = Specials(),
 ) -> list[list[Hypothesis]]:
     """The most probable next token at every step; one hypothesis per sentence.
 
@@ -207,7 +216,7 @@ def greedy_search(
     that beam search stops at its first finished hypothesis (see `beam_search`).
     """
     return _decode_rows(
-        scorer, src, 1, lambda lp: lp.argmax(dim=1), max_len_a, max_len_b, max_len_limit, min_len
+        scorer, src, 1, lambda lp: lp.argmax(dim=1), max_len_a, max_len_b, max_len_limit, min_len, specials
     )
 
 
@@ -267,6 +276,7 @@ def sample(
     max_len_b: int = 10,
     max_len_limit: int = 1024,
     min_len: int = 0,
+    specials: Specials = Specials(),
 ) -> list[list[Hypothesis]]:
     """`n` independent samples per sentence (e.g. for back-translation).
 
@@ -278,7 +288,7 @@ def sample(
     def choose(log_probs: Tensor) -> Tensor:
         return draw(filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=1), generator)  # (N,)
 
-    return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len)
+    return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len, specials)
 
 
 # ------------------------------------------------------------------------- beam search
@@ -334,6 +344,7 @@ def beam_search(
     max_len_limit: int = 1024,
     min_len: int = 0,
     early_stop: str = "exact",
+    specials: Specials = Specials(),
 ) -> list[list[Hypothesis]]:
     """Beam search over all sentences at once; `n_best` hypotheses each, best first.
 
@@ -375,9 +386,9 @@ def beam_search(
     alpha, style, k = length_penalty, lp_style, beam_size
     batch, device = src.size(0), src.device
     sentences = torch.arange(batch, device=device)  # (B',) input index of each running sentence
-    max_len = max_lengths(_src_lengths(src), max_len_a, max_len_b, max_len_limit)  # (B',)
+    max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)  # (B',)
     state = scorer.start(src)  # one row per sentence until the first step has chosen k tokens
-    tokens = torch.full((batch, 1), BOS, dtype=torch.long, device=device)  # (N, t+1), N = B' * width
+    tokens = torch.full((batch, 1), specials.bos, dtype=torch.long, device=device)  # (N, t+1), N = B' * width
     token_lps = torch.zeros(batch, 0, device=device)  # (N, t)
     scores = torch.zeros(batch, device=device)  # (N,) running log-probs
     best_finished = torch.full((batch, n_best), NEG_INF, dtype=torch.float64, device=device)  # (B', n_best) sorted
@@ -395,7 +406,7 @@ def beam_search(
             scores = torch.full((running, k), NEG_INF, device=device)
             scores[:, 0] = 0.0
             scores = scores.view(-1)
-        log_probs = _constrain(log_probs, t, min_len, max_len.repeat_interleave(width))  # (N, V)
+        log_probs = _constrain(log_probs, t, min_len, max_len.repeat_interleave(width), specials)  # (N, V)
         # A sentence's best 2k extensions are among the best 2k of each of its rows.
         row_top, row_token = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
         token_lp = row_top.view(running, -1)  # (B', width * c) log-prob of the token
@@ -405,7 +416,7 @@ def beam_search(
         source_row = flat // per_row + torch.arange(running, device=device)[:, None] * width  # (B', 2k) row in N
         token = row_token.view(running, -1).gather(1, flat)  # (B', 2k)
         token_lp = token_lp.gather(1, flat)  # (B', 2k)
-        is_eos = token == EOS
+        is_eos = token == specials.eos
 
         # Finished: EOS among the first k candidates, with a finite log-prob.
         new_finished = is_eos[:, :k] & torch.isfinite(top[:, :k])  # (B', k)
@@ -417,7 +428,7 @@ def beam_search(
             for i, j, toks, lps in zip(which.tolist(), rank.tolist(), prefixes, prefix_lps):
                 finished[int(sentences[i])].append(
                     Hypothesis(
-                        tokens=toks + [EOS], score=float(new_scores[i, j]), log_prob=float(top[i, j]),
+                        tokens=toks + [specials.eos], score=float(new_scores[i, j]), log_prob=float(top[i, j]),
                         token_log_probs=lps + [float(token_lp[i, j])],
                     )
                 )

@@ -27,7 +27,7 @@ from transformer.hardware import parse_switch, resolve_precision
 from transformer.model.kernels import onednn_shapes
 from transformer.model.prepack import packed_for_cpu
 from transformer.runtime import autocast, resolve_device
-from transformer.vocab import BOS, EOS
+from transformer.vocab import EOS, Specials
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:
     return replace(cfg, precision=resolve_precision(cfg.precision, device, "decode.precision"), prepack=parse_switch(cfg.prepack, "decode.prepack"))
 
 
-def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int) -> list[list[Hypothesis]]:
+def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int, specials: Specials = Specials()) -> list[list[Hypothesis]]:
     """Run the search ``cfg`` asks for on one padded batch."""
-    lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, max_len_limit=max_positions - 1, min_len=cfg.min_len)
+    lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, max_len_limit=max_positions - 1, min_len=cfg.min_len, specials=specials)
     if cfg.sampling:
         return sample(scorer, src, n=cfg.n_best, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths)
     if cfg.beam_size <= 1:
@@ -105,13 +105,13 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-def fit_source(ids: list[int], limit: int, line: int) -> list[int]:
+def fit_source(ids: list[int], limit: int, line: int, eos: int = EOS) -> list[int]:
     """Sources longer than the model's positions are cut (keeping EOS), with a warning:
     one over-long line must not stop a whole file."""
     if len(ids) <= limit:
         return ids
     log.warning("input line %d has %d subwords, more than model.max_positions=%d: translating its first %d", line, len(ids), limit, limit - 1)
-    return ids[: limit - 1] + [EOS]
+    return ids[: limit - 1] + [eos]
 
 
 def packs_weights(cfg: DecodeConfig, device: torch.device) -> bool:
@@ -132,16 +132,16 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
     model = models[0]
     device = next(model.parameters()).device
     cfg = resolve_decode(cfg, device)
-    limit = model.cfg.max_positions
-    src_ids = [fit_source(ids, limit, first_line + i) for i, ids in enumerate(src_ids)]
+    limit, specials = model.cfg.max_positions, model.specials
+    src_ids = [fit_source(ids, limit, first_line + i, specials.eos) for i, ids in enumerate(src_ids)]
     if packs_weights(cfg, device):
         models = pack_models(models, cfg)
     scorer = make_scorer(models, cached)
     results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
         for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
-            src = pad([src_ids[i] for i in batch]).to(device)
-            for i, hyps in zip(batch, search(scorer, src, cfg, limit)):
+            src = pad([src_ids[i] for i in batch], specials.pad).to(device)
+            for i, hyps in zip(batch, search(scorer, src, cfg, limit, specials)):
                 results[i] = hyps
     return results  # type: ignore[return-value]
 
@@ -194,6 +194,16 @@ class Translator:
             other, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(str(extra))), tokenizer)
             models.append(other)
         return cls([m.to(dev) for m in models], tokenizer, config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "auto", config: Optional[DecodeConfig] = None, **languages: Optional[str]) -> "Translator":
+        """A Hugging Face Marian/M2M100 model directory, imported in memory (``transformer-import``
+        writes the same as a checkpoint); M2M100 needs ``src_lang=`` and ``tgt_lang=``."""
+        from transformer.import_hf import import_directory
+        from transformer.train.checkpoint import model_from_checkpoint
+
+        model, tokenizer = model_from_checkpoint(import_directory(directory, **languages))
+        return cls([model.to(resolve_device(device))], tokenizer, config)
 
     def options(self, **overrides: Any) -> DecodeConfig:
         """This translator's decode settings with ``overrides`` (names of DecodeConfig)."""
@@ -249,7 +259,7 @@ class Translator:
                 raise UserError(f"{name}={index}: the model has {count} {what}; use 0..{count - 1}, or -1 for the mean")
         device = next(model.parameters()).device
         src = torch.tensor([src_ids[: model.cfg.max_positions]], device=device)
-        tgt = torch.tensor([[BOS] + list(tgt_ids[:-1])], device=device)  # row t predicts tgt_ids[t]
+        tgt = torch.tensor([[model.cfg.bos_id] + list(tgt_ids[:-1])], device=device)  # row t predicts tgt_ids[t]
         weights = model.cross_attention(src, tgt)[:, 0]  # (L, H, T, S)
         weights = weights.mean(dim=0) if layer == -1 else weights[layer]  # (H, T, S)
         weights = weights.mean(dim=0) if head == -1 else weights[head]  # (T, S)

@@ -19,23 +19,24 @@ from torch import Tensor, nn
 from transformer.config import CHOICES, ModelConfig, validate_section
 from transformer.errors import UserError
 from transformer.model.attention import CrossAttention, SelfAttention
-from transformer.vocab import PAD
+from transformer.vocab import PAD, Specials
 
 POSITIONAL = CHOICES["model"]["positional"]
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # CHOICES["model"]["activation"]; silu: OPUS-MT's swish
 
 
-def sinusoid_table(n_positions: int, d_model: int, style: str = "sinusoidal") -> Tensor:
+def sinusoid_table(n_positions: int, d_model: int, style: str = "sinusoidal", pad_id: int = PAD) -> Tensor:
     """Fixed positional encodings (n_positions, d_model): sines in the first half, cosines in
     the second. ``sinusoidal``: the paper's frequencies 10000^(-2i/d) for positions 0, 1, ...
     (as Marian lays them out); ``sinusoidal_fairseq``: fairseq's 10000^(-i/(d/2-1)) for
-    positions 1, 2, ... (as M2M100 does), so exported models match exactly."""
+    positions pad_id + 1, pad_id + 2, ... (as M2M100 does), so exported models match exactly."""
     half = d_model // 2
     if style == "sinusoidal":
         freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) * 2 / d_model)
         positions = torch.arange(n_positions, dtype=torch.float64)
     else:
         freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / (half - 1)))
-        positions = torch.arange(1, n_positions + 1, dtype=torch.float64)
+        positions = torch.arange(pad_id + 1, pad_id + 1 + n_positions, dtype=torch.float64)
     angles = positions[:, None] * freqs[None, :]
     table = torch.zeros(n_positions, d_model, dtype=torch.float64)
     table[:, :half] = torch.sin(angles)
@@ -43,9 +44,9 @@ def sinusoid_table(n_positions: int, d_model: int, style: str = "sinusoidal") ->
     return table.float()
 
 
-def padding_mask(ids: Tensor) -> Tensor:
+def padding_mask(ids: Tensor, pad_id: int = PAD) -> Tensor:
     """(B, S) ids -> (B, 1, 1, S) bool, True where a key is a real token."""
-    return (ids != PAD)[:, None, None, :]
+    return (ids != pad_id)[:, None, None, :]
 
 
 class Dropout(nn.Module):
@@ -83,13 +84,13 @@ class Embedding(nn.Module):
 
     def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: Optional[nn.Embedding] = None, word_dropout: float = 0.0):
         super().__init__()
-        self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
-        self.scale = math.sqrt(cfg.d_model)
+        self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.max_positions = cfg.max_positions
         if cfg.positional == "learned":
             self.positions = nn.Embedding(cfg.max_positions, cfg.d_model)
         else:
-            self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional), persistent=False)
+            self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional, cfg.pad_id), persistent=False)
             self.positions = None
         self.dropout = Dropout(cfg.dropout)
         self.word_dropout = Dropout(word_dropout, whole_vectors=True)
@@ -114,7 +115,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.activation = {"relu": F.relu, "gelu": F.gelu}[cfg.activation]
+        self.activation = ACTIVATIONS[cfg.activation]
         self.dropout = Dropout(cfg.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -173,6 +174,7 @@ class Transformer(nn.Module):
         if cfg.share_embeddings and cfg.src_vocab_size != cfg.tgt_vocab_size:
             raise UserError("model.share_embeddings=true needs one joint vocabulary (data.joint_vocab=true)")
         self.cfg = cfg
+        self.specials = Specials(cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.forced_bos_id)
         self.tgt_embed = Embedding(cfg.tgt_vocab_size, cfg, word_dropout=cfg.tgt_word_dropout)
         shared = self.tgt_embed.tokens if cfg.share_embeddings else None
         self.src_embed = Embedding(cfg.src_vocab_size, cfg, tokens=shared, word_dropout=cfg.src_word_dropout)
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
         # Pre-norm stacks end with a LayerNorm; post-norm layers are already normalised.
         self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.final_logits_bias)
         self.reset_parameters()
         if cfg.tie_output:
             self.output.weight = self.tgt_embed.tokens.weight
@@ -202,7 +204,7 @@ class Transformer(nn.Module):
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, D) and its key mask (B, 1, 1, S)."""
-        mask = padding_mask(src)
+        mask = padding_mask(src, self.cfg.pad_id)
         x = self.src_embed(src)
         for layer in self.encoder:
             x = layer(x, mask)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +23,7 @@ from transformer.model.kernels import onednn_shapes
 from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
 from transformer.train.distributed import Dist, setup_distributed, share
+from transformer.train.init import load_init_weights
 from transformer.train.optim import build_optimizer
 
 
@@ -53,13 +55,17 @@ def setup_runtime(cfg: Any) -> Runtime:
     return rt
 
 
-def setup_model(cfg: Any, tokenizer: Tokenizer, rt: Runtime) -> tuple[ModelConfig, Transformer, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
-    """(model config, model, what the loop calls, optimizer, scaler); the same initial weights on every rank."""
+def setup_model(cfg: Any, tokenizer: Tokenizer, rt: Runtime, init: Optional[tuple[Path, dict]] = None) -> tuple[
+        ModelConfig, Transformer, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """(model config, model, what the loop calls, optimizer, scaler); the same initial weights
+    on every rank: random, or trainer.init_from's (``init``)."""
     t = cfg.trainer
     model_cfg = OmegaConf.to_object(cfg.model) if OmegaConf.is_config(cfg.model) else ModelConfig(**cfg.model)
     model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
     torch.manual_seed(t.seed)
     model = build_model(model_cfg).to(rt.device)
+    if init is not None:
+        load_init_weights(model, init)
     if rt.onednn != "false" and rt.device.type == "cpu" and rt.precision == "fp32" and not t.compile:
         shapes = None if rt.onednn == "true" else onednn_shapes(model, rows=512, training=True)
         train_linears_on_onednn(model, shapes)  # acts on fp32 CPU calls only

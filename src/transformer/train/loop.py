@@ -31,6 +31,7 @@ from transformer.train.build import setup_model, setup_runtime
 from transformer.train.checkpoint import CHECKPOINT_DIR
 from transformer.train.distributed import all_rng_states, finish_distributed, seed_everything, share
 from transformer.train.examples import RunData
+from transformer.train.init import apply_init_from
 from transformer.train.runlog import RunLog
 from transformer.train.state import Progress, average_last, find_resume, restore_training, throwaway, training_checkpoint, write_checkpoints
 from transformer.train.step import update
@@ -52,9 +53,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         resume = find_resume(cfg.trainer.resume)
-        self.data = RunData(cfg, self.dist, resume)
+        init = apply_init_from(cfg)  # cfg.model becomes the checkpoint's; resume wins over it
+        self.data = RunData(cfg, self.dist, resume or init)
         self.tokenizer = self.data.tokenizer
-        self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(cfg, self.tokenizer, rt)
+        self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(cfg, self.tokenizer, rt, None if resume else init)
         self.setup_state(resume, started)
         self.runlog = RunLog(self.run_dir, enabled=self.dist.main, resumed_at=self.progress.step if resume else None,
                              bar=cfg.trainer.progress, total=cfg.trainer.max_steps)
@@ -103,7 +105,7 @@ class Trainer:
 
     def train_step(self, group: list[list[Example]]) -> dict:
         """One optimizer update over ``group`` (update_freq batches); see step.update."""
-        batches = [collate(examples).to(self.device) for examples in group]
+        batches = [collate(examples, self.model_cfg.pad_id).to(self.device) for examples in group]
         return update(self.net, self.model, self.optimizer, self.scaler, batches, t=self.cfg.trainer, precision=self.precision,
                       step=self.progress.step + 1, d_model=self.model_cfg.d_model, world=self.dist.world)
 

@@ -14,7 +14,6 @@ from transformer.runtime import autocast
 from transformer.train.distributed import all_sum
 from transformer.train.loss import label_smoothed_loss, symmetric_kl
 from transformer.train.optim import lr_at, set_lr
-from transformer.vocab import PAD
 
 
 def accumulate_gradients(
@@ -36,7 +35,7 @@ def accumulate_gradients(
         defer_sync = world > 1 and j < len(batches) - 1  # DDP all-reduces once, after the last batch
         with net.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast(device, precision):
-                keep = b.tgt_out != PAD  # (B, T)
+                keep = b.tgt_out != b.pad_id  # (B, T)
                 src, tgt_in, tgt_keep, target = b.src, b.tgt_in, keep, b.tgt_out[keep]
                 if rdrop_alpha:  # the batch twice, stacked
                     src, tgt_in, tgt_keep, target = (torch.cat([t, t]) for t in (src, tgt_in, tgt_keep, target))

@@ -17,7 +17,6 @@ from transformer.decode.translator import translate_ids
 from transformer.model import Transformer
 from transformer.runtime import autocast
 from transformer.train.loss import label_smoothed_loss
-from transformer.vocab import PAD
 
 
 @torch.no_grad()
@@ -26,9 +25,9 @@ def valid_loss(model: Transformer, examples: Sequence[Example], max_tokens: int,
     model.eval()
     total, count = 0.0, 0
     for b in token_batches([(len(e.src), len(e.tgt)) for e in examples], max_tokens, 0, 0, shuffle=False):
-        batch = collate([examples[i] for i in b]).to(device)
+        batch = collate([examples[i] for i in b], model.cfg.pad_id).to(device)
         with autocast(device, precision):
-            keep = batch.tgt_out != PAD
+            keep = batch.tgt_out != batch.pad_id
             _, nll = label_smoothed_loss(model(batch.src, batch.tgt_in, keep), batch.tgt_out[keep], 0.0)
         total += nll.item()
         count += batch.n_tokens
