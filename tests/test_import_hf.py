@@ -108,9 +108,9 @@ def test_greedy_and_beam_equal_generate(which, request):
     model, tokenizer = loaded(checkpoint)
     ids = tokenizer.encode_src(SENTENCES)
     src = pad(ids, model.cfg.pad_id)
-    greedy = translate_ids([model], ids, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN))
+    greedy = translate_ids([model], ids, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN, precision="fp32"))
     assert [h[0].tokens for h in greedy] == hf_generate(directory, src, model, num_beams=1)
-    cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN)
+    cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN, precision="fp32")
     beam = [h[0].tokens for h in translate_ids([model], ids, cfg)]
     assert beam == hf_generate(directory, src, model, num_beams=4, length_penalty=1.0, early_stopping=True)
     assert len({len(t) for t in beam}) > 1 and max(map(len, beam)) > 3  # varied outputs, not one token
