@@ -70,10 +70,9 @@ def rss_mib() -> float:
 
 
 def decode_ours(checkpoint: str, cfg: DecodeConfig):
-    from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from transformer.checkpoint import load_model
 
-    model, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
-    model.eval()
+    model, _, _ = load_model(checkpoint)
     if packs_weights(cfg, torch.device("cpu")):
         model = packed_for_cpu(model)  # once, as Translator does (translate_ids would repack per call)
 
@@ -135,7 +134,7 @@ def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer, stock: 
 
 def run_one(args) -> dict:
     """One (system, beam) in this process: warm up, decode everything, report."""
-    from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from transformer.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     system, beam = args.run_one.split(":")
@@ -144,7 +143,7 @@ def run_one(args) -> dict:
         cfg = replace(cfg, max_len_a=0.0, max_len_b=args.max_len)
     if system.endswith("-bf16"):
         cfg = replace(cfg, precision="bf16")
-    model, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(args.checkpoint)))
+    model, tokenizer, _ = load_model(args.checkpoint)
     specials = model.specials
     sources, references = load_files(args.src, args.ref)
     sources, references = sources[: args.limit or None], references[: args.limit or None]

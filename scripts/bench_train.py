@@ -72,7 +72,8 @@ def hf_marian(cfg: ModelConfig):
     """MarianMTModel with our shapes (the exporter's config: post-norm, sinusoids, tied scaled embeddings)."""
     from transformers import MarianMTModel
 
-    from transformer.export import MARIAN, hf_config
+    from transformer.export import hf_config
+    from transformer.hf_layout import MARIAN
 
     return MarianMTModel(hf_config(cfg, MARIAN))
 

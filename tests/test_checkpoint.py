@@ -11,7 +11,7 @@ import torch
 from transformer.data.builtin import builtin_splits
 from transformer.data.tokenizer import build_tokenizer
 from transformer.errors import UserError
-from transformer.train.checkpoint import FORMAT, atomic_save, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from transformer.checkpoint import FORMAT, atomic_save, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from transformer.vocab import BOS, EOS
 
 

@@ -18,7 +18,7 @@ from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.evaluate import evaluate
 from transformer.model import build_model
-from transformer.train.checkpoint import atomic_save, load_checkpoint
+from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.train.loop import train
 
 

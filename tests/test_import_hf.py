@@ -25,7 +25,7 @@ from transformer.errors import UserError  # noqa: E402
 from transformer.export import export  # noqa: E402
 from transformer.import_hf import import_directory, import_hf, main  # noqa: E402
 from transformer.train import loop  # noqa: E402
-from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from transformer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from transformer.train.init import apply_init_from  # noqa: E402
 
 MAX_LEN = 24  # generated tokens including EOS (HF max_length = MAX_LEN + 1 with the start token)
@@ -249,7 +249,7 @@ def test_checkpoints_without_the_new_model_keys_still_load():
     embeddings scaled, no logits bias) and compute what they computed."""
     from test_decode import random_sources, tiny_model, tiny_tokenizer
 
-    from transformer.train.checkpoint import FORMAT
+    from transformer.checkpoint import FORMAT
 
     tokenizer = tiny_tokenizer()
     model = tiny_model(vocab=tokenizer.src_vocab_size)

@@ -15,10 +15,9 @@ LAYERS = [
     ("transformer.config", "transformer.errors", "transformer.vocab", "transformer.hardware", "transformer.rundir",
      "transformer.commands", "transformer.runtime"),
     ("transformer.model", "transformer.data"),
-    ("transformer.checkpoint", "transformer.train.checkpoint"),
+    ("transformer.checkpoint", "transformer.hf_layout", "transformer.import_hf"),
     ("transformer.train", "transformer.decode"),
-    ("transformer.evaluate", "transformer.report", "transformer.sweep", "transformer.export", "transformer.import_hf",
-     "transformer.serve", "transformer.plots"),
+    ("transformer.evaluate", "transformer.report", "transformer.sweep", "transformer.export", "transformer.serve", "transformer.plots"),
     ("transformer.cli", "transformer"),
 ]
 

@@ -33,7 +33,7 @@ from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.train import loop, step, validation
 from transformer.train.average import main as average_main
-from transformer.train.checkpoint import load_checkpoint
+from transformer.checkpoint import load_checkpoint
 from transformer.vocab import BOS, EOS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,10 +28,10 @@ from torch import Tensor
 from transformer.config import ModelConfig
 from transformer.data.tokenizer import MappedTokenizer, Tokenizer
 from transformer.errors import UserError
+from transformer.hf_layout import M2M100, MARIAN, embedding_names, weight_names
 from transformer.model import Transformer
 from transformer.vocab import EOS, PAD, UNK, Specials
 
-MARIAN, M2M100 = "marian", "m2m_100"
 
 
 def hf_family(cfg: ModelConfig) -> str:
@@ -85,55 +85,6 @@ def hf_config(cfg: ModelConfig, family: str) -> Any:
             architectures=["MarianMTModel"],
         )
     return M2M100Config(**common, architectures=["M2M100ForConditionalGeneration"])
-
-
-def weight_names(cfg: ModelConfig, family: str) -> list[tuple[str, tuple[str, ...]]]:
-    """The name table shared by export and import: each of our weights with the transformers
-    tensors it is made of, concatenated along the first dimension (fused q|k|v and k|v
-    projections). Embeddings and the output layer are in ``embedding_names``."""
-    table: list[tuple[str, tuple[str, ...]]] = []
-
-    def linear(ours: str, *theirs: str) -> None:
-        for part in ("weight", "bias"):
-            table.append((f"{ours}.{part}", tuple(f"{t}.{part}" for t in theirs)))
-
-    def layer(o: str, h: str, self_sub: str, cross: bool) -> None:
-        linear(f"{o}.self_attn.qkv", *(f"{h}.self_attn.{n}_proj" for n in "qkv"))
-        linear(f"{o}.self_attn.out", f"{h}.self_attn.out_proj")
-        linear(f"{o}.{self_sub}.norm", f"{h}.self_attn_layer_norm")
-        if cross:
-            linear(f"{o}.cross_attn.q", f"{h}.encoder_attn.q_proj")
-            linear(f"{o}.cross_attn.kv", f"{h}.encoder_attn.k_proj", f"{h}.encoder_attn.v_proj")
-            linear(f"{o}.cross_attn.out", f"{h}.encoder_attn.out_proj")
-            linear(f"{o}.cross_sub.norm", f"{h}.encoder_attn_layer_norm")
-        linear(f"{o}.ffn.fc1", f"{h}.fc1")
-        linear(f"{o}.ffn.fc2", f"{h}.fc2")
-        linear(f"{o}.ffn_sub.norm", f"{h}.final_layer_norm")
-
-    for i in range(cfg.n_encoder_layers):
-        layer(f"encoder.{i}", f"model.encoder.layers.{i}", "attn_sub", cross=False)
-    for i in range(cfg.n_decoder_layers):
-        layer(f"decoder.{i}", f"model.decoder.layers.{i}", "self_sub", cross=True)
-    if family == M2M100:
-        linear("encoder_norm", "model.encoder.layer_norm")
-        linear("decoder_norm", "model.decoder.layer_norm")
-    return table
-
-
-def embedding_names(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
-    """Our embedding and output weights with every transformers name that holds a copy: export
-    writes them all (with tie_word_embeddings=false transformers unties the shared ones too),
-    import reads the first one present (files saved by transformers leave tied copies out)."""
-    shared = ("model.shared.weight",) if cfg.share_embeddings else ()
-    tgt = ("model.decoder.embed_tokens.weight",) + shared
-    names = [
-        ("src_embed.tokens.weight", ("model.encoder.embed_tokens.weight",) + shared),
-        ("tgt_embed.tokens.weight", tgt),
-        ("output.weight", ("lm_head.weight",) + (tgt if cfg.tie_output else ())),
-    ]
-    if cfg.final_logits_bias:
-        names.append(("output.bias", ("final_logits_bias",)))  # (1, V) in transformers
-    return names
 
 
 def hf_state_dict(model: Transformer, family: str) -> dict[str, Tensor]:
@@ -223,9 +174,9 @@ def generation_config(beam_size: int, max_length: int, specials: Specials = Spec
 
 def export(checkpoint: str, output: str, beam_size: int = 5, max_length: Optional[int] = None) -> Path:
     """Write a transformers model directory (weights, config, generation config, tokenizer)."""
-    from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from transformer.checkpoint import load_model
 
-    model, tokenizer = model_from_checkpoint(load_checkpoint(resolve_checkpoint(checkpoint)))
+    model, tokenizer, _ = load_model(checkpoint)
     hf = to_hf(model)
     hf.generation_config = generation_config(beam_size, max_length or min(model.cfg.max_positions, 256), model.specials)
     out = Path(output)

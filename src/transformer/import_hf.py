@@ -28,10 +28,10 @@ from torch import Tensor
 from transformer.config import ModelConfig
 from transformer.data.tokenizer import MappedTokenizer, Tokenizer
 from transformer.errors import UserError, first_line
-from transformer.export import M2M100, MARIAN, embedding_names, weight_names
+from transformer.hf_layout import M2M100, MARIAN, embedding_names, weight_names
 from transformer.model import build_model
 from transformer.model.transformer import ACTIVATIONS, sinusoid_table
-from transformer.train.checkpoint import FORMAT, atomic_save
+from transformer.checkpoint import FORMAT, atomic_save
 
 ACTIVATION_NAMES = {"swish": "silu"}  # transformers' names that are ours under another name
 # Config fields whose non-default value changes what the model computes in a way we do not.

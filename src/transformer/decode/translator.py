@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from transformer.checkpoint import load_model, model_from_checkpoint
 from transformer.config import DecodeConfig, validate_section
 from transformer.data.batching import pad
 from transformer.data.tokenizer import Tokenizer
@@ -184,15 +185,9 @@ class Translator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ensemble: Iterable[str | Path] = (), config: Optional[DecodeConfig] = None) -> "Translator":
-        from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-
         dev = resolve_device(device)
-        first = load_checkpoint(resolve_checkpoint(str(path)))
-        model, tokenizer = model_from_checkpoint(first)
-        models = [model]
-        for extra in ensemble:
-            other, _ = model_from_checkpoint(load_checkpoint(resolve_checkpoint(str(extra))), tokenizer)
-            models.append(other)
+        model, tokenizer, _ = load_model(path)
+        models = [model] + [load_model(extra, tokenizer)[0] for extra in ensemble]
         return cls([m.to(dev) for m in models], tokenizer, config)
 
     @classmethod
@@ -200,7 +195,6 @@ class Translator:
         """A Hugging Face Marian/M2M100 model directory, imported in memory (``transformer-import``
         writes the same as a checkpoint); M2M100 needs ``src_lang=`` and ``tgt_lang=``."""
         from transformer.import_hf import import_directory
-        from transformer.train.checkpoint import model_from_checkpoint
 
         model, tokenizer = model_from_checkpoint(import_directory(directory, **languages))
         return cls([model.to(resolve_device(device))], tokenizer, config)

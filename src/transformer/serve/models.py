@@ -11,7 +11,7 @@ from transformer.decode.translator import Translation, Translator, check_decode_
 from transformer.errors import UserError
 from transformer.runtime import resolve_device
 from transformer.serve.settings import ServeRunConfig
-from transformer.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from transformer.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ class ServedModel:
         return self.translator.hypotheses(sentences, attention=alignment, **asdict(options))
 
 
-def describe(name: str, path: str, ckpt: dict, translator: Translator) -> dict[str, Any]:
-    """Name, languages, vocabulary, size and decode defaults of a loaded checkpoint."""
-    data = ckpt.get("config", {}).get("data", {})
+def describe(name: str, path: str, config: dict, translator: Translator) -> dict[str, Any]:
+    """Name, languages, vocabulary, size and decode defaults of a loaded checkpoint (``config``: its training config)."""
+    data = config.get("data", {})
     model = translator.models[0]
     tok = translator.tokenizer
     return {
@@ -48,23 +48,22 @@ def describe(name: str, path: str, ckpt: dict, translator: Translator) -> dict[s
 
 
 def load_translator(path: str, device: str, decode: DecodeConfig) -> tuple[Translator, dict]:
-    """A checkpoint's translator (and the checkpoint), used once so packed weights exist
+    """A checkpoint's translator (and its training config), used once so packed weights exist
     before the first request."""
-    ckpt = load_checkpoint(resolve_checkpoint(path))
-    model, tokenizer = model_from_checkpoint(ckpt)
+    model, tokenizer, config = load_model(path)
     translator = Translator([model.to(resolve_device(device))], tokenizer, decode)
     translator.translate("warm up")
-    return translator, ckpt
+    return translator, config
 
 
 def load_served_model(name: str, path: str, device: str, decode: DecodeConfig) -> ServedModel:
     """The model under ``name`` (empty: its languages, e.g. en-de)."""
-    translator, ckpt = load_translator(path, device, decode)
+    translator, config = load_translator(path, device, decode)
     if not name:
-        data = ckpt.get("config", {}).get("data", {})
+        data = config.get("data", {})
         name = f"{data['src_lang']}-{data['tgt_lang']}" if data.get("src_lang") and data.get("tgt_lang") else "default"
     log.info("model %s: %s (%s parameters)", name, path, f"{translator.models[0].num_parameters():,}")
-    return ServedModel(name, translator, describe(name, path, ckpt, translator))
+    return ServedModel(name, translator, describe(name, path, config, translator))
 
 
 def load_models(cfg: ServeRunConfig) -> list[ServedModel]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from transformer.errors import UserError
-from transformer.train.checkpoint import CHECKPOINT_DIR, atomic_save, average_checkpoints, list_step_checkpoints
+from transformer.checkpoint import CHECKPOINT_DIR, atomic_save, average_checkpoints, list_step_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from transformer.config import ModelConfig
 from transformer.errors import UserError, first_line
-from transformer.train.checkpoint import load_checkpoint, resolve_checkpoint
+from transformer.checkpoint import load_checkpoint, resolve_checkpoint
 
 REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "src_word_dropout", "tgt_word_dropout")
 

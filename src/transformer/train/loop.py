@@ -28,7 +28,7 @@ from transformer.hardware import detect
 from transformer.rundir import TRAIN_KEYS, write_results
 from transformer.train import budget
 from transformer.train.build import setup_model, setup_runtime
-from transformer.train.checkpoint import CHECKPOINT_DIR
+from transformer.checkpoint import CHECKPOINT_DIR
 from transformer.train.distributed import all_rng_states, finish_distributed, seed_everything, share
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import OmegaConf
 
 from transformer.errors import UserError, first_line
-from transformer.train.checkpoint import (
+from transformer.checkpoint import (
     CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, checkpoint_step, list_step_checkpoints, load_checkpoint,
     newest_valid_checkpoint, resolve_checkpoint,
 )

@@ -91,6 +91,14 @@ def model_from_checkpoint(ckpt: dict, tokenizer: Optional[Tokenizer] = None) -> 
     return model, tok
 
 
+def load_model(path: str | Path, tokenizer: Optional[Tokenizer] = None) -> tuple[Transformer, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, the checkpoint's training config) of a checkpoint file
+    or run directory (its best.pt); ``tokenizer``: the one an ensemble member must share."""
+    ckpt = load_checkpoint(resolve_checkpoint(str(path)))
+    model, tok = model_from_checkpoint(ckpt, tokenizer)
+    return model.eval(), tok, ckpt.get("config", {})
+
+
 def list_step_checkpoints(directory: Path) -> list[Path]:
     """step_*.pt files, oldest first."""
     return sorted(directory.glob("step_*.pt"))
