@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test multi30k bench-train bench-decode clean
+.PHONY: help setup train test multi30k bench-train bench-decode bench-soak bench-serve bench-data clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,15 @@ bench-train: setup  ## training speed against Hugging Face Marian (tokens/s, ms/
 bench-decode: setup  ## decoding speed and BLEU against HF generate() and CTranslate2
 	$(BIN)/pip install -q -e '.[ct2]'
 	$(BIN)/python scripts/bench_decode.py
+
+bench-soak: setup  ## speed and resident memory over an hour of the Multi30k recipe (scripts/bench_soak.py)
+	$(BIN)/python scripts/bench_soak.py
+
+bench-serve: setup  ## transformer-serve with and without dynamic batching, against transformer-decode
+	$(BIN)/python scripts/bench_serve.py
+
+bench-data: setup  ## start-up time and memory on generated corpora of 100k-4.5M pairs
+	$(BIN)/python scripts/bench_data.py
 
 clean:  ## remove .venv, runs and caches
 	rm -rf $(VENV) runs outputs multirun .pytest_cache src/*.egg-info
