@@ -122,7 +122,7 @@ def warn_emulated_bf16(key: str, cpu_class: str) -> None:
                 "use %s=auto or fp32", key, cpu_class, bf16_slowdown(), key)
 
 
-def bf16_slowdown(size: int = 256, repeats: int = 5) -> float:
+def bf16_slowdown(size: int = 512, repeats: int = 10) -> float:
     """Time of a bf16 matmul over an fp32 one of the same shape on this CPU (>1: bf16 slower)."""
     def best(dtype: torch.dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
