@@ -51,34 +51,3 @@ def test_symmetric_kl_is_the_mean_of_both_divergences() -> None:
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(grads, (a.grad, b.grad))
     assert symmetric_kl(a, a).item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_padding_rows_after_the_targets_add_nothing() -> None:
-    """Training logits come padded to a multiple of rows (Transformer.forward): the loss and
-    the real rows' gradients are those of the unpadded logits, the padding's gradient is 0."""
-    torch.manual_seed(0)
-    logits = torch.randn(70, 50, requires_grad=True)
-    target = torch.randint(0, 50, (70,))
-    padded = torch.cat([logits, torch.randn(58, 50)]).detach().requires_grad_(True)
-    loss, nll = label_smoothed_loss(logits, target, 0.1)
-    loss_p, nll_p = label_smoothed_loss(padded, target, 0.1)
-    loss.backward()
-    loss_p.backward()
-    torch.testing.assert_close((loss_p, nll_p), (loss, nll))
-    torch.testing.assert_close(padded.grad[:70], logits.grad)
-    assert torch.all(padded.grad[70:] == 0)
-
-
-def test_training_logits_are_padded_to_a_multiple_of_rows() -> None:
-    from transformer.config import ModelConfig
-    from transformer.model import build_model
-    from transformer.model.transformer import KEPT_ROWS
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=32, dropout=0.0,
-                                    src_vocab_size=40, tgt_vocab_size=40)).eval()
-    src, tgt = torch.randint(4, 40, (3, 5)), torch.randint(4, 40, (3, 6))
-    keep = torch.rand(3, 6) > 0.3
-    logits = model(src, tgt, keep)
-    assert logits.size(0) % KEPT_ROWS == 0 and logits.size(0) >= int(keep.sum())
-    torch.testing.assert_close(logits[: int(keep.sum())], model(src, tgt)[keep])

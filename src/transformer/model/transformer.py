@@ -22,7 +22,6 @@ from transformer.model.attention import CrossAttention, SelfAttention
 from transformer.vocab import PAD, Specials
 
 POSITIONAL = CHOICES["model"]["positional"]
-KEPT_ROWS = 64  # training logits are padded to a multiple of this many rows (see Transformer.forward)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # CHOICES["model"]["activation"]; silu: OPUS-MT's swish
 
 
@@ -220,18 +219,11 @@ class Transformer(nn.Module):
         return self.decoder_norm(x)
 
     def forward(self, src: Tensor, tgt: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-        """Logits (B, T, V) for every target position, or for the M positions where ``keep``
-        (B, T) is True: training skips the output projection on padding. Those M rows come
-        padded with zero rows to a multiple of KEPT_ROWS (the loss reads the first M): the
-        largest matmul of a step then has a few dozen shapes instead of one per batch, which
-        oneDNN's primitive cache and the allocator can reuse."""
+        """Logits (B, T, V) for every target position, or (M, V) for the M positions where
+        ``keep`` (B, T) is True: training skips the output projection on padding."""
         memory, mask = self.encode(src)
         hidden = self.decode(tgt, memory, mask)
-        if keep is None:
-            return self.output(hidden)
-        rows = hidden[keep]  # (M, D)
-        extra = -rows.size(0) % KEPT_ROWS
-        return self.output(torch.cat([rows, rows.new_zeros(extra, rows.size(1))]) if extra else rows)  # (M + extra, V)
+        return self.output(hidden if keep is None else hidden[keep])
 
     # Incremental decoding -------------------------------------------------------------
 

@@ -29,8 +29,8 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=logits.device)
         nll_sum = torch.zeros((), device=logits.device)
         lses = []
-        for i in range(0, target.size(0), rows):  # rows past the targets are padding (Transformer.forward)
-            z = logits[i : min(i + rows, target.size(0))].float()
+        for i in range(0, logits.size(0), rows):
+            z = logits[i : i + rows].float()
             lse = torch.logsumexp(z, dim=-1)  # (rows,)
             nll = (lse - z.gather(-1, target[i : i + rows, None]).squeeze(-1)).sum()
             smooth = lse.sum() - z.sum() / z.size(-1)  # sum over rows of mean_v(-log p_v)
@@ -47,25 +47,22 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         logits, target, lse = ctx.saved_tensors
         eps, rows = ctx.smoothing, ctx.rows
         grad = torch.empty_like(logits)
-        grad[target.size(0) :] = 0  # padding rows
         in_place = logits.dtype == torch.float32  # else a fp32 block, copied into the bf16/fp16 gradient
-        for i in range(0, target.size(0), rows):
-            end = min(i + rows, target.size(0))
-            g = grad[i:end] if in_place else None
-            g = torch.sub(logits[i:end].float(), lse[i:end, None], out=g).exp_()  # softmax
+        for i in range(0, logits.size(0), rows):
+            g = grad[i : i + rows] if in_place else None
+            g = torch.sub(logits[i : i + rows].float(), lse[i : i + rows, None], out=g).exp_()  # softmax
             if eps:
                 g.sub_(eps / logits.size(-1))
-            t = target[i:end, None]
+            t = target[i : i + rows, None]
             g.scatter_add_(-1, t, g.new_full(t.shape, eps - 1.0))  # minus the smoothed target
             g.mul_(grad_loss)
             if not in_place:
-                grad[i:end] = g
+                grad[i : i + rows] = g
         return grad, None, None
 
 
 def label_smoothed_loss(logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
-    """logits (M, V) for the M real target tokens (rows past M, if any, are padding: no loss,
-    zero gradient), target (M,) -> (smoothed loss sum, NLL sum),
+    """logits (M, V) for the M real target tokens, target (M,) -> (smoothed loss sum, NLL sum),
     both fp32: (1 - smoothing) * NLL + smoothing * mean over the vocabulary of -log p, the
     loss of fairseq and ``F.cross_entropy(label_smoothing=...)``. The NLL carries no gradient."""
     with torch.autocast(logits.device.type, enabled=False):

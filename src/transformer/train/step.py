@@ -42,7 +42,7 @@ def accumulate_gradients(
                 logits = net(src, tgt_in, tgt_keep)  # (M, V), (2M, V) with R-Drop
                 loss, nll = label_smoothed_loss(logits, target, label_smoothing)
                 if rdrop_alpha:
-                    loss = (loss + rdrop_alpha * symmetric_kl(*logits[: target.size(0)].chunk(2))) / 2
+                    loss = (loss + rdrop_alpha * symmetric_kl(*logits.chunk(2))) / 2
                     nll = nll / 2
             scaled = loss * world / n_tokens
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
