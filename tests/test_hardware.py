@@ -16,7 +16,8 @@ from conftest import compose_config
 from transformer import hardware
 from transformer.config import ModelConfig
 from transformer.errors import UserError
-from transformer.hardware import Hardware, parse_switch, read_cpu_flags, resolve_precision
+from transformer.config import setting
+from transformer.hardware import Hardware, read_cpu_flags, resolve_precision
 from transformer.model import build_model
 from transformer.model.kernels import onednn_shapes, shape_of
 from transformer.model.onednn_linear import train_linears_on_onednn
@@ -56,8 +57,8 @@ def test_bad_settings_name_their_key() -> None:
     with pytest.raises(UserError, match="trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"):
         resolve_precision("fp8", CPU, "trainer.precision", AVX2)
     with pytest.raises(UserError, match="trainer.onednn_linear='maybe': expected one of auto, true, false"):
-        parse_switch("maybe", "trainer.onednn_linear")
-    assert parse_switch(True, "decode.prepack") == "true" and parse_switch("AUTO", "decode.prepack") == "auto"
+        setting("maybe", "trainer.onednn_linear")
+    assert setting(True, "decode.prepack") == "true" and setting("AUTO", "decode.prepack") == "auto"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:

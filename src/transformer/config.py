@@ -249,6 +249,12 @@ def choice(section: str, key: str, value: Any) -> str:
     return text
 
 
+def setting(value: Any, key: str) -> str:
+    """The enumerated setting ``key`` (section.name, e.g. decode.prepack) checked against CHOICES."""
+    section, name = key.split(".")
+    return choice(section, name, value)
+
+
 def validate(cfg: Any, sections: tuple[str, ...] = tuple(CHOICES)) -> None:
     """Check every enumerated value of a composed config (or of the sections it has) at
     start-up, so a typo fails before data loads instead of at the first step or validation."""

@@ -16,11 +16,11 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from transformer.config import choice
+from transformer.config import setting
 from transformer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -97,15 +97,10 @@ def detect() -> Hardware:
     )
 
 
-def check_precision(precision: str, key: str) -> None:
-    """A precision that is none of PRECISIONS fails at start-up, naming the key."""
-    choice(*key.split("."), precision)
-
-
 def resolve_precision(precision: str, device: torch.device, key: str, hw: Optional[Hardware] = None) -> str:
     """``auto`` becomes bf16 where the device runs it natively, else fp32 (never fp16). An
     explicit bf16 on a CPU that emulates it runs, with one warning that says what it costs."""
-    check_precision(precision, key)
+    setting(precision, key)
     hw = hw or detect()
     native = hw.cuda_bf16 if device.type == "cuda" else hw.cpu_bf16_native
     if precision == "auto":
@@ -126,22 +121,21 @@ def bf16_slowdown(size: int = 512, repeats: int = 10) -> float:
     """Time of a bf16 matmul over an fp32 one of the same shape on this CPU (>1: bf16 slower)."""
     def best(dtype: torch.dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up: first calls build kernels
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return best_seconds(lambda: a @ b, repeats)
 
     return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
 
 
-
-def parse_switch(value: object, key: str) -> str:
-    """An ``auto | true | false`` setting (``key`` is section.name) as one of those words."""
-    section, name = key.split(".")
-    return choice(section, name, value)
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls of ``run``, after one untimed call (the first
+    call builds kernels and pages)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 # what makes this machine behave like a lower class (benchmarks: --isa)

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer.checkpoint import load_model, model_from_checkpoint
-from transformer.config import DecodeConfig, validate_section
+from transformer.config import DecodeConfig, setting, validate_section
 from transformer.data.batching import pad
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
 from transformer.errors import UserError
 from transformer.model import Transformer
-from transformer.hardware import parse_switch, resolve_precision
+from transformer.hardware import resolve_precision
 from transformer.model.kernels import onednn_shapes
 from transformer.model.prepack import packed_for_cpu
 from transformer.runtime import autocast, resolve_device
@@ -76,7 +76,7 @@ def check_decode_config(cfg: DecodeConfig) -> None:
 def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:
     """``cfg`` with ``auto`` settled for this device: precision (bf16 where native) and
     prepack (``true``/``false``, or ``auto`` kept for a per-shape timing in ``pack_models``)."""
-    return replace(cfg, precision=resolve_precision(cfg.precision, device, "decode.precision"), prepack=parse_switch(cfg.prepack, "decode.prepack"))
+    return replace(cfg, precision=resolve_precision(cfg.precision, device, "decode.precision"), prepack=setting(cfg.prepack, "decode.prepack"))
 
 
 def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int, specials: Specials = Specials()) -> list[list[Hypothesis]]:

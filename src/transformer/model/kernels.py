@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from transformer.hardware import best_seconds
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,6 @@ def onednn_usable() -> bool:
     return True
 
 
-def _best_seconds(run, repeats: int = 3) -> float:
-    run()  # the first call builds kernels and pages
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def onednn_is_faster(shape: Shape, rows: int, training: bool, threads: int) -> bool:
     """Time MKL (``F.linear``) against oneDNN on ``rows`` inputs of one layer shape: forward
     and backward with a per-call reorder for training, forward on a packed weight for search.
@@ -106,13 +97,13 @@ def onednn_is_faster(shape: Shape, rows: int, training: bool, threads: int) -> b
     b = torch.zeros(n_out, requires_grad=training) if has_bias else None
     if training:
         grad = torch.ones(rows, n_out)
-        mkl = _best_seconds(lambda: F.linear(x, w, b).backward(grad))
-        onednn = _best_seconds(lambda: OneDNNLinearFunction.apply(x, w, b).backward(grad))
+        mkl = best_seconds(lambda: F.linear(x, w, b).backward(grad))
+        onednn = best_seconds(lambda: OneDNNLinearFunction.apply(x, w, b).backward(grad))
     else:
         with torch.inference_mode():
             packed = pack_weight(w.detach())
-            mkl = _best_seconds(lambda: F.linear(x, w, b))
-            onednn = _best_seconds(lambda: linear_on_packed(x, packed, b))
+            mkl = best_seconds(lambda: F.linear(x, w, b))
+            onednn = best_seconds(lambda: linear_on_packed(x, packed, b))
     return onednn < mkl
 
 

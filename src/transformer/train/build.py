@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from transformer.config import DecodeConfig, ModelConfig, validate
+from transformer.config import DecodeConfig, ModelConfig, setting, validate
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import check_decode_config
 from transformer.errors import UserError
-from transformer.hardware import parse_switch, resolve_precision
+from transformer.hardware import resolve_precision
 from transformer.model import Transformer, build_model
 from transformer.model.kernels import onednn_shapes
 from transformer.model.onednn_linear import train_linears_on_onednn
@@ -42,7 +42,7 @@ def setup_runtime(cfg: Any) -> Runtime:
         raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
     validate(cfg)  # every enumerated key, before anything runs
     dist, device = setup_distributed(t.device)
-    rt = Runtime(dist, device, resolve_precision(t.precision, device, "trainer.precision"), parse_switch(t.onednn_linear, "trainer.onednn_linear"))
+    rt = Runtime(dist, device, resolve_precision(t.precision, device, "trainer.precision"), setting(t.onednn_linear, "trainer.onednn_linear"))
     autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading
     check_decode_config(DecodeConfig(**OmegaConf.to_container(cfg.decode)))
     if not dist.main:

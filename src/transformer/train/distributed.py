@@ -94,6 +94,12 @@ def all_rng_states(d: Dist) -> list[dict]:
     return states
 
 
+def barrier(d: Dist) -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if d.world > 1:
+        dist.barrier()
+
+
 def finish_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -7,7 +7,6 @@ import itertools
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
 
 from transformer.data.batching import Example, encode_examples, pair_lengths, shard, token_batches
 from transformer.data.cache import cache_root
@@ -15,7 +14,7 @@ from transformer.data.corpus import Pair, load_split
 from transformer.data.source import read_train_pairs, train_examples, train_tokenizer
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
-from transformer.train.distributed import Dist, share
+from transformer.train.distributed import Dist, barrier, share
 
 
 class RunData:
@@ -26,11 +25,11 @@ class RunData:
         self.cache_dir = cache_root(d, Path(cfg.run_dir))
         train_pairs = read_train_pairs(d, need_pairs=cfg.trainer.bidirectional_epochs > 0)
         self.tokenizer = self.setup_tokenizer(train_pairs, resume)
-        if dist.world > 1 and not dist.main and train_pairs is None:
-            torch.distributed.barrier()  # rank 0 builds the cache, the others then map it
+        if not dist.main and train_pairs is None:
+            barrier(dist)  # rank 0 builds the cache, the others then map it
         self.train_examples = train_examples(d, self.tokenizer, self.max_len, train_pairs, self.cache_dir)
-        if dist.world > 1 and dist.main and train_pairs is None:
-            torch.distributed.barrier()
+        if dist.main and train_pairs is None:
+            barrier(dist)
         self.both_ways_examples = self.train_examples + reverse if (reverse := self.reversed_examples(train_pairs)) else self.train_examples
         valid_pairs = load_split(d, "valid")
         if d.valid_max_sentences > 0:
