@@ -29,7 +29,9 @@ train: setup  ## train on the built-in corpus (minutes on a CPU), translate, pri
 	@echo "--- test BLEU"
 	$(BIN)/transformer-evaluate checkpoint=$(RUN) data=builtin
 
-test: setup  ## run the tests
+test: setup  ## lint, check formatting, run the tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/python -m pytest
 
 multi30k: setup  ## the tuned Multi30k recipe: train (<= 60 min on 2 cores), then test2016 BLEU

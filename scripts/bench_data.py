@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def lexicon(n: int, seed: int) -> list[str]:
     """``n`` distinct pseudo-words of 1-4 syllables (so BPE finds pieces, as in real text)."""
     rng = np.random.default_rng(seed)
-    onsets, vowels, codas = ["", "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "w", "sch", "st", "tr"], list("aeiou") + ["ei", "au"], ["", "", "n", "r", "s", "t", "ng"]
+    onsets, vowels, codas = (
+        ["", "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "w", "sch", "st", "tr"],
+        list("aeiou") + ["ei", "au"],
+        ["", "", "n", "r", "s", "t", "ng"],
+    )
     syllables = [o + v + c for o in onsets for v in vowels for c in codas]
     words: dict[str, None] = {}
     while len(words) < n:
@@ -90,15 +94,30 @@ def first_update(run_dir: Path, name: str, args: list[str], want_step: int) -> d
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     log = open(run_dir.with_suffix(f".{name}.log"), "w")
     start = time.time()
-    proc = subprocess.Popen([str(script), *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [str(script), *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     metrics, seconds, at_update, peak, setup = run_dir / "metrics.jsonl", None, {}, 0, {}
     while proc.poll() is None:
         try:
             now = memory(proc.pid)
             peak = max(peak, now.get("VmHWM", 0))
-            if not setup and "parameters;" in run_dir.with_suffix(f".{name}.log").read_text():  # setup done: data in place, no step yet
+            if (
+                not setup and "parameters;" in run_dir.with_suffix(f".{name}.log").read_text()
+            ):  # setup done: data in place, no step yet
                 setup = now
-            if seconds is None and metrics.exists() and any(json.loads(line).get("step") == want_step for line in metrics.read_text().splitlines() if line.endswith("}")):
+            if (
+                seconds is None
+                and metrics.exists()
+                and any(
+                    json.loads(line).get("step") == want_step
+                    for line in metrics.read_text().splitlines()
+                    if line.endswith("}")
+                )
+            ):
                 seconds, at_update = time.time() - start, now
         except (OSError, ValueError):
             pass
@@ -106,7 +125,13 @@ def first_update(run_dir: Path, name: str, args: list[str], want_step: int) -> d
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"run failed, see {run_dir.with_suffix(f'.{name}.log')}")
-    return {"seconds": seconds, "peak_mb": peak, "setup_mb": setup.get("VmHWM", 0), "anon_mb": at_update.get("RssAnon", 0), "file_mb": at_update.get("RssFile", 0)}
+    return {
+        "seconds": seconds,
+        "peak_mb": peak,
+        "setup_mb": setup.get("VmHWM", 0),
+        "anon_mb": at_update.get("RssAnon", 0),
+        "file_mb": at_update.get("RssFile", 0),
+    }
 
 
 def encoding_rate(log_file: Path) -> float | None:
@@ -128,9 +153,13 @@ def bench(n: int, work: Path, common: list[str], nocache: bool) -> dict:
     row["encode_pairs_s"] = encoding_rate(runs / "cold.cold.log")
     row["cache_mb"] = sum(p.stat().st_size for p in (work / f"cache_{n}").glob("train-*/*")) / 2**20
     row["warm"] = first_update(runs / "warm", "warm", [*common, *data, "trainer.max_steps=1"], 1)
-    row["resume"] = first_update(runs / "cold", "resume", [*common, *data, "trainer.max_steps=2", f"trainer.resume={runs / 'cold'}"], 2)
+    row["resume"] = first_update(
+        runs / "cold", "resume", [*common, *data, "trainer.max_steps=2", f"trainer.resume={runs / 'cold'}"], 2
+    )
     if nocache:
-        row["nocache"] = first_update(runs / "nocache", "nocache", [*common, *data, "data.cache=false", "trainer.max_steps=1"], 1)
+        row["nocache"] = first_update(
+            runs / "nocache", "nocache", [*common, *data, "data.cache=false", "trainer.max_steps=1"], 1
+        )
     return row
 
 
@@ -140,13 +169,26 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/bench_data")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--bpe-sample", type=int, default=200_000, help="data.tokenizer_sample for the bench runs")
-    parser.add_argument("--nocache-max", type=int, default=1_000_000, help="largest size also run with data.cache=false")
+    parser.add_argument(
+        "--nocache-max", type=int, default=1_000_000, help="largest size also run with data.cache=false"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     common = [
-        "experiment=tiny", "data.source=files", "data.format=text", f"data.vocab_size={args.vocab}", f"data.tokenizer_sample={args.bpe_sample}",
-        "data.max_len=256", "data.max_tokens=1024", "data.valid_max_sentences=20", "evaluate_test=false",
-        "trainer.eval_every=100000", "trainer.log_every=1", "trainer.threads=2", "decode.max_len_b=5", "decode.max_len_a=0",
+        "experiment=tiny",
+        "data.source=files",
+        "data.format=text",
+        f"data.vocab_size={args.vocab}",
+        f"data.tokenizer_sample={args.bpe_sample}",
+        "data.max_len=256",
+        "data.max_tokens=1024",
+        "data.valid_max_sentences=20",
+        "evaluate_test=false",
+        "trainer.eval_every=100000",
+        "trainer.log_every=1",
+        "trainer.threads=2",
+        "decode.max_len_b=5",
+        "decode.max_len_a=0",
     ]
     print(f"{os.cpu_count()} cores; vocab {args.vocab}; BPE sample {args.bpe_sample} pairs", flush=True)
     header = (

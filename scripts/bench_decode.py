@@ -39,14 +39,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from transformer.config import DataConfig, DecodeConfig  # noqa: E402
-from transformer.data.batching import pad  # noqa: E402
+from transformer.data.batching import (
+    pad,  # noqa: E402
+    token_batches,  # noqa: E402
+)
 from transformer.data.corpus import load_files, load_split  # noqa: E402
-from transformer.decode.translator import length_batches, packs_weights, translate_ids  # noqa: E402
-from transformer.model.prepack import packed_for_cpu  # noqa: E402
+from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
+from transformer.decode.translator import packs_weights, translate_ids  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.hardware import class_line, emulate_isa  # noqa: E402
+from transformer.model.prepack import packed_for_cpu  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
-from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
 from transformer.vocab import Specials  # noqa: E402
 
 SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8", "ours-bf16", "hf-bf16")  # -bf16: bf16 autocast
@@ -55,7 +58,14 @@ TINY_RUN = "runs/bench-tiny"
 
 def search_config(beam: int, batch_tokens: int) -> DecodeConfig:
     """Our settings that HF generate() and CTranslate2 also implement."""
-    return DecodeConfig(beam_size=beam, lp_style="average", length_penalty=1.0, early_stop="fairseq", batch_tokens=batch_tokens, precision="fp32")
+    return DecodeConfig(
+        beam_size=beam,
+        lp_style="average",
+        length_penalty=1.0,
+        early_stop="fairseq",
+        batch_tokens=batch_tokens,
+        precision="fp32",
+    )
 
 
 def max_new_tokens(batch_ids: list[list[int]], cfg: DecodeConfig) -> int:
@@ -90,12 +100,17 @@ def decode_hf(export_dir: str, cfg: DecodeConfig, specials: Specials):
     @torch.inference_mode()
     def run(ids: list[list[int]]) -> list[list[int]]:
         out: list = [None] * len(ids)
-        for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
+        for batch in token_batches([len(s) for s in ids], cfg.batch_tokens, 0, 0, shuffle=False):
             src = pad([ids[i] for i in batch], specials.pad)
             with autocast(src.device, cfg.precision):
                 seqs = model.generate(
-                    input_ids=src, attention_mask=(src != specials.pad).long(), num_beams=cfg.beam_size, do_sample=False,
-                    length_penalty=cfg.length_penalty, early_stopping=True, max_new_tokens=max_new_tokens([ids[i] for i in batch], cfg),
+                    input_ids=src,
+                    attention_mask=(src != specials.pad).long(),
+                    num_beams=cfg.beam_size,
+                    do_sample=False,
+                    length_penalty=cfg.length_penalty,
+                    early_stopping=True,
+                    max_new_tokens=max_new_tokens([ids[i] for i in batch], cfg),
                     suppress_tokens=list(specials.never_generated),
                 )
             for i, row in zip(batch, seqs[:, 1:].tolist()):
@@ -118,11 +133,15 @@ def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer, stock: 
 
     def run(ids: list[list[int]]) -> list[list[int]]:
         out: list = [None] * len(ids)
-        for batch in length_batches([len(s) for s in ids], cfg.batch_tokens):
+        for batch in token_batches([len(s) for s in ids], cfg.batch_tokens, 0, 0, shuffle=False):
             pieces = [[src_piece(t) for t in ids[i]] for i in batch]
             results = translator.translate_batch(
-                pieces, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, min_decoding_length=0,
-                max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg), suppress_sequences=suppress,
+                pieces,
+                beam_size=cfg.beam_size,
+                length_penalty=cfg.length_penalty,
+                min_decoding_length=0,
+                max_decoding_length=max_new_tokens([ids[i] for i in batch], cfg),
+                suppress_sequences=suppress,
                 return_end_token=True,
             )
             for i, r in zip(batch, results):
@@ -153,7 +172,7 @@ def run_one(args) -> dict:
     elif system.startswith("hf"):
         run = decode_hf(args.export, cfg, specials)
     else:
-        run = decode_ct2(args.ct2 + system[len("ct2"):], cfg, args.threads, tokenizer, stock=bool(args.hf))
+        run = decode_ct2(args.ct2 + system[len("ct2") :], cfg, args.threads, tokenizer, stock=bool(args.hf))
     run(src_ids[:8])  # warm-up: lazy init, allocator
     before = rss_mib()
     start = time.perf_counter()
@@ -163,9 +182,14 @@ def run_one(args) -> dict:
     hyps = tokenizer.decode_tgt(outputs)
     tokens = sum(len([t for t in o if t not in (specials.eos, specials.pad, specials.bos)]) for o in outputs)
     return {
-        "system": system, "beam": int(beam), "sentences": len(src_ids), "seconds": seconds,
-        "sent_per_s": len(src_ids) / seconds, "tok_per_s": tokens / seconds,
-        "rss_increase_mib": max(peak - before, 0.0), "bleu": score(hyps, references)["bleu"],
+        "system": system,
+        "beam": int(beam),
+        "sentences": len(src_ids),
+        "seconds": seconds,
+        "sent_per_s": len(src_ids) / seconds,
+        "tok_per_s": tokens / seconds,
+        "rss_increase_mib": max(peak - before, 0.0),
+        "bleu": score(hyps, references)["bleu"],
     }
 
 
@@ -173,8 +197,17 @@ def train_tiny(run_dir: str) -> None:
     """A small builtin model (about 2 minutes on 2 cores), only to exercise the benchmark."""
     train = Path(sys.executable).parent / "transformer-train"
     subprocess.run(
-        [str(train), "experiment=builtin", "trainer.max_steps=300", "trainer.eval_every=300", "trainer.warmup_steps=100",
-         "trainer.progress=false", "evaluate_test=false", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"],
+        [
+            str(train),
+            "experiment=builtin",
+            "trainer.max_steps=300",
+            "trainer.eval_every=300",
+            "trainer.warmup_steps=100",
+            "trainer.progress=false",
+            "evaluate_test=false",
+            f"run_dir={run_dir}",
+            f"hydra.run.dir={run_dir}",
+        ],
         check=True,
     )
 
@@ -241,21 +274,37 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
     rows = []
     for beam in args.beam:
         for system in args.systems:
-            cmd = [sys.executable, __file__, f"--run-one={system}:{beam}", f"--checkpoint={args.checkpoint}", f"--src={args.src}",
-                   f"--ref={args.ref}", f"--threads={args.threads}", f"--limit={args.limit}", f"--batch-tokens={args.batch_tokens}",
-                   f"--export={export_dir}", f"--ct2={work / 'ct2'}", f"--max-len={args.max_len}"] + ([f"--hf={args.hf}"] if args.hf else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                f"--run-one={system}:{beam}",
+                f"--checkpoint={args.checkpoint}",
+                f"--src={args.src}",
+                f"--ref={args.ref}",
+                f"--threads={args.threads}",
+                f"--limit={args.limit}",
+                f"--batch-tokens={args.batch_tokens}",
+                f"--export={export_dir}",
+                f"--ct2={work / 'ct2'}",
+                f"--max-len={args.max_len}",
+            ] + ([f"--hf={args.hf}"] if args.hf else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{system} beam {beam}: {rows[-1]['sent_per_s']:.1f} sentences/s, BLEU {rows[-1]['bleu']:.2f}", file=sys.stderr)
+            print(
+                f"{system} beam {beam}: {rows[-1]['sent_per_s']:.1f} sentences/s, BLEU {rows[-1]['bleu']:.2f}",
+                file=sys.stderr,
+            )
     return rows
 
 
 def main() -> None:
     data = os.environ.get("MULTI30K_DIR", "../shared/data/multi30k")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=os.environ.get("TRANSFORMER_BENCH_CKPT", "runs/multi30k"), help="run directory or .pt")
+    parser.add_argument(
+        "--checkpoint", default=os.environ.get("TRANSFORMER_BENCH_CKPT", "runs/multi30k"), help="run directory or .pt"
+    )
     parser.add_argument("--src", default=f"{data}/test2016.en.gz")
     parser.add_argument("--ref", default=f"{data}/test2016.de.gz")
     parser.add_argument("--threads", type=int, default=2)
@@ -263,13 +312,28 @@ def main() -> None:
     parser.add_argument("--beam", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--batch-tokens", type=int, default=4096, help="source tokens per batch, for every system")
-    parser.add_argument("--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}")
-    parser.add_argument("--hf", help="a Hugging Face Marian model directory to import and benchmark (instead of --checkpoint)")
-    parser.add_argument("--max-len", type=int, default=0, help="at most N tokens per sentence for every system (0: 1.5 * source + 10; "
-                        "a random model never ends a sentence, and HF's limit is per batch, not per sentence)")
-    parser.add_argument("--make-opus-like", metavar="DIR", help="write a random MarianMTModel of opus-mt-en-de's shapes to DIR and exit")
+    parser.add_argument(
+        "--train-tiny", action="store_true", help=f"without a checkpoint, train a small builtin model in {TINY_RUN}"
+    )
+    parser.add_argument(
+        "--hf", help="a Hugging Face Marian model directory to import and benchmark (instead of --checkpoint)"
+    )
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=0,
+        help="at most N tokens per sentence for every system (0: 1.5 * source + 10; "
+        "a random model never ends a sentence, and HF's limit is per batch, not per sentence)",
+    )
+    parser.add_argument(
+        "--make-opus-like", metavar="DIR", help="write a random MarianMTModel of opus-mt-en-de's shapes to DIR and exit"
+    )
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--isa", default=os.environ.get("BENCH_ISA", "native"), help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)")
+    parser.add_argument(
+        "--isa",
+        default=os.environ.get("BENCH_ISA", "native"),
+        help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)",
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
     parser.add_argument("--export", help=argparse.SUPPRESS)
     parser.add_argument("--ct2", help=argparse.SUPPRESS)
@@ -283,11 +347,23 @@ def main() -> None:
         from hf_models import write_marian
 
         # opus-mt-en-de: d_model 512, 6+6 layers, 8 heads, FFN 2048, 58,101 pieces
-        write_marian(Path(args.make_opus_like), d_model=512, layers=6, heads=8, ffn=2048, vocab_size=58101, spm_size=4000, pairs=5000)
+        write_marian(
+            Path(args.make_opus_like),
+            d_model=512,
+            layers=6,
+            heads=8,
+            ffn=2048,
+            vocab_size=58101,
+            spm_size=4000,
+            pairs=5000,
+        )
         print(f"random OPUS-MT-shaped model: {args.make_opus_like}")
         return
     if not args.hf and not Path(args.checkpoint).exists() and not args.train_tiny:
-        print(f"no trained checkpoint at {args.checkpoint}: train one (make multi30k), pass --checkpoint, or add --train-tiny", file=sys.stderr)
+        print(
+            f"no trained checkpoint at {args.checkpoint}: train one (make multi30k), pass --checkpoint, or add --train-tiny",
+            file=sys.stderr,
+        )
         sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         rows = benchmark(args, Path(tmp))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,9 @@ def main() -> None:
                 x, w, b = torch.randn(rows, d_in), torch.randn(d_out, d_in) * 0.05, torch.randn(d_out)
                 onednn_w = pack_weight(w)
                 mkl_w = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
-                plain = lambda: F.linear(x, w, b)  # noqa: E731
-                onednn = lambda: linear_on_packed(x, onednn_w, b)  # noqa: E731
-                mkl = lambda: torch.ops.mkl._mkl_linear(x, mkl_w, w, b, rows)  # noqa: E731
+                plain = lambda x=x, w=w, b=b: F.linear(x, w, b)  # noqa: E731
+                onednn = lambda x=x, p=onednn_w, b=b: linear_on_packed(x, p, b)  # noqa: E731
+                mkl = lambda x=x, p=mkl_w, w=w, b=b, r=rows: torch.ops.mkl._mkl_linear(x, p, w, b, r)  # noqa: E731
                 diff = float((plain() - onednn()).abs().max())
                 times = [ms_per_call(f, args.repeat) for f in (plain, onednn, mkl)]
                 print(f"| {rows} x {d_in} -> {d_out} | {times[0]:.3f} | {times[1]:.3f} | {times[2]:.3f} | {diff:.1e} |")

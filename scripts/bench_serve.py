@@ -28,10 +28,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
+from transformer.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from transformer.config import DataConfig, DecodeConfig  # noqa: E402
 from transformer.data.corpus import load_files, load_split  # noqa: E402
 from transformer.decode.translator import Translator  # noqa: E402
-from transformer.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 
 MULTI30K = Path(os.environ.get("MULTI30K_DIR", "../shared/data/multi30k")) / "test2016.en.gz"
 
@@ -57,9 +57,20 @@ def free_port() -> int:
 def start_server(checkpoint: str, batching: bool, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     script = Path(sys.executable).parent / "transformer-serve"
-    command = [str(script), f"checkpoint={checkpoint}", "host=127.0.0.1", f"port={port}", "log_level=warning", "device=cpu",
-               f"serve.batching={str(batching).lower()}", f"serve.max_wait_ms={args.max_wait_ms}", f"serve.max_batch_tokens={args.max_batch_tokens}",
-               f"decode.beam_size={args.beam}", f"serve.threads={args.threads}", "serve.max_queue=100000"]
+    command = [
+        str(script),
+        f"checkpoint={checkpoint}",
+        "host=127.0.0.1",
+        f"port={port}",
+        "log_level=warning",
+        "device=cpu",
+        f"serve.batching={str(batching).lower()}",
+        f"serve.max_wait_ms={args.max_wait_ms}",
+        f"serve.max_batch_tokens={args.max_batch_tokens}",
+        f"decode.beam_size={args.beam}",
+        f"serve.threads={args.threads}",
+        "serve.max_queue=100000",
+    ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -77,7 +88,11 @@ def start_server(checkpoint: str, batching: bool, args: argparse.Namespace) -> t
 
 def batch_totals(base: str) -> tuple[float, float]:
     """(sentences, batches) decoded so far, from /metrics."""
-    values = dict(line.rsplit(" ", 1) for line in httpx.get(f"{base}/metrics").text.splitlines() if line.startswith("transformer_serve_batch_sentences_"))
+    values = dict(
+        line.rsplit(" ", 1)
+        for line in httpx.get(f"{base}/metrics").text.splitlines()
+        if line.startswith("transformer_serve_batch_sentences_")
+    )
     total = sum(float(v) for k, v in values.items() if k.startswith("transformer_serve_batch_sentences_sum"))
     count = sum(float(v) for k, v in values.items() if k.startswith("transformer_serve_batch_sentences_count"))
     return total, count
@@ -118,9 +133,14 @@ def measure(base: str, sentences: list[str], clients: int, seconds: float) -> di
     cpu, after = time.process_time() - cpu, batch_totals(base)
     batches = after[1] - before[1]
     return {
-        "clients": clients, "sentences": len(latencies), "per_s": len(latencies) / wall,
-        "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
-        "batch": (after[0] - before[0]) / batches if batches else 0.0, "client_cpu": cpu / wall,
+        "clients": clients,
+        "sentences": len(latencies),
+        "per_s": len(latencies) / wall,
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+        "p99": percentile(latencies, 0.99),
+        "batch": (after[0] - before[0]) / batches if batches else 0.0,
+        "client_cpu": cpu / wall,
     }
 
 
@@ -144,28 +164,44 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (1: the clients need the other core; 0: PyTorch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's torch threads (1: the clients need the other core; 0: PyTorch's default)",
+    )
     args = parser.parse_args()
     sentences, origin = source_sentences(args.checkpoint, args.src, args.sentences)
-    print(f"{len(sentences)} sentences from {origin}; beam {args.beam}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"{len(sentences)} sentences from {origin}; beam {args.beam}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
+    )
     rows = []
     for batching in (True, False):
         server, base = start_server(args.checkpoint, batching, args)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
-                rows.append({"mode": "batching on" if batching else "batching off"} | measure(base, sentences, clients, args.seconds))
+                rows.append(
+                    {"mode": "batching on" if batching else "batching off"}
+                    | measure(base, sentences, clients, args.seconds)
+                )
                 print(rows[-1], flush=True)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     decode = decode_file_speed(args.checkpoint, sentences, args.beam)
-    print("\n| mode | clients | sentences | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | client CPU |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| mode | clients | sentences | sentences/s | p50 ms | p95 ms | p99 ms | mean batch | client CPU |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['mode']} | {r['clients']} | {r['sentences']} | {r['per_s']:.1f} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | {1000 * r['p99']:.0f} | {r['batch']:.1f} | {100 * r['client_cpu']:.0f}% |")
+        print(
+            f"| {r['mode']} | {r['clients']} | {r['sentences']} | {r['per_s']:.1f} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | {1000 * r['p99']:.0f} | {r['batch']:.1f} | {100 * r['client_cpu']:.0f}% |"
+        )
     print(f"| transformer-decode (file) | - | {len(sentences)} | {decode:.1f} | - | - | - | - | - |")
     on, off = ({r["clients"]: r for r in rows if r["mode"] == mode} for mode in ("batching on", "batching off"))
     top = max(on)
-    print(f"\nat {top} clients: batching on / off = {on[top]['per_s'] / off[top]['per_s']:.1f}x; on / transformer-decode = {on[top]['per_s'] / decode:.2f}; p99 {1000 * on[top]['p99']:.0f} ms; load average {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\nat {top} clients: batching on / off = {on[top]['per_s'] / off[top]['per_s']:.1f}x; on / transformer-decode = {on[top]['per_s'] / decode:.2f}; p99 {1000 * on[top]['p99']:.0f} ms; load average {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,21 @@ def run_one(label: str, extra: list[str], args: argparse.Namespace, workdir: Pat
             env[key] = value
         else:
             overrides.append(item)
-    cmd = [str(Path(sys.executable).parent / "transformer-train"), f"experiment={args.experiment}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-           f"trainer.max_minutes={args.minutes}", "trainer.max_steps=10000000", "trainer.eval_every=10000000", "trainer.save_every=0",
-           "trainer.log_every=50", "trainer.progress=false", "evaluate_test=false", *args.overrides, *overrides]
+    cmd = [
+        str(Path(sys.executable).parent / "transformer-train"),
+        f"experiment={args.experiment}",
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}",
+        f"trainer.max_minutes={args.minutes}",
+        "trainer.max_steps=10000000",
+        "trainer.eval_every=10000000",
+        "trainer.save_every=0",
+        "trainer.log_every=50",
+        "trainer.progress=false",
+        "evaluate_test=false",
+        *args.overrides,
+        *overrides,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples, start = [], time.time()
     while proc.poll() is None and time.time() - start < args.minutes * 60 + 600:
@@ -97,7 +109,9 @@ def report(results: list[dict], minutes: float, window: float) -> None:
         early, last = window_speed(r["train"], 2, 10), window_speed(r["train"], max(minutes - 10, 2), minutes + 1)
         peak = max((m for _, m in r["rss"]), default=0)
         ok = "met" if last / early >= 0.9 and peak < 2500 else "missed"
-        print(f"| {r['label']} | {' | '.join(cells)} | {early:.0f} | {last:.0f} | {last / early:.2f} | {peak:.0f} | {ok} |")
+        print(
+            f"| {r['label']} | {' | '.join(cells)} | {early:.0f} | {last:.0f} | {last / early:.2f} | {peak:.0f} | {ok} |"
+        )
 
 
 def main() -> None:
@@ -106,7 +120,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=10, help="minutes per table column")
     parser.add_argument("--experiment", default="multi30k_en_de")
     parser.add_argument("--overrides", nargs="*", default=[], help="for every run, e.g. trainer.precision=fp32")
-    parser.add_argument("--variant", action="append", default=[], help="LABEL:KEY=VALUE[,KEY=VALUE...] run after the default")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="LABEL:KEY=VALUE[,KEY=VALUE...] run after the default"
+    )
     parser.add_argument("--skip-default", action="store_true")
     args = parser.parse_args()
     runs = [] if args.skip_default else [("default", [])]

@@ -45,7 +45,9 @@ from transformer.vocab import PAD
 
 def model_config(name: str, vocab: int) -> ModelConfig:
     """Shapes from configs/model/<name>.yaml, with the vocabulary size filled in."""
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(Path(config_dir()) / "model" / f"{name}.yaml"))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(Path(config_dir()) / "model" / f"{name}.yaml")
+    )
     cfg = OmegaConf.to_object(cfg)
     cfg.src_vocab_size = cfg.tgt_vocab_size = vocab
     return cfg
@@ -114,7 +116,11 @@ def train_flops(cfg: ModelConfig, batch) -> float:
     tgt_tokens = batch.n_tokens
     s_len, t_len = batch.src.size(1), batch.tgt_in.size(1)
     enc = cfg.n_encoder_layers * src_tokens * (2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * s_len * d)
-    dec = cfg.n_decoder_layers * tgt_tokens * (2 * 4 * d * d + 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * (t_len / 2 + s_len) * d)
+    dec = (
+        cfg.n_decoder_layers
+        * tgt_tokens
+        * (2 * 4 * d * d + 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * (t_len / 2 + s_len) * d)
+    )
     dec += cfg.n_decoder_layers * src_tokens * 2 * 2 * d * d  # cross-attention K/V of the source
     out = tgt_tokens * 2 * d * v
     return 3.0 * (enc + dec + out)
@@ -135,8 +141,12 @@ def run_one(args) -> dict:
     ours = args.impl == "ours"
     model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
     if ours and not args.mkl and not args.compile and device.type == "cpu" and args.precision == "fp32":
-        train_linears_on_onednn(model, onednn_shapes(model, rows=512, training=True))  # what our trainer does (trainer.onednn_linear=auto)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)  # HF Trainer default
+        train_linears_on_onednn(
+            model, onednn_shapes(model, rows=512, training=True)
+        )  # what our trainer does (trainer.onednn_linear=auto)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True
+    )  # HF Trainer default
     net = torch.compile(model) if args.compile else model  # what trainer.compile does
     times, tokens, flops = [], 0, 0.0
     for i, batch in enumerate(batches):
@@ -149,7 +159,13 @@ def run_one(args) -> dict:
                 loss, _ = label_smoothed_loss(net(b.src, b.tgt_in, keep), b.tgt_out[keep], 0.1)
             else:
                 logits = net(input_ids=b.src, attention_mask=(b.src != PAD).long(), decoder_input_ids=b.tgt_in).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD, label_smoothing=0.1, reduction="sum")
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1),
+                    b.tgt_out.flatten(),
+                    ignore_index=PAD,
+                    label_smoothing=0.1,
+                    reduction="sum",
+                )
         (loss / b.n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -167,9 +183,14 @@ def run_one(args) -> dict:
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "impl": args.impl, "precision": args.precision, "tokens_per_s": tokens / total,
-        "ms_per_step": 1000 * statistics.median(times), "peak_mem_mb": memory,
-        "tflops": flops / total / 1e12, "mfu": flops / total / peak, "peak_tflops": peak / 1e12,
+        "impl": args.impl,
+        "precision": args.precision,
+        "tokens_per_s": tokens / total,
+        "ms_per_step": 1000 * statistics.median(times),
+        "peak_mem_mb": memory,
+        "tflops": flops / total / 1e12,
+        "mfu": flops / total / peak,
+        "peak_tflops": peak / 1e12,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
     }
 
@@ -177,17 +198,21 @@ def run_one(args) -> dict:
 def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     """The run's settings and hardware, then one row per (implementation, precision)."""
     hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
-    print(f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-          f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
-          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    print(
+        f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
+        f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
+        + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+    )
     print(f"hardware: {class_line()}\n")
     print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         peer = hf.get(r["precision"])
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-        print(f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
-              f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |")
+        print(
+            f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
+            f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |"
+        )
 
 
 def main() -> None:
@@ -203,14 +228,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache", default="runs/bench", help="where the benchmark's BPE model is kept")
-    parser.add_argument("--same-allocator", action="store_true",
-                        help="give HF our trainer's CPU allocator setting too (glibc keeps freed memory)")
-    parser.add_argument("--mkl", action="store_true", help="ours in fp32 on CPU with plain nn.Linear (trainer.onednn_linear=false)")
-    parser.add_argument("--no-cudnn-attention", action="store_true",
-                        help="CUDA: give HF our attention backends too (no cuDNN attention, which plans per shape)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models (give --warmup room for recompiles)")
+    parser.add_argument(
+        "--same-allocator",
+        action="store_true",
+        help="give HF our trainer's CPU allocator setting too (glibc keeps freed memory)",
+    )
+    parser.add_argument(
+        "--mkl", action="store_true", help="ours in fp32 on CPU with plain nn.Linear (trainer.onednn_linear=false)"
+    )
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="CUDA: give HF our attention backends too (no cuDNN attention, which plans per shape)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile both models (give --warmup room for recompiles)"
+    )
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--isa", default=os.environ.get("BENCH_ISA", "native"), help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)")
+    parser.add_argument(
+        "--isa",
+        default=os.environ.get("BENCH_ISA", "native"),
+        help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     emulate_isa(args.isa)
@@ -225,16 +264,46 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     results = []
-    switches = [f"--{name.replace('_', '-')}" for name in ("same_allocator", "mkl", "compile", "no_cudnn_attention") if getattr(args, name)]
+    switches = [
+        f"--{name.replace('_', '-')}"
+        for name in ("same_allocator", "mkl", "compile", "no_cudnn_attention")
+        if getattr(args, name)
+    ]
     for precision in args.precision:
         for impl in args.impl:
-            cmd = [sys.executable, __file__, "--child", "--impl", impl, "--precision", precision, "--model", args.model,
-                   "--data", args.data, "--vocab", str(args.vocab), "--max-tokens", str(args.max_tokens),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device, "--cache", args.cache] + switches
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--impl",
+                impl,
+                "--precision",
+                precision,
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--vocab",
+                str(args.vocab),
+                "--max-tokens",
+                str(args.max_tokens),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--cache",
+                args.cache,
+            ] + switches
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
-                print(f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}", file=sys.stderr)
+                print(
+                    f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}",
+                    file=sys.stderr,
+                )
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print_table(args, results)

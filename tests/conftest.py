@@ -25,8 +25,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -79,12 +79,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def run_console_script(name: str, *args: str, cwd: Path, input: Optional[str] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_console_script(
+    name: str, *args: str, cwd: Path, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """``transformer-<name> args...`` from the venv that runs the tests."""
     script = Path(sys.executable).parent / f"transformer-{name}"
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [str(script), *args], cwd=cwd, input=input, capture_output=True, text=True, env=env, timeout=timeout,
+        [str(script), *args],
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import sentencepiece as spm
 import torch
@@ -19,8 +19,13 @@ def train_spm(sentences: Sequence[str], vocab_size: int) -> bytes:
     """A unigram SentencePiece model (as OPUS-MT ships): <unk>=0, <s>=1, </s>=2, no <pad>."""
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=proto, vocab_size=vocab_size, hard_vocab_limit=False,
-        character_coverage=1.0, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(sentences),
+        model_writer=proto,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
     )
     return proto.getvalue()
 
@@ -54,8 +59,20 @@ def spread(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64, vocab_size: int = 0,
-                 spm_size: int = 80, seed: int = 0, eos_boost: float = 0.5, pairs: int = 300, separate: bool = False) -> Path:
+def write_marian(
+    directory: Path,
+    *,
+    d_model: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    ffn: int = 64,
+    vocab_size: int = 0,
+    spm_size: int = 80,
+    seed: int = 0,
+    eos_boost: float = 0.5,
+    pairs: int = 300,
+    separate: bool = False,
+) -> Path:
     """A random MarianMTModel with an OPUS-MT config and tokenizer in ``directory``: separate
     source.spm/target.spm, one vocab.json, swish, pad = decoder start = last id, eos = 0, a
     non-zero final_logits_bias (EOS raised by ``eos_boost`` so beams end after a few tokens).
@@ -75,11 +92,25 @@ def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: 
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     pad = len(vocab) - 1
     config = MarianConfig(
-        vocab_size=len(vocab), decoder_vocab_size=len(vocab), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
-        activation_function="swish", max_position_embeddings=512 if d_model >= 256 else 64, scale_embedding=True,
-        pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad, forced_eos_token_id=0, dropout=0.0,
-        share_encoder_decoder_embeddings=not separate, architectures=["MarianMTModel"],
+        vocab_size=len(vocab),
+        decoder_vocab_size=len(vocab),
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        activation_function="swish",
+        max_position_embeddings=512 if d_model >= 256 else 64,
+        scale_embedding=True,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        dropout=0.0,
+        share_encoder_decoder_embeddings=not separate,
+        architectures=["MarianMTModel"],
     )
     torch.manual_seed(seed)
     model = spread(MarianMTModel(config))
@@ -89,8 +120,11 @@ def write_marian(directory: Path, *, d_model: int = 32, layers: int = 2, heads: 
     model.generation_config.bad_words_ids = [[pad]]
     model.save_pretrained(str(directory))
     MarianTokenizer(
-        str(directory / "source.spm"), str(directory / "target.spm"), str(directory / "vocab.json"),
-        target_vocab_file=str(directory / "target_vocab.json") if separate else None, separate_vocabs=separate,
+        str(directory / "source.spm"),
+        str(directory / "target.spm"),
+        str(directory / "vocab.json"),
+        target_vocab_file=str(directory / "target_vocab.json") if separate else None,
+        separate_vocabs=separate,
     ).save_pretrained(str(directory))
     return directory
 
@@ -106,11 +140,25 @@ def write_m2m100(directory: Path, *, seed: int = 0, eos_boost: float = 1.5) -> P
     pieces = ["<s>", "<pad>", "</s>", "<unk>"] + [p for p in pieces_of(proto) if p not in ("<s>", "</s>", "<unk>")]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sentencepiece.bpe.model").write_bytes(proto)
-    (directory / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}, ensure_ascii=False), encoding="utf-8")
+    (directory / "vocab.json").write_text(
+        json.dumps({p: i for i, p in enumerate(pieces)}, ensure_ascii=False), encoding="utf-8"
+    )
     config = M2M100Config(
-        vocab_size=len(pieces) + 108, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, architectures=["M2M100ForConditionalGeneration"],
+        vocab_size=len(pieces) + 108,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        architectures=["M2M100ForConditionalGeneration"],
     )
     torch.manual_seed(seed)
     model = spread(M2M100ForConditionalGeneration(config))
@@ -118,5 +166,7 @@ def write_m2m100(directory: Path, *, seed: int = 0, eos_boost: float = 1.5) -> P
         row = model.lm_head.weight[2]
         model.model.decoder.layer_norm.bias.copy_(eos_boost * row / row.norm() ** 2)
     model.save_pretrained(str(directory))
-    M2M100Tokenizer(str(directory / "vocab.json"), str(directory / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="de").save_pretrained(str(directory))
+    M2M100Tokenizer(
+        str(directory / "vocab.json"), str(directory / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="de"
+    ).save_pretrained(str(directory))
     return directory

@@ -38,10 +38,7 @@ TRICKY_NUMBERS = [
 ]
 
 ENGLISH_NUMBER_WORDS = {
-    word
-    for n in list(range(100)) + [100, 1000]
-    for part in number_to_english(n).split()
-    for word in part.split("-")
+    word for n in list(range(100)) + [100, 1000] for part in number_to_english(n).split() for word in part.split("-")
 }
 
 

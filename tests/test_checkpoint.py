@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformer.checkpoint import FORMAT, atomic_save, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from transformer.data.builtin import builtin_splits
 from transformer.data.tokenizer import build_tokenizer
 from transformer.errors import UserError
-from transformer.checkpoint import FORMAT, atomic_save, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from transformer.vocab import BOS, EOS
 
 
@@ -99,7 +99,9 @@ def test_truncated_checkpoint_names_the_path(best: Path, tmp_path: Path) -> None
 def test_foreign_files_name_the_path(tmp_path: Path) -> None:
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(UserError, match=f"{text}: not a readable checkpoint: 17 bytes that are not a PyTorch checkpoint archive"):
+    with pytest.raises(
+        UserError, match=f"{text}: not a readable checkpoint: 17 bytes that are not a PyTorch checkpoint archive"
+    ):
         load_checkpoint(text)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.ones(1)}}, other)

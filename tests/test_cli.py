@@ -12,7 +12,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # distinct subword lengths, so batches are built the same whatever the input order
-LINES = ["twenty-one", "", "I have three red apples.", " ".join(["We see seventy-seven red cars."] * 30), "the nineteen small dogs"]
+LINES = [
+    "twenty-one",
+    "",
+    "I have three red apples.",
+    " ".join(["We see seventy-seven red cars."] * 30),
+    "the nineteen small dogs",
+]
 OVER_LONG_LINE = 4  # 1-based: longer than the tiny model's max_positions
 
 
@@ -38,8 +44,14 @@ def test_train_writes_a_checkpoint(cli_run: Path) -> None:
 
 def test_evaluate_prints_scores_and_writes_hypotheses(cli, cli_run: Path, workdir: Path) -> None:
     result = cli(
-        "evaluate", f"checkpoint={cli_run}", "data=builtin", "data.builtin_train=200", "data.builtin_valid=20",
-        "data.builtin_test=20", "decode=greedy", cwd=workdir,
+        "evaluate",
+        f"checkpoint={cli_run}",
+        "data=builtin",
+        "data.builtin_train=200",
+        "data.builtin_valid=20",
+        "data.builtin_test=20",
+        "decode=greedy",
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^BLEU = \d+\.\d+", result.stdout, re.M)
@@ -51,12 +63,27 @@ def test_evaluate_prints_scores_and_writes_hypotheses(cli, cli_run: Path, workdi
 
 def test_evaluate_an_ensemble(cli, cli_run: Path, workdir: Path) -> None:
     """The model ensembled with itself scores as the model alone (same probabilities)."""
-    args = [f"checkpoint={cli_run}", "data=builtin", "data.builtin_train=200", "data.builtin_valid=20", "data.builtin_test=20", "decode=greedy"]
+    args = [
+        f"checkpoint={cli_run}",
+        "data=builtin",
+        "data.builtin_train=200",
+        "data.builtin_valid=20",
+        "data.builtin_test=20",
+        "decode=greedy",
+    ]
     alone = cli("evaluate", *args, f"output={workdir / 'alone.txt'}", cwd=workdir)
-    pair = cli("evaluate", *args, f"ensemble=[{cli_run / 'checkpoints/best.pt'}]", f"output={workdir / 'pair.txt'}", cwd=workdir)
+    pair = cli(
+        "evaluate",
+        *args,
+        f"ensemble=[{cli_run / 'checkpoints/best.pt'}]",
+        f"output={workdir / 'pair.txt'}",
+        cwd=workdir,
+    )
     assert alone.returncode == 0 and pair.returncode == 0, pair.stderr[-3000:]
     assert (workdir / "pair.txt").read_text(encoding="utf-8") == (workdir / "alone.txt").read_text(encoding="utf-8")
-    assert json.loads((workdir / "pair.json").read_text(encoding="utf-8"))["ensemble"] == [str(cli_run / "checkpoints/best.pt")]
+    assert json.loads((workdir / "pair.json").read_text(encoding="utf-8"))["ensemble"] == [
+        str(cli_run / "checkpoints/best.pt")
+    ]
 
 
 def test_decode_one_sentence(cli, cli_run: Path, workdir: Path) -> None:
@@ -82,7 +109,9 @@ def test_decode_from_a_file_keeps_one_line_per_input(decoded_file: tuple[list[st
     assert re.search(rf"input line {OVER_LONG_LINE} has \d+ subwords, more than model.max_positions=128", stderr)
 
 
-def test_decode_from_stdin_keeps_order_and_prints_scores(cli, cli_run: Path, workdir: Path, decoded_file: tuple[list[str], str]) -> None:
+def test_decode_from_stdin_keeps_order_and_prints_scores(
+    cli, cli_run: Path, workdir: Path, decoded_file: tuple[list[str], str]
+) -> None:
     outputs, _ = decoded_file
     stdin = "".join(line + "\n" for line in reversed(LINES))
     result = cli("decode", f"checkpoint={cli_run}", "scores=true", cwd=workdir, input=stdin)

@@ -22,10 +22,14 @@ def test_slurm_launcher_and_optuna_sweeper_compose() -> None:
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", ["experiment=tiny", "hydra/launcher=slurm", "hydra/sweeper=bleu"], return_hydra_config=True)
+        cfg = compose(
+            "train", ["experiment=tiny", "hydra/launcher=slurm", "hydra/sweeper=bleu"], return_hydra_config=True
+        )
     launcher, sweeper = cfg.hydra.launcher, cfg.hydra.sweeper
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1  # one process a job; multi-GPU runs use torchrun
+    assert (
+        launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+    )  # one process a job; multi-GPU runs use torchrun
     assert sweeper._target_.endswith("optuna_sweeper.OptunaSweeper") and sweeper.direction == "maximize"
     assert all(OmegaConf.select(cfg, key) is not None for key in sweeper.params)  # the search space names real keys
 
@@ -34,8 +38,17 @@ def test_slurm_launcher_and_optuna_sweeper_compose() -> None:
 def test_optuna_search_of_three_tiny_trials_runs_locally(cli, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = cli(
-        "train", "-m", "experiment=tiny", "hydra/sweeper=bleu", "hydra.sweeper.n_trials=3", "trainer.max_steps=4", "trainer.eval_every=4",
-        "evaluate_test=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300,
+        "train",
+        "-m",
+        "experiment=tiny",
+        "hydra/sweeper=bleu",
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "evaluate_test=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]

@@ -86,7 +86,9 @@ def test_every_enumerated_key_is_checked_at_start(compose_cfg, tmp_path) -> None
 
     for section, keys in CHOICES.items():
         for key in keys:
-            cfg = compose_cfg("train", ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"])
+            cfg = compose_cfg(
+                "train", ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"]
+            )
             with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of "):
                 train(cfg)
             assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE

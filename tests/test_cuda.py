@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_decode import padded, random_sources, tiny_model
 from test_train import assert_learns_with_fp32_weights, losses, tiny, torchrun
-
 from transformer.runtime import autocast
 from transformer.train import loop
 from transformer.train.loss import label_smoothed_loss
@@ -55,6 +55,15 @@ def test_ddp_on_nccl_equals_one_process_with_accumulation(tmp_path: Path) -> Non
     with update_freq=2."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     torchrun(ddp, "trainer.schedule=constant", "trainer.max_steps=10", device="cuda")
-    loop.train(tiny(single, "trainer.device=cuda", "trainer.schedule=constant", "trainer.update_freq=2", "trainer.max_steps=10",
-                    "trainer.log_every=1", "trainer.eval_every=1000"))
-    assert [l for _, _, l in losses(ddp)] == pytest.approx([l for _, _, l in losses(single)], rel=1e-3)
+    loop.train(
+        tiny(
+            single,
+            "trainer.device=cuda",
+            "trainer.schedule=constant",
+            "trainer.update_freq=2",
+            "trainer.max_steps=10",
+            "trainer.log_every=1",
+            "trainer.eval_every=1000",
+        )
+    )
+    assert [loss for _, _, loss in losses(ddp)] == pytest.approx([loss for _, _, loss in losses(single)], rel=1e-3)

@@ -19,8 +19,17 @@ from transformer.data.corpus import clean_pairs, load_files, load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.vocab import BOS, EOS, PAD, UNK
 
-PAIRS = [("I have two red apples.", "Ich habe zwei rote Äpfel."), ("The dog is big.", "Der Hund ist groß."), ("twenty-one", "einundzwanzig")]
-ROUND_TRIP = ["Ich habe zwei rote Äpfel.", "Der Hund ist groß.", "dreihundertfünfundvierzig", "The twelve cups are new."]
+PAIRS = [
+    ("I have two red apples.", "Ich habe zwei rote Äpfel."),
+    ("The dog is big.", "Der Hund ist groß."),
+    ("twenty-one", "einundzwanzig"),
+]
+ROUND_TRIP = [
+    "Ich habe zwei rote Äpfel.",
+    "Der Hund ist groß.",
+    "dreihundertfünfundvierzig",
+    "The twelve cups are new.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +192,9 @@ def test_text_reader_handles_crlf_and_no_final_newline(tmp_path: Path) -> None:
 def test_byte_order_mark_is_dropped(tmp_path: Path) -> None:
     """Editors on Windows often start UTF-8 files with a BOM; it must not become text."""
     path = tmp_path / "train.jsonl"
-    path.write_bytes("\ufeff".encode("utf-8") + json.dumps({"translation": {"en": "a", "de": "b"}}).encode("utf-8") + b"\n")
+    path.write_bytes(
+        "\ufeff".encode("utf-8") + json.dumps({"translation": {"en": "a", "de": "b"}}).encode("utf-8") + b"\n"
+    )
     assert load_split(DataConfig(source="files", format="jsonl", train_file=str(path)), "train") == [("a", "b")]
     (tmp_path / "a.en").write_bytes("\ufeffone\n".encode("utf-8"))
     (tmp_path / "a.de").write_bytes(b"eins\n")
@@ -198,11 +209,17 @@ def test_tsv_reader(tmp_path: Path) -> None:
 
 
 def test_jsonl_reader_translation_dict_and_flat_columns(tmp_path: Path) -> None:
-    nested = write_text(tmp_path / "test.jsonl", [json.dumps({"translation": {"en": s, "de": t}}) for s, t in PAIRS] + [""])
+    nested = write_text(
+        tmp_path / "test.jsonl", [json.dumps({"translation": {"en": s, "de": t}}) for s, t in PAIRS] + [""]
+    )
     cfg = DataConfig(source="files", format="jsonl", test_file=nested)
     assert load_split(cfg, "test") == PAIRS
-    flat = write_text(tmp_path / "flat.jsonl", [json.dumps({"source": s, "target": t, "id": i}) for i, (s, t) in enumerate(PAIRS)])
-    cfg = DataConfig(source="files", format="jsonl", test_file=flat, translation_field=None, src_field="source", tgt_field="target")
+    flat = write_text(
+        tmp_path / "flat.jsonl", [json.dumps({"source": s, "target": t, "id": i}) for i, (s, t) in enumerate(PAIRS)]
+    )
+    cfg = DataConfig(
+        source="files", format="jsonl", test_file=flat, translation_field=None, src_field="source", tgt_field="target"
+    )
     assert load_split(cfg, "test") == PAIRS
 
 
@@ -239,3 +256,14 @@ def test_load_files_keeps_blank_lines_aligned(tmp_path: Path) -> None:
     ref = write_text(tmp_path / "in.de", ["x", "y", "z"])
     assert load_files(src, ref) == (["a", "", "b"], ["x", "y", "z"])
     assert load_files(src, None) == (["a", "", "b"], None)
+
+
+def test_token_batches_of_source_lengths_are_decodings_batches():
+    """Decoding batches with the training batcher: source lengths alone, sorted, unshuffled,
+    rows x longest within the budget, every index once."""
+    lengths = [5, 1, 9, 3, 3, 7, 2, 8]
+    batches = token_batches(lengths, 16, 0, 0, shuffle=False)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths)
+    assert all(max(lengths[i] for i in b) * len(b) <= 16 for b in batches)
+    assert batches == token_batches([(n, 0) for n in lengths], 16, 5, 3, shuffle=False)

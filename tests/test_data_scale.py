@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config
 from omegaconf import DictConfig
 
+from conftest import compose_config
 from transformer.config import DataConfig
 from transformer.data.batching import balanced_shard, token_batches
 from transformer.data.builtin import builtin_splits
@@ -90,15 +90,26 @@ def corpus_dir(tmp_path: Path) -> Path:
 
 def files_overrides(directory: Path) -> list[str]:
     return ["data.source=files", "data.format=text"] + [
-        f"data.{split}_{side}={directory / f'{split}.{lang}'}" for split in ("train", "valid", "test") for side, lang in (("src", "en"), ("tgt", "de.gz"))
+        f"data.{split}_{side}={directory / f'{split}.{lang}'}"
+        for split in ("train", "valid", "test")
+        for side, lang in (("src", "en"), ("tgt", "de.gz"))
     ]
 
 
 def tiny_files(run_dir: Path, corpus: Path, *overrides: str) -> DictConfig:
-    return compose_config("train", [
-        "experiment=tiny", "evaluate_test=false", f"run_dir={run_dir}", *files_overrides(corpus),
-        "trainer.log_every=1", "trainer.eval_every=1000", "trainer.schedule=constant", *overrides,
-    ])
+    return compose_config(
+        "train",
+        [
+            "experiment=tiny",
+            "evaluate_test=false",
+            f"run_dir={run_dir}",
+            *files_overrides(corpus),
+            "trainer.log_every=1",
+            "trainer.eval_every=1000",
+            "trainer.schedule=constant",
+            *overrides,
+        ],
+    )
 
 
 def data_cfg(corpus: Path, *overrides: str) -> DataConfig:
@@ -143,7 +154,9 @@ def test_cache_hits_and_misses(corpus_dir: Path, tmp_path: Path, caplog: pytest.
     assert open_corpus(cfg, tok, 64, root).directory != first.directory
 
 
-def test_corrupt_cache_is_rebuilt_with_a_warning(corpus_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_cache_is_rebuilt_with_a_warning(
+    corpus_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg, root = data_cfg(corpus_dir), tmp_path / "cache"
     tok = build_tokenizer(load_train_pairs(cfg), 200, True, 10_000)
     good = as_tuples(open_corpus(cfg, tok, 64, root))
@@ -170,12 +183,18 @@ def test_cached_and_uncached_runs_train_identically(corpus_dir: Path, tmp_path: 
     assert isinstance(cached.data.train_examples, CachedCorpus) and isinstance(plain.data.train_examples, list)
     assert cached.data.tokenizer.to_state() == plain.data.tokenizer.to_state()
     for epoch in (0, 1):
-        assert [as_tuples(b) for b in cached.data.epoch_batches(epoch)] == [as_tuples(b) for b in plain.data.epoch_batches(epoch)]
-    assert [as_tuples(b) for b in cached.data.epoch_batches(1, skip=3)] == [as_tuples(b) for b in plain.data.epoch_batches(1)][3:]
+        assert [as_tuples(b) for b in cached.data.epoch_batches(epoch)] == [
+            as_tuples(b) for b in plain.data.epoch_batches(epoch)
+        ]
+    assert [as_tuples(b) for b in cached.data.epoch_batches(1, skip=3)] == [
+        as_tuples(b) for b in plain.data.epoch_batches(1)
+    ][3:]
     loop.train(tiny_files(tmp_path / "cached", corpus_dir, "trainer.max_steps=6"))
     loop.train(tiny_files(tmp_path / "plain", corpus_dir, "data.cache=false", "trainer.max_steps=6"))
     assert losses(tmp_path / "cached") == losses(tmp_path / "plain")
-    assert (tmp_path / "cache").is_dir() and len(list((tmp_path / "cache").glob("bpe-*"))) == 1  # beside the run directories
+    assert (tmp_path / "cache").is_dir() and len(
+        list((tmp_path / "cache").glob("bpe-*"))
+    ) == 1  # beside the run directories
 
 
 def test_resume_from_the_cache_is_exact(corpus_dir: Path, tmp_path: Path) -> None:
@@ -204,7 +223,7 @@ def test_filters_count_what_they_drop(corpus_dir: Path, tmp_path: Path, caplog: 
         with caplog.at_level(logging.WARNING):
             examples = train_examples(cfg, tok, 64, pairs if source == "memory" else None, tmp_path / "cache")
         assert len(examples) == len(pairs) - 1, source  # the lopsided pair is gone
-        assert ("one", ) not in [(tok.decode_tgt([e.src])[0],) for e in examples]
+        assert ("one",) not in [(tok.decode_tgt([e.src])[0],) for e in examples]
         assert f"dropped 1 of {len(pairs)} pairs whose length ratio exceeds data.max_len_ratio=3" in caplog.text, source
 
 
@@ -225,19 +244,28 @@ def test_streamed_files_give_every_pair_once_per_epoch_across_two_ranks(tmp_path
 
     pairs = builtin_splits(301, 1, 1, 5)["train"]
     if fmt == "text":
-        files = [f"data.train_src={write_lines(tmp_path / 'a.en.gz', [s for s, _ in pairs])}", f"data.train_tgt={write_lines(tmp_path / 'a.de', [t for _, t in pairs])}"]
+        files = [
+            f"data.train_src={write_lines(tmp_path / 'a.en.gz', [s for s, _ in pairs])}",
+            f"data.train_tgt={write_lines(tmp_path / 'a.de', [t for _, t in pairs])}",
+        ]
     elif fmt == "tsv":
         tsv = write_lines(tmp_path / "a.tsv.gz", ["\t".join(pair) for pair in pairs])
         files = [f"data.train_file={tsv}"]
     else:
-        files = [f"data.train_file={write_lines(tmp_path / 'a.jsonl', [json.dumps({'translation': {'en': s, 'de': t}}) for s, t in pairs])}"]
-    cfg = data_cfg(tmp_path, "data.streaming=true", f"data.format={fmt}", "data.shuffle_buffer=100", "data.max_tokens=256", *files)
+        files = [
+            f"data.train_file={write_lines(tmp_path / 'a.jsonl', [json.dumps({'translation': {'en': s, 'de': t}}) for s, t in pairs])}"
+        ]
+    cfg = data_cfg(
+        tmp_path, "data.streaming=true", f"data.format={fmt}", "data.shuffle_buffer=100", "data.max_tokens=256", *files
+    )
     assert list(stream_pairs(cfg)) == pairs
     tok = build_tokenizer(pairs, 200, True, 10_000)
     expected = Counter(map(tuple, tok.encode_tgt([t for _, t in pairs])))
     one = [tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=0) for e in b]
     assert Counter(one) == expected
-    assert one != [tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=1) for e in b]  # reshuffled each epoch
+    assert one != [
+        tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=1) for e in b
+    ]  # reshuffled each epoch
     shards = [list(stream_batches(cfg, tok, 128, seed=1, epoch=0, rank=r, world=2)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) > 0  # equal counts keep DDP collectives in step
     assert Counter(tuple(e.tgt) for s in shards for b in s for e in b) == expected  # each pair exactly once
@@ -263,24 +291,63 @@ def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Pat
     from bench_data import write_corpus
 
     recipe = compose_config("train", ["experiment=wmt14_en_de_base"])
-    assert (recipe.data.hub_name, recipe.data.hub_config, recipe.data.src_lang, recipe.data.tgt_lang) == ("wmt14", "de-en", "en", "de")
-    assert (recipe.model.d_model, recipe.model.d_ff, recipe.model.n_heads, recipe.model.n_encoder_layers) == (512, 2048, 8, 6)
-    assert (recipe.data.vocab_size, recipe.data.joint_vocab, recipe.data.max_tokens * recipe.trainer.update_freq) == (32000, True, 25000)
-    assert (recipe.trainer.schedule, recipe.trainer.warmup_steps, recipe.trainer.label_smoothing, recipe.trainer.average_last) == ("inverse_sqrt", 4000, 0.1, 5)
+    assert (recipe.data.hub_name, recipe.data.hub_config, recipe.data.src_lang, recipe.data.tgt_lang) == (
+        "wmt14",
+        "de-en",
+        "en",
+        "de",
+    )
+    assert (recipe.model.d_model, recipe.model.d_ff, recipe.model.n_heads, recipe.model.n_encoder_layers) == (
+        512,
+        2048,
+        8,
+        6,
+    )
+    assert (recipe.data.vocab_size, recipe.data.joint_vocab, recipe.data.max_tokens * recipe.trainer.update_freq) == (
+        32000,
+        True,
+        25000,
+    )
+    assert (
+        recipe.trainer.schedule,
+        recipe.trainer.warmup_steps,
+        recipe.trainer.label_smoothing,
+        recipe.trainer.average_last,
+    ) == ("inverse_sqrt", 4000, 0.1, 5)
 
     files = write_corpus(tmp_path / "wmt", 300, n_eval=10)
     shrink = [
-        "model.d_model=32", "model.n_heads=2", "model.n_encoder_layers=1", "model.n_decoder_layers=1", "model.d_ff=64",
-        "data.vocab_size=300", "data.max_tokens=1024", "trainer.update_freq=2", "trainer.max_steps=2", "trainer.save_every=1",
-        "trainer.eval_every=2", "trainer.average_last=2", "trainer.keep_last=2", "trainer.precision=fp32", "trainer.device=cpu",
-        "trainer.progress=false", "trainer.threads=1", "decode.beam_size=2", "decode.max_len_b=3",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.n_encoder_layers=1",
+        "model.n_decoder_layers=1",
+        "model.d_ff=64",
+        "data.vocab_size=300",
+        "data.max_tokens=1024",
+        "trainer.update_freq=2",
+        "trainer.max_steps=2",
+        "trainer.save_every=1",
+        "trainer.eval_every=2",
+        "trainer.average_last=2",
+        "trainer.keep_last=2",
+        "trainer.precision=fp32",
+        "trainer.device=cpu",
+        "trainer.progress=false",
+        "trainer.threads=1",
+        "decode.beam_size=2",
+        "decode.max_len_b=3",
     ]
     data = ["data.source=files", "data.format=text", *(f"{k}={v}" for k, v in files.items())]
     from transformer.evaluate import train_and_test
 
-    metrics = train_and_test(compose_config("train", ["experiment=wmt14_en_de_base", f"run_dir={tmp_path / 'run'}", *data, *shrink]))
+    metrics = train_and_test(
+        compose_config("train", ["experiment=wmt14_en_de_base", f"run_dir={tmp_path / 'run'}", *data, *shrink])
+    )
     assert metrics["step"] == 2 and (tmp_path / "run/checkpoints/averaged.pt").exists()
-    assert metrics["test"]["bleu_signature"].startswith("nrefs:1") and (tmp_path / "run/test.hyp.txt").read_text().count("\n") == 10  # sacreBLEU on the test split
+    assert (
+        metrics["test"]["bleu_signature"].startswith("nrefs:1")
+        and (tmp_path / "run/test.hyp.txt").read_text().count("\n") == 10
+    )  # sacreBLEU on the test split
     assert list((tmp_path / "cache").glob("train-*"))  # the recipe's corpus went through the cache
 
 
@@ -294,7 +361,7 @@ def test_ddp_ranks_map_one_cache_and_train_as_one_process(corpus_dir: Path, tmp_
     loop.train(tiny_files(tmp_path / "single", corpus_dir, "trainer.update_freq=2", "trainer.max_steps=4"))
     two, one = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert [(s, e) for s, e, _ in two] == [(s, e) for s, e, _ in one]
-    assert [l for _, _, l in two] == pytest.approx([l for _, _, l in one], rel=1e-5)
+    assert [loss for _, _, loss in two] == pytest.approx([loss for _, _, loss in one], rel=1e-5)
     assert len(list((tmp_path / "cache").glob("train-*"))) == 1 and not list((tmp_path / "cache").glob("*.tmp-*"))
     torchrun(tmp_path / "stream", *data, "data.streaming=true", "data.shuffle_buffer=64")
     assert [s for s, _, _ in losses(tmp_path / "stream")] == [1, 2, 3, 4]

@@ -21,16 +21,27 @@ from transformer.vocab import BOS, EOS, PAD
 torch.set_num_threads(1)
 
 VOCAB = 24
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
 
 
 def tiny_model(norm_first: bool = False, seed: int = 0, vocab: int = VOCAB, **overrides) -> Transformer:
     """A 2+2-layer model in eval mode; pre-norm uses fairseq positions (what M2M100 exports)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, dropout=0.0,
-        norm_first=norm_first, positional="sinusoidal_fairseq" if norm_first else "sinusoidal",
-        max_positions=64, src_vocab_size=vocab, tgt_vocab_size=vocab,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        norm_first=norm_first,
+        positional="sinusoidal_fairseq" if norm_first else "sinusoidal",
+        max_positions=64,
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -101,7 +112,14 @@ def test_beam_size_one_is_greedy(device):
     sources = random_sources([5, 9, 3, 12, 7])
     greedy = translate_ids([model], sources, DecodeConfig(beam_size=1, precision="fp32"))
     with torch.inference_mode():
-        beam = beam_search(ModelScorer(model), padded(sources).to(device), beam_size=1, lp_style="gnmt", early_stop="fairseq", max_len_limit=63)
+        beam = beam_search(
+            ModelScorer(model),
+            padded(sources).to(device),
+            beam_size=1,
+            lp_style="gnmt",
+            early_stop="fairseq",
+            max_len_limit=63,
+        )
         plain = greedy_search(ModelScorer(model), padded(sources).to(device), max_len_limit=63)
     assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam] == [h[0].tokens for h in plain]
     for g, b in zip(greedy, beam):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.config import DataConfig, ModelConfig
 from transformer.data.builtin import builtin_splits
 from transformer.data.corpus import load_split
@@ -18,7 +19,6 @@ from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.evaluate import evaluate
 from transformer.model import build_model
-from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.train.loop import train
 
 
@@ -81,7 +81,9 @@ def test_malformed_tsv_and_jsonl_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=rf"{re.escape(str(jsonl))}:2: invalid JSON"):
         load_split(DataConfig(source="files", format="jsonl", train_file=str(jsonl)), "train")
     jsonl.write_text('{"translation": {"en": "a", "fr": "b"}}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=rf"{re.escape(str(jsonl))}:1: expected field 'translation' holding keys \('en', 'de'\)"):
+    with pytest.raises(
+        UserError, match=rf"{re.escape(str(jsonl))}:1: expected field 'translation' holding keys \('en', 'de'\)"
+    ):
         load_split(DataConfig(source="files", format="jsonl", train_file=str(jsonl)), "train")
 
 
@@ -129,7 +131,11 @@ def test_ensemble_member_with_another_vocabulary(tiny_run: Path, tmp_path: Path)
     """A second run trained with its own tokenizer cannot join the first run's ensemble."""
     ckpt = load_checkpoint(tiny_run / "checkpoints" / "best.pt")
     tokenizer = build_tokenizer(builtin_splits(200, 1, 1, 3)["train"], vocab_size=120, joint=True, max_sentences=1000)
-    model_config = {**ckpt["model_config"], "src_vocab_size": tokenizer.src_vocab_size, "tgt_vocab_size": tokenizer.tgt_vocab_size}
+    model_config = {
+        **ckpt["model_config"],
+        "src_vocab_size": tokenizer.src_vocab_size,
+        "tgt_vocab_size": tokenizer.tgt_vocab_size,
+    }
     other = {**ckpt, "model_config": model_config, "tokenizer": tokenizer.to_state()}
     other["model"] = build_model(ModelConfig(**model_config)).state_dict()
     atomic_save(other, tmp_path / "other.pt")
@@ -161,6 +167,7 @@ def test_unknown_decode_option_names_it(tiny_run: Path) -> None:
 
 # the command line --------------------------------------------------------------------
 
+
 def assert_one_error_line(result, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -175,8 +182,14 @@ def test_cli_bad_training_data(cli, tmp_path: Path) -> None:
     (tmp_path / "train.en").write_bytes(b"one\ntw\xffo\n")
     (tmp_path / "train.de").write_bytes(b"eins\nzwei\n")
     result = cli(
-        "train", "experiment=tiny", "data=files", "data.train_src=train.en", "data.train_tgt=train.de",
-        f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "train",
+        "experiment=tiny",
+        "data=files",
+        "data.train_src=train.en",
+        "data.train_tgt=train.de",
+        f"run_dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     assert_one_error_line(result, "train.en:2: not valid UTF-8")
 

@@ -16,11 +16,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from test_decode import eos_prone, padded, random_sources, tiny_model, tiny_tokenizer  # noqa: E402
+from transformer.checkpoint import FORMAT  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.decode.translator import translate_ids  # noqa: E402
 from transformer.errors import UserError  # noqa: E402
 from transformer.export import convert_ct2, main, to_hf  # noqa: E402
-from transformer.checkpoint import FORMAT  # noqa: E402
 from transformer.vocab import BOS, EOS, PAD  # noqa: E402
 
 MAX_LEN = 24  # generated tokens including EOS (HF: max_length = MAX_LEN + 1, counting the start token)
@@ -36,7 +36,15 @@ def exported(request, tmp_path_factory):
     model = eos_prone(tiny_model(vocab=tokenizer.src_vocab_size, **STYLES[request.param]), EOS_BOOST[request.param])
     root = tmp_path_factory.mktemp(request.param)
     checkpoint = root / "model.pt"
-    torch.save({"format": FORMAT, "model": model.state_dict(), "model_config": asdict(model.cfg), "tokenizer": tokenizer.to_state()}, checkpoint)
+    torch.save(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "model_config": asdict(model.cfg),
+            "tokenizer": tokenizer.to_state(),
+        },
+        checkpoint,
+    )
     main([f"checkpoint={checkpoint}", f"output={root / 'hf'}", "beam_size=4", f"max_length={MAX_LEN + 1}"])
     sources = random_sources([7, 3, 12, 5, 9, 2], vocab=tokenizer.src_vocab_size)
     return request.param, model, tokenizer, sources, root / "hf"
@@ -69,7 +77,9 @@ def test_logits_match_on_a_padded_batch(exported):
     _, model, _, sources, directory = exported
     hf = hf_model(directory)
     src = padded(sources)
-    tgt = torch.cat([torch.full((len(sources), 1), BOS), torch.randint(EOS + 1, model.cfg.tgt_vocab_size, (len(sources), 6))], dim=1)
+    tgt = torch.cat(
+        [torch.full((len(sources), 1), BOS), torch.randint(EOS + 1, model.cfg.tgt_vocab_size, (len(sources), 6))], dim=1
+    )
     with torch.no_grad():
         ours = model(src, tgt)
         theirs = hf(input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt).logits
@@ -81,7 +91,9 @@ def test_generate_greedy_equals_our_greedy(exported):
     ours = translate_ids([model], sources, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN, precision="fp32"))
     src = padded(sources)
     with torch.no_grad():
-        theirs = hf_model(directory).generate(input_ids=src, attention_mask=(src != PAD).long(), num_beams=1, do_sample=False)
+        theirs = hf_model(directory).generate(
+            input_ids=src, attention_mask=(src != PAD).long(), num_beams=1, do_sample=False
+        )
     assert generated(theirs) == [h[0].tokens for h in ours]
 
 
@@ -89,7 +101,15 @@ def test_generate_beam_equals_our_beam(exported):
     """HF scores log-prob / generated length ** length_penalty and, with early_stopping=True,
     stops at num_beams finished hypotheses: our lp_style=average, early_stop=fairseq."""
     _, model, _, sources, directory = exported
-    cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN, precision="fp32")
+    cfg = DecodeConfig(
+        beam_size=4,
+        lp_style="average",
+        length_penalty=1.0,
+        early_stop="fairseq",
+        max_len_a=0,
+        max_len_b=MAX_LEN,
+        precision="fp32",
+    )
     ours = [h[0] for h in translate_ids([model], sources, cfg)]
     # HF gives a forced EOS log-prob 0 where we keep the model's: compare where no beam needed it.
     assert all(len(h.tokens) < MAX_LEN for h in ours)
@@ -97,8 +117,14 @@ def test_generate_beam_equals_our_beam(exported):
     src = padded(sources)
     with torch.no_grad():
         out = hf_model(directory).generate(
-            input_ids=src, attention_mask=(src != PAD).long(), num_beams=4, length_penalty=1.0, early_stopping=True,
-            do_sample=False, output_scores=True, return_dict_in_generate=True,
+            input_ids=src,
+            attention_mask=(src != PAD).long(),
+            num_beams=4,
+            length_penalty=1.0,
+            early_stopping=True,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
     assert generated(out.sequences) == [h.tokens for h in ours]
     assert out.sequences_scores.tolist() == pytest.approx([h.score for h in ours], abs=1e-4)
@@ -121,7 +147,11 @@ def test_ctranslate2_greedy_equals_our_greedy(exported, tmp_path):
     pieces = [[tokenizer.src.id_to_piece(i) for i in ids] for ids in sources]
     # CTranslate2 stops at its limit without forcing EOS: compare the tokens before EOS.
     results = translator.translate_batch(
-        pieces, beam_size=1, max_decoding_length=MAX_LEN - 1, min_decoding_length=0, suppress_sequences=[["<pad>"], ["<s>"]],
+        pieces,
+        beam_size=1,
+        max_decoding_length=MAX_LEN - 1,
+        min_decoding_length=0,
+        suppress_sequences=[["<pad>"], ["<s>"]],
     )
     theirs = [[tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
     assert theirs == [h[0].tokens[:-1] for h in ours]

@@ -11,12 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_config
 
+from conftest import compose_config
 from transformer import hardware
-from transformer.config import ModelConfig
+from transformer.config import ModelConfig, setting
 from transformer.errors import UserError
-from transformer.config import setting
 from transformer.hardware import Hardware, read_cpu_flags, resolve_precision
 from transformer.model import build_model
 from transformer.model.kernels import onednn_shapes, shape_of
@@ -25,14 +24,21 @@ from transformer.model.prepack import packed_for_cpu
 from transformer.train import budget, loop
 
 CPU = torch.device("cpu")
-AVX2 = Hardware(machine="x86_64", cpu_flags=("avx2",), aten_capability="AVX2", onednn_max_isa=None, onednn_bf16=False, threads=2)
-SAPPHIRE = replace(AVX2, cpu_flags=("avx2", "avx512f", "avx512_bf16", "amx_bf16"), aten_capability="AVX512", onednn_bf16=True)
+AVX2 = Hardware(
+    machine="x86_64", cpu_flags=("avx2",), aten_capability="AVX2", onednn_max_isa=None, onednn_bf16=False, threads=2
+)
+SAPPHIRE = replace(
+    AVX2, cpu_flags=("avx2", "avx512f", "avx512_bf16", "amx_bf16"), aten_capability="AVX512", onednn_bf16=True
+)
 
 
 def test_auto_precision_follows_native_bf16() -> None:
     assert resolve_precision("auto", CPU, "trainer.precision", AVX2) == "fp32"
     assert resolve_precision("auto", CPU, "trainer.precision", SAPPHIRE) == "bf16"
-    assert resolve_precision("auto", torch.device("cuda"), "trainer.precision", replace(AVX2, cuda="H200", cuda_bf16=True)) == "bf16"
+    assert (
+        resolve_precision("auto", torch.device("cuda"), "trainer.precision", replace(AVX2, cuda="H200", cuda_bf16=True))
+        == "bf16"
+    )
     assert resolve_precision("fp32", CPU, "trainer.precision", SAPPHIRE) == "fp32"  # explicit wins
 
 
@@ -70,7 +76,16 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
 
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, d_ff=64, dropout=0.0, src_vocab_size=300, tgt_vocab_size=300)
+    cfg = ModelConfig(
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        d_ff=64,
+        dropout=0.0,
+        src_vocab_size=300,
+        tgt_vocab_size=300,
+    )
     return build_model(cfg)
 
 
@@ -104,11 +119,22 @@ def test_timed_kernel_choice_is_valid_and_exact(training: bool) -> None:
 
 
 def logits_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randint(4, 300, (3, 7), generator=torch.Generator().manual_seed(1)), torch.randint(4, 300, (3, 5), generator=torch.Generator().manual_seed(2))
+    return torch.randint(4, 300, (3, 7), generator=torch.Generator().manual_seed(1)), torch.randint(
+        4, 300, (3, 5), generator=torch.Generator().manual_seed(2)
+    )
 
 
 def schedule(**overrides: float) -> SimpleNamespace:
-    return SimpleNamespace(**{"max_steps": 10000, "warmup_steps": 800, "eval_every": 1000, "save_every": 150, "max_minutes": 0.0, **overrides})
+    return SimpleNamespace(
+        **{
+            "max_steps": 10000,
+            "warmup_steps": 800,
+            "eval_every": 1000,
+            "save_every": 150,
+            "max_minutes": 0.0,
+            **overrides,
+        }
+    )
 
 
 def test_plan_scales_the_whole_schedule() -> None:
@@ -131,8 +157,19 @@ def test_plan_refuses_a_budget_without_room_for_one_evaluation() -> None:
 
 
 def budgeted(run_dir: Path, *overrides: str):
-    return compose_config("train", ["experiment=tiny", "evaluate_test=false", f"run_dir={run_dir}", "trainer.log_every=1",
-                                    "trainer.precision=fp32", "model.dropout=0.1", "trainer.save_every=3", *overrides])
+    return compose_config(
+        "train",
+        [
+            "experiment=tiny",
+            "evaluate_test=false",
+            f"run_dir={run_dir}",
+            "trainer.log_every=1",
+            "trainer.precision=fp32",
+            "model.dropout=0.1",
+            "trainer.save_every=3",
+            *overrides,
+        ],
+    )
 
 
 def train_quietly(cfg) -> dict:
@@ -165,7 +202,9 @@ def test_time_budget_fixes_the_schedule_and_resume_keeps_it(tmp_path: Path, monk
     # valid search 5-6; test search 7-8 (the sample is the whole 20-sentence split); spent at 9
     measured = budget.Costs(**plan["measured"])
     assert (measured.spent, measured.step) == (9 * tick, tick / 5)
-    assert tick < measured.evaluation <= 2 * tick and 0 < measured.test <= tick  # searches scaled to the references' length
+    assert (
+        tick < measured.evaluation <= 2 * tick and 0 < measured.test <= tick
+    )  # searches scaled to the references' length
     t = SimpleNamespace(max_steps=20, warmup_steps=5, eval_every=10, save_every=3, max_minutes=0.0)
     assert {k: v for k, v in plan.items() if k != "measured"} == budget.plan_schedule(t, 5, measured).to_dict()
     assert full["step"] == plan["max_steps"] > 20 and plan["warmup_steps"] > 5
@@ -193,7 +232,11 @@ def test_time_budget_too_small_fails_before_training(tmp_path: Path, monkeypatch
 
 def test_results_name_the_hardware_and_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hardware, "detect", lambda: AVX2)  # a machine without native bf16
-    metrics = train_quietly(compose_config("train", ["experiment=tiny", "evaluate_test=false", f"run_dir={tmp_path}", "trainer.max_steps=2"]))
+    metrics = train_quietly(
+        compose_config(
+            "train", ["experiment=tiny", "evaluate_test=false", f"run_dir={tmp_path}", "trainer.max_steps=2"]
+        )
+    )
     saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert metrics["precision"] == saved["precision"] == "fp32"
     assert saved["hardware"]["cpu_class"] in ("avx2", "avx512", "avx512_bf16", "amx", "x86_64", "aarch64", "arm64")

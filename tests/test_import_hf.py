@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import compose_config  # noqa: E402
 from hf_models import write_m2m100, write_marian  # noqa: E402
+from transformer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.data.batching import pad  # noqa: E402
 from transformer.decode.translator import Translator, translate_ids  # noqa: E402
@@ -25,11 +26,16 @@ from transformer.errors import UserError  # noqa: E402
 from transformer.export import export  # noqa: E402
 from transformer.import_hf import import_directory, import_hf, main  # noqa: E402
 from transformer.train import loop  # noqa: E402
-from transformer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from transformer.train.init import apply_init_from  # noqa: E402
 
 MAX_LEN = 24  # generated tokens including EOS (HF max_length = MAX_LEN + 1 with the start token)
-SENTENCES = ["We see seventy-seven red cars .", "three hundred forty-five", ">>deu<< twenty-one apples", "the nineteen small dogs", "two"]
+SENTENCES = [
+    "We see seventy-seven red cars .",
+    "three hundred forty-five",
+    ">>deu<< twenty-one apples",
+    "the nineteen small dogs",
+    "two",
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +78,14 @@ def hf_generate(directory: Path, src: torch.Tensor, model, **settings) -> list[l
     forced = dict(forced_bos_token_id=s.forced_bos) if s.forced_bos >= 0 else {}
     with torch.no_grad():
         out = hf_model(directory).generate(
-            input_ids=src, attention_mask=(src != s.pad).long(), do_sample=False, max_length=MAX_LEN + 1,
-            suppress_tokens=list(s.never_generated), forced_eos_token_id=s.eos, **forced, **settings,
+            input_ids=src,
+            attention_mask=(src != s.pad).long(),
+            do_sample=False,
+            max_length=MAX_LEN + 1,
+            suppress_tokens=list(s.never_generated),
+            forced_eos_token_id=s.eos,
+            **forced,
+            **settings,
         )
     rows = [row[1:] for row in out.tolist()]
     return [row[: row.index(s.eos) + 1] if s.eos in row else row for row in rows]
@@ -83,7 +95,12 @@ def test_marian_config_follows_opus_conventions(marian):
     directory, checkpoint = marian
     cfg = loaded(checkpoint)[0].cfg
     vocab = json.loads((directory / "vocab.json").read_text())
-    assert (cfg.activation, cfg.norm_first, cfg.positional, cfg.final_logits_bias) == ("silu", False, "sinusoidal", True)
+    assert (cfg.activation, cfg.norm_first, cfg.positional, cfg.final_logits_bias) == (
+        "silu",
+        False,
+        "sinusoidal",
+        True,
+    )
     assert (cfg.pad_id, cfg.bos_id, cfg.eos_id) == (len(vocab) - 1, len(vocab) - 1, 0)
 
 
@@ -92,10 +109,15 @@ def test_logits_equal_transformers(which, request):
     directory, checkpoint = request.getfixturevalue(which)
     model, tokenizer = loaded(checkpoint)
     src = pad(tokenizer.encode_src(SENTENCES), model.cfg.pad_id)
-    tgt = pad([ids[:-1] for ids in tokenizer.encode_tgt(["drei rote Autos", "zwei", "neunzehn kleine Hunde sehen"] * 2)[:5]], model.cfg.pad_id)
+    tgt = pad(
+        [ids[:-1] for ids in tokenizer.encode_tgt(["drei rote Autos", "zwei", "neunzehn kleine Hunde sehen"] * 2)[:5]],
+        model.cfg.pad_id,
+    )
     with torch.no_grad():
         ours = model(src, tgt)
-        theirs = hf_model(directory)(input_ids=src, attention_mask=(src != model.cfg.pad_id).long(), decoder_input_ids=tgt).logits
+        theirs = hf_model(directory)(
+            input_ids=src, attention_mask=(src != model.cfg.pad_id).long(), decoder_input_ids=tgt
+        ).logits
     real = tgt != model.cfg.pad_id  # M2M100 gives padded target positions no position: only real ones count
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
 
@@ -110,7 +132,15 @@ def test_greedy_and_beam_equal_generate(which, request):
     src = pad(ids, model.cfg.pad_id)
     greedy = translate_ids([model], ids, DecodeConfig(beam_size=1, max_len_a=0, max_len_b=MAX_LEN, precision="fp32"))
     assert [h[0].tokens for h in greedy] == hf_generate(directory, src, model, num_beams=1)
-    cfg = DecodeConfig(beam_size=4, lp_style="average", length_penalty=1.0, early_stop="fairseq", max_len_a=0, max_len_b=MAX_LEN, precision="fp32")
+    cfg = DecodeConfig(
+        beam_size=4,
+        lp_style="average",
+        length_penalty=1.0,
+        early_stop="fairseq",
+        max_len_a=0,
+        max_len_b=MAX_LEN,
+        precision="fp32",
+    )
     beam = [h[0].tokens for h in translate_ids([model], ids, cfg)]
     assert beam == hf_generate(directory, src, model, num_beams=4, length_penalty=1.0, early_stopping=True)
     assert len({len(t) for t in beam}) > 1 and max(map(len, beam)) > 3  # varied outputs, not one token
@@ -159,10 +189,20 @@ def test_translator_from_pretrained_decodes_the_directory(marian):
 
 
 def fine_tune(run_dir: Path, checkpoint: Path, *overrides: str):
-    return compose_config("train", [
-        "experiment=tiny", "evaluate_test=false", f"run_dir={run_dir}", f"trainer.init_from={checkpoint}",
-        "trainer.log_every=1", "trainer.eval_every=1000", "trainer.schedule=constant", "data.builtin_train=200", *overrides,
-    ])
+    return compose_config(
+        "train",
+        [
+            "experiment=tiny",
+            "evaluate_test=false",
+            f"run_dir={run_dir}",
+            f"trainer.init_from={checkpoint}",
+            "trainer.log_every=1",
+            "trainer.eval_every=1000",
+            "trainer.schedule=constant",
+            "data.builtin_train=200",
+            *overrides,
+        ],
+    )
 
 
 def test_fine_tune_starts_from_the_import_and_resumes_exactly(marian, tmp_path):
@@ -174,9 +214,15 @@ def test_fine_tune_starts_from_the_import_and_resumes_exactly(marian, tmp_path):
     assert start["tokenizer"] == load_checkpoint(checkpoint)["tokenizer"]  # no new BPE
     assert start["model_config"] == load_checkpoint(checkpoint)["model_config"]
     loop.train(fine_tune(split, checkpoint, "trainer.max_steps=6", f"trainer.resume={split}"))
-    a, b = load_checkpoint(full / "checkpoints/last.pt")["model"], load_checkpoint(split / "checkpoints/last.pt")["model"]
+    a, b = (
+        load_checkpoint(full / "checkpoints/last.pt")["model"],
+        load_checkpoint(split / "checkpoints/last.pt")["model"],
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
-    records = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]  # noqa: E731
+
+    def records(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+
     assert records(full) == records(split) and len(records(full)) == 6
     imported = load_checkpoint(checkpoint)["model"]
     assert not all(torch.equal(imported[k], a[k]) for k in a)  # it trained
@@ -202,19 +248,28 @@ def edit_config(**changes):
     def edit(d: Path) -> None:
         config = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps(config | changes))
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: (d / "config.json").unlink(), "no config.json"),
-    (edit_config(encoder_ffn_dim=48, decoder_ffn_dim=48), "wrong shapes"),
-    (edit_config(activation_function="gelu_new"), "activation_function='gelu_new'"),
-    (edit_config(add_bias_logits=True), "add_bias_logits=True"),
-    (edit_config(normalize_embedding=True), "normalize_embedding=True"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"junk"), "unreadable weights"),
-    (lambda d: (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "d_model"})), "no d_model field"),
-    (edit_config(model_type="bart"), "model_type='bart'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: (d / "config.json").unlink(), "no config.json"),
+        (edit_config(encoder_ffn_dim=48, decoder_ffn_dim=48), "wrong shapes"),
+        (edit_config(activation_function="gelu_new"), "activation_function='gelu_new'"),
+        (edit_config(add_bias_logits=True), "add_bias_logits=True"),
+        (edit_config(normalize_embedding=True), "normalize_embedding=True"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"junk"), "unreadable weights"),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "d_model"})
+            ),
+            "no d_model field",
+        ),
+        (edit_config(model_type="bart"), "model_type='bart'"),
+    ],
+)
 def test_broken_directory_is_one_error_line(marian, tmp_path, capsys, edit, message):
     directory, _ = marian
     with pytest.raises(SystemExit) as exit_info:
@@ -238,8 +293,15 @@ def test_hub_names_are_not_looked_up_offline(tmp_path, capsys, monkeypatch):
 
 def test_train_cli_names_the_contradicting_key(marian, tmp_path, cli):
     _, checkpoint = marian
-    done = cli("train", "experiment=tiny", f"trainer.init_from={checkpoint}", "model.n_heads=2", f"run_dir={tmp_path / 'run'}",
-               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    done = cli(
+        "train",
+        "experiment=tiny",
+        f"trainer.init_from={checkpoint}",
+        "model.n_heads=2",
+        f"run_dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "error: model.n_heads=2 contradicts trainer.init_from" in done.stderr
 
@@ -248,7 +310,6 @@ def test_checkpoints_without_the_new_model_keys_still_load():
     """Checkpoints written before the import options existed get their defaults (ids 0-3,
     embeddings scaled, no logits bias) and compute what they computed."""
     from test_decode import random_sources, tiny_model, tiny_tokenizer
-
     from transformer.checkpoint import FORMAT
 
     tokenizer = tiny_tokenizer()

@@ -12,18 +12,37 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "transformer"
 # lowest first; a module's layer is that of the longest prefix that names it
 LAYERS = [
-    ("transformer.config", "transformer.errors", "transformer.vocab", "transformer.hardware", "transformer.rundir",
-     "transformer.commands", "transformer.runtime"),
+    (
+        "transformer.config",
+        "transformer.errors",
+        "transformer.vocab",
+        "transformer.hardware",
+        "transformer.rundir",
+        "transformer.commands",
+        "transformer.runtime",
+    ),
     ("transformer.model", "transformer.data"),
     ("transformer.checkpoint", "transformer.hf_layout", "transformer.import_hf"),
     ("transformer.train", "transformer.decode"),
-    ("transformer.evaluate", "transformer.report", "transformer.sweep", "transformer.export", "transformer.serve", "transformer.plots"),
+    (
+        "transformer.evaluate",
+        "transformer.report",
+        "transformer.sweep",
+        "transformer.export",
+        "transformer.serve",
+        "transformer.plots",
+    ),
     ("transformer.cli", "transformer"),
 ]
 
 
 def layer_of(module: str) -> int:
-    matches = [(len(prefix), i) for i, names in enumerate(LAYERS) for prefix in names if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), i)
+        for i, names in enumerate(LAYERS)
+        for prefix in names
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     if not matches:
         raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it")
     return max(matches)[1]
@@ -69,7 +88,9 @@ def test_every_module_has_a_layer() -> None:
 
 def test_an_upward_import_is_caught(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from transformer.evaluate import evaluate\n    import transformer.cli\n", encoding="utf-8")
+    source.write_text(
+        "def f():\n    from transformer.evaluate import evaluate\n    import transformer.cli\n", encoding="utf-8"
+    )
     found = {n for n in imported(source) if is_module(n)}
     assert found == {"transformer.evaluate", "transformer.cli"}
     assert all(layer_of(n) > layer_of("transformer.train.loop") for n in found)

@@ -14,7 +14,9 @@ from transformer.train.loss import label_smoothed_loss, symmetric_kl
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_loss_and_gradient_equal_cross_entropy(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, smoothing: float) -> None:
+def test_loss_and_gradient_equal_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, smoothing: float
+) -> None:
     monkeypatch.setattr(sys.modules["transformer.train.loss"], "BLOCK", 7 * 30)  # 7 rows per block, 50 rows
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 30, generator=g).mul(3).to(dtype).requires_grad_()
@@ -29,7 +31,9 @@ def test_loss_and_gradient_equal_cross_entropy(monkeypatch: pytest.MonkeyPatch, 
     torch.testing.assert_close(loss, ref.detach())
     torch.testing.assert_close(nll, F.cross_entropy(logits.detach().float(), target, reduction="sum"))
     assert ours.dtype == dtype
-    torch.testing.assert_close(ours.float(), logits.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
+    torch.testing.assert_close(
+        ours.float(), logits.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2
+    )
 
 
 def test_empty_batch_gives_zero() -> None:
@@ -46,7 +50,9 @@ def test_symmetric_kl_is_the_mean_of_both_divergences() -> None:
     grads = a.grad.clone(), b.grad.clone()
     a.grad = b.grad = None
     la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
-    ref = 0.5 * (F.kl_div(lb, la, log_target=True, reduction="sum") + F.kl_div(la, lb, log_target=True, reduction="sum"))
+    ref = 0.5 * (
+        F.kl_div(lb, la, log_target=True, reduction="sum") + F.kl_div(la, lb, log_target=True, reduction="sum")
+    )
     ref.backward()
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(grads, (a.grad, b.grad))

@@ -23,8 +23,15 @@ VOCAB = 20
 
 def tiny_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(
-        d_model=16, n_heads=2, n_encoder_layers=2, n_decoder_layers=2, d_ff=32, dropout=0.0,
-        max_positions=32, src_vocab_size=VOCAB, tgt_vocab_size=VOCAB,
+        d_model=16,
+        n_heads=2,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=32,
+        dropout=0.0,
+        max_positions=32,
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
     )
     return replace(cfg, **overrides)
 
@@ -298,7 +305,10 @@ def test_onednn_linears_train_like_nn_linear(norm_first: bool) -> None:
     plain = tiny_model(norm_first=norm_first).train()
     onednn = train_linears_on_onednn(tiny_model(norm_first=norm_first).train())
     onednn.load_state_dict(plain.state_dict())
-    assert any(isinstance(m, OneDNNLinear) for m in onednn.modules()) and plain.state_dict().keys() == onednn.state_dict().keys()
+    assert (
+        any(isinstance(m, OneDNNLinear) for m in onednn.modules())
+        and plain.state_dict().keys() == onednn.state_dict().keys()
+    )
     src, tgt = random_ids(3, 7, seed=1), random_ids(3, 5, seed=2)
     for model in (plain, onednn):
         torch.manual_seed(0)  # same dropout masks

@@ -20,8 +20,15 @@ def sweep(cli, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     workdir = tmp_path_factory.mktemp("sweep")
     sweep_dir = workdir / "sweep"
     result = cli(
-        "train", "-m", "experiment=tiny", f"model.d_model={','.join(map(str, WIDTHS))}", f"hydra.sweep.dir={sweep_dir}",
-        "trainer.max_steps=6", "trainer.eval_every=3", "trainer.device=cpu", cwd=workdir,
+        "train",
+        "-m",
+        "experiment=tiny",
+        f"model.d_model={','.join(map(str, WIDTHS))}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "trainer.max_steps=6",
+        "trainer.eval_every=3",
+        "trainer.device=cpu",
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir, result.stdout

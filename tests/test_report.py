@@ -83,7 +83,9 @@ def test_card_needs_a_config_outside_hydra(report_run: Path) -> None:
         write_run_report(report_run)
 
 
-def test_without_matplotlib_the_card_is_still_written(report_run: Path, compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_without_matplotlib_the_card_is_still_written(
+    report_run: Path, compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(report_run, run, ignore=shutil.ignore_patterns("curves.png", "README.md", "checkpoints"))
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
@@ -93,7 +95,9 @@ def test_without_matplotlib_the_card_is_still_written(report_run: Path, compose_
     assert "curves.png" not in written["card"].read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("value", ["/data/test.en.gz", "a b", "it's", "1234", "true", "null", "x=y,z", "", None, 12, 0.5, False])
+@pytest.mark.parametrize(
+    "value", ["/data/test.en.gz", "a b", "it's", "1234", "true", "null", "x=y,z", "", None, 12, 0.5, False]
+)
 def test_override_values_parse_back(value) -> None:
     parsed = OverridesParser.create().parse_override(f"data.key={hydra_value(value)}").value()
     assert parsed == value
@@ -101,8 +105,18 @@ def test_override_values_parse_back(value) -> None:
 
 def test_summary_table_marks_the_best_job_and_unfinished_ones() -> None:
     rows = [
-        {"job": 0, "overrides": ["model.d_model=16"], "run_dir": "s/0", "results": {"best_valid_bleu": 10.0, "best_step": 5, "minutes": 1.0, "test": {"bleu": 9.5}}},
-        {"job": 1, "overrides": ["model.d_model=32"], "run_dir": "s/1", "results": {"best_valid_bleu": 20.0, "best_step": 10, "minutes": 2.0}},
+        {
+            "job": 0,
+            "overrides": ["model.d_model=16"],
+            "run_dir": "s/0",
+            "results": {"best_valid_bleu": 10.0, "best_step": 5, "minutes": 1.0, "test": {"bleu": 9.5}},
+        },
+        {
+            "job": 1,
+            "overrides": ["model.d_model=32"],
+            "run_dir": "s/1",
+            "results": {"best_valid_bleu": 20.0, "best_step": 10, "minutes": 2.0},
+        },
         {"job": 2, "overrides": ["model.d_model=64"], "run_dir": "s/2", "results": None},
     ]
     table = summary_table(rows).splitlines()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -196,8 +197,17 @@ def test_beam_finds_brute_force_best(alpha: float, style: str, min_len: int) -> 
     # 31 sequences of length <= 5; a beam of 32 keeps every prefix, so beam search must
     # return exactly the enumerated best, in order, with the enumerated scores.
     dist = random_dist(seed=1)
-    results = beam_search(Scripted(dist), src_of(11, 12), beam_size=32, n_best=6, length_penalty=alpha,
-                          lp_style=style, max_len_a=0.0, max_len_b=5, min_len=min_len)
+    results = beam_search(
+        Scripted(dist),
+        src_of(11, 12),
+        beam_size=32,
+        n_best=6,
+        length_penalty=alpha,
+        lp_style=style,
+        max_len_a=0.0,
+        max_len_b=5,
+        min_len=min_len,
+    )
     for key, hyps in zip((11, 12), results):
         expected = best(brute_force(dist, key, max_len=5, min_len=min_len), alpha, style, 6)
         assert [h.tokens for h in hyps] == [toks for toks, _ in expected]
@@ -208,26 +218,28 @@ def test_beam_finds_brute_force_best(alpha: float, style: str, min_len: int) -> 
 
 # After "A": A is likely; after "A A A A": EOS is likely. Stopping at once ("EOS", p=.55)
 # beats "A A A A EOS" (p=.45 * .99**4) on log-prob, but not once length is rewarded.
-LONG_WINS = table_dist({
-    (0,): {EOS: 0.55, A: 0.45},
-    (0, A): {A: 0.99, EOS: 0.01},
-    (0, A, A): {A: 0.99, EOS: 0.01},
-    (0, A, A, A): {A: 0.99, EOS: 0.01},
-    (0, A, A, A, A): {EOS: 0.99, A: 0.01},
-})
+LONG_WINS = table_dist(
+    {
+        (0,): {EOS: 0.55, A: 0.45},
+        (0, A): {A: 0.99, EOS: 0.01},
+        (0, A, A): {A: 0.99, EOS: 0.01},
+        (0, A, A, A): {A: 0.99, EOS: 0.01},
+        (0, A, A, A, A): {EOS: 0.99, A: 0.01},
+    }
+)
 
 
 def test_shorter_wins_without_penalty() -> None:
-    hyps = beam_search(Scripted(LONG_WINS), src_of(0), beam_size=2, length_penalty=0.0,
-                       max_len_a=0, max_len_b=10)
+    hyps = beam_search(Scripted(LONG_WINS), src_of(0), beam_size=2, length_penalty=0.0, max_len_a=0, max_len_b=10)
     assert hyps[0][0].tokens == [EOS]
     assert hyps[0][0].score == pytest.approx(math.log(0.55), abs=1e-6)
 
 
 @pytest.mark.parametrize("style", ["gnmt", "average"])
 def test_longer_wins_with_growing_penalty(style: str) -> None:
-    hyps = beam_search(Scripted(LONG_WINS), src_of(0), beam_size=2, length_penalty=1.0, lp_style=style,
-                       max_len_a=0, max_len_b=10)
+    hyps = beam_search(
+        Scripted(LONG_WINS), src_of(0), beam_size=2, length_penalty=1.0, lp_style=style, max_len_a=0, max_len_b=10
+    )
     assert hyps[0][0].tokens == [A, A, A, A, EOS]
     expected = best(brute_force(LONG_WINS, 0, max_len=10), 1.0, style, 1)[0]
     assert hyps[0][0].score == pytest.approx(expected[1], abs=1e-5)
@@ -251,15 +263,22 @@ def test_beam_of_one_is_greedy(alpha: float, style: str, early_stop: str) -> Non
     src = src_of(1, 2, 3, 4, 5, 6)
     for dist in (random_dist(seed=3), random_dist(seed=4, eos_bias=0.5)):
         greedy = greedy_search(Scripted(dist), src, max_len_a=0, max_len_b=6)
-        beam = beam_search(Scripted(dist), src, beam_size=1, length_penalty=alpha, lp_style=style,
-                           early_stop=early_stop, max_len_a=0, max_len_b=6)
+        beam = beam_search(
+            Scripted(dist),
+            src,
+            beam_size=1,
+            length_penalty=alpha,
+            lp_style=style,
+            early_stop=early_stop,
+            max_len_a=0,
+            max_len_b=6,
+        )
         for g, b in zip(greedy, beam):
             assert g[0].tokens == b[0].tokens
             assert g[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-5)
     model = TinyModel(seed=0)
     greedy = greedy_search(model, SOURCES)
-    beam = beam_search(model, SOURCES, beam_size=1, length_penalty=alpha, lp_style=style,
-                       early_stop=early_stop)
+    beam = beam_search(model, SOURCES, beam_size=1, length_penalty=alpha, lp_style=style, early_stop=early_stop)
     assert [g[0].tokens for g in greedy] == [b[0].tokens for b in beam]
 
 
@@ -282,7 +301,9 @@ def test_min_len_forbids_early_eos() -> None:
         for hyps in run:
             # EOS as soon as it is allowed
             assert hyps and all(len(h.tokens) == 4 and h.tokens[-1] == EOS for h in hyps)
-    samples = sample(Scripted(dist), src, n=20, min_len=3, max_len_a=0, max_len_b=8, generator=torch.Generator().manual_seed(0))
+    samples = sample(
+        Scripted(dist), src, n=20, min_len=3, max_len_a=0, max_len_b=8, generator=torch.Generator().manual_seed(0)
+    )
     for hyps in samples:  # never before it is allowed, mostly as soon as it is
         assert len(hyps) == 20 and all(len(h.tokens) >= 4 and h.tokens.index(EOS) == len(h.tokens) - 1 for h in hyps)
         assert sum(len(h.tokens) == 4 for h in hyps) >= 10
@@ -453,7 +474,9 @@ def test_draw_follows_the_distribution_and_skips_impossible_tokens() -> None:
 
 def test_top_p_over_a_wide_nucleus_matches_a_full_sort() -> None:
     """Flat rows need more than the first 64 candidates: the nucleus is the same as sorting all."""
-    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(4)) * torch.tensor([[0.1], [0.5], [1.0], [3.0], [8.0], [0.01]])
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(4)) * torch.tensor(
+        [[0.1], [0.5], [1.0], [3.0], [8.0], [0.01]]
+    )
     for p in (0.3, 0.9, 0.99):
         probs, order = logits.softmax(dim=1).sort(dim=1, descending=True)
         expected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, probs.cumsum(dim=1) - probs < p)

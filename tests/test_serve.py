@@ -14,9 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -66,7 +66,11 @@ def live_server(served: ServedModel, cfg: ServeConfig) -> Iterator[str]:
 def metrics(base: str) -> dict[str, float]:
     """/metrics as {sample with labels: value}."""
     text = httpx.get(f"{base}/metrics").text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def wait_for(check, timeout: float = 10.0) -> None:
@@ -87,14 +91,24 @@ def test_answers_equal_translator(served: ServedModel) -> None:
             assert [h["score"] for h in got["hypotheses"]] == pytest.approx([h.score for h in hyps], abs=1e-3)
             assert got["text"] == hyps[0].text
         one = client.post("/translate", json={"text": SENTENCES[1], "beam_size": 1, "scores": False}).json()
-        assert one["translations"][0] == {"text": translator.translate(SENTENCES[1], beam_size=1), "hypotheses": [{"text": translator.translate(SENTENCES[1], beam_size=1)}]}
-        aligned = client.post("/translate", json={"text": SENTENCES[1], "alignment": True}).json()["translations"][0]["hypotheses"][0]["alignment"]
+        assert one["translations"][0] == {
+            "text": translator.translate(SENTENCES[1], beam_size=1),
+            "hypotheses": [{"text": translator.translate(SENTENCES[1], beam_size=1)}],
+        }
+        aligned = client.post("/translate", json={"text": SENTENCES[1], "alignment": True}).json()["translations"][0][
+            "hypotheses"
+        ][0]["alignment"]
         weights = translator.hypotheses([SENTENCES[1]], attention=True)[0][0].attention
-        assert aligned["source"] == translator.tokenizer.src_pieces(SENTENCES[1]) and len(aligned["target"]) == weights.shape[0]
+        assert (
+            aligned["source"] == translator.tokenizer.src_pieces(SENTENCES[1])
+            and len(aligned["target"]) == weights.shape[0]
+        )
         torch.testing.assert_close(torch.tensor(aligned["weights"]), weights, atol=1e-4, rtol=0)
         assert aligned["pairs"].split() == [f"{i}-{j}" for j, i in enumerate(weights.argmax(1).tolist())]
         models = client.get("/models").json()["models"]
-        assert [(m["name"], m["source_language"], m["parameters"]) for m in models] == [("en-de", "en", translator.models[0].num_parameters())]
+        assert [(m["name"], m["source_language"], m["parameters"]) for m in models] == [
+            ("en-de", "en", translator.models[0].num_parameters())
+        ]
         assert models[0]["decode_defaults"]["beam_size"] == 5
 
 
@@ -103,7 +117,9 @@ def test_concurrent_requests_share_batches(served: ServedModel) -> None:
 
     async def send_all(base: str) -> list[dict]:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            answers = await asyncio.gather(*(client.post("/translate", json={"texts": texts, "beam_size": 2}) for texts in requests))
+            answers = await asyncio.gather(
+                *(client.post("/translate", json={"texts": texts, "beam_size": 2}) for texts in requests)
+            )
         assert all(a.status_code == 200 for a in answers)
         return [a.json() for a in answers]
 
@@ -113,7 +129,9 @@ def test_concurrent_requests_share_batches(served: ServedModel) -> None:
     for texts, answer in zip(requests, answers):
         assert [t["text"] for t in answer["translations"]] == served.translator.translate(texts, beam_size=2)
     batches = seen['transformer_serve_batch_requests_count{model="en-de"}']
-    assert seen['transformer_serve_batch_requests_bucket{model="en-de",le="1"}'] < batches  # some batch held > 1 request
+    assert (
+        seen['transformer_serve_batch_requests_bucket{model="en-de",le="1"}'] < batches
+    )  # some batch held > 1 request
     assert seen['transformer_serve_sentences_total{model="en-de"}'] == sum(map(len, requests))
     assert seen['transformer_serve_requests_total{code="200",path="/translate"}'] == len(requests)
 
@@ -151,11 +169,17 @@ def test_bad_requests_get_their_status(served: ServedModel) -> None:
 def test_full_queue_answers_429(served: ServedModel) -> None:
     with live_server(served, ServeConfig(max_queue=3, max_wait_ms=1500)) as base:
         first: list[httpx.Response] = []
-        sender = threading.Thread(target=lambda: first.append(httpx.post(f"{base}/translate", json={"texts": SENTENCES[:3]}, timeout=30)))
+        sender = threading.Thread(
+            target=lambda: first.append(httpx.post(f"{base}/translate", json={"texts": SENTENCES[:3]}, timeout=30))
+        )
         sender.start()
         wait_for(lambda: metrics(base)['transformer_serve_pending_sentences{model="en-de"}'] == 3)
         refused = httpx.post(f"{base}/translate", json={"text": SENTENCES[3]})
-        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1" and "queue full" in refused.json()["error"]
+        assert (
+            refused.status_code == 429
+            and refused.headers["Retry-After"] == "1"
+            and "queue full" in refused.json()["error"]
+        )
         sender.join(30)
         assert first[0].status_code == 200 and len(first[0].json()["translations"]) == 3
         assert httpx.post(f"{base}/translate", json={"text": SENTENCES[3]}).status_code == 200
@@ -166,7 +190,10 @@ def test_request_of_a_client_that_left_is_dropped(served: ServedModel) -> None:
         port = int(base.rsplit(":", 1)[1])
         body = json.dumps({"texts": SENTENCES}).encode()
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(
+                b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
             wait_for(lambda: metrics(base)['transformer_serve_pending_sentences{model="en-de"}'] == 4)
         wait_for(lambda: metrics(base).get('transformer_serve_cancelled_requests_total{model="en-de"}') == 1)
         time.sleep(1.0)  # past max_wait_ms: the worker has let the batch go
@@ -182,9 +209,23 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
     base = f"http://127.0.0.1:{port}"
     script = Path(sys.executable).parent / "transformer-serve"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    server = subprocess.Popen([str(script), f"checkpoint={tiny_run}", f"port={port}", "serve.max_wait_ms=2500", "log_level=warning", "device=cpu"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            str(script),
+            f"checkpoint={tiny_run}",
+            f"port={port}",
+            "serve.max_wait_ms=2500",
+            "log_level=warning",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def healthy() -> bool:
             assert server.poll() is None, server.stdout.read()
             try:
@@ -194,7 +235,9 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
 
         wait_for(healthy, timeout=60)
         answers: list[httpx.Response] = []
-        sender = threading.Thread(target=lambda: answers.append(httpx.post(f"{base}/translate", json={"text": SENTENCES[1]}, timeout=30)))
+        sender = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{base}/translate", json={"text": SENTENCES[1]}, timeout=30))
+        )
         sender.start()
         wait_for(lambda: metrics(base)['transformer_serve_pending_sentences{model="en-de"}'] == 1)
         server.send_signal(signal.SIGTERM)
@@ -202,7 +245,9 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
         late = httpx.post(f"{base}/translate", json={"text": SENTENCES[0]})
         assert late.status_code == 503 and "shutting down" in late.json()["error"]
         sender.join(30)
-        assert answers[0].status_code == 200 and answers[0].json()["translations"][0]["text"] == served.translator.translate(SENTENCES[1])
+        assert answers[0].status_code == 200 and answers[0].json()["translations"][0][
+            "text"
+        ] == served.translator.translate(SENTENCES[1])
         server.wait(20)
     finally:
         if server.poll() is None:
@@ -223,14 +268,20 @@ def test_several_models_by_name(tiny_run: Path) -> None:
         listed = client.get("/models").json()["models"]
         assert [(m["name"], m["decode_defaults"]["beam_size"]) for m in listed] == [("en-de", 2), ("copy", 2)]
         answer = client.post("/translate", json={"text": SENTENCES[0], "model": "copy"}).json()
-        assert answer["model"] == "copy" and answer["translations"][0]["text"] == models[0].translator.translate(SENTENCES[0])
+        assert answer["model"] == "copy" and answer["translations"][0]["text"] == models[0].translator.translate(
+            SENTENCES[0]
+        )
 
 
-def test_command_names_a_bad_setting(tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_command_names_a_bad_setting(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from transformer.cli import serve_cli
 
-    for argv, message in (([f"checkpoint={tiny_run}", "serve.max_queue=0"], "error: serve.max_queue=0 must be >= 1"),
-                          (["port=1"], "error: give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...}")):
+    for argv, message in (
+        ([f"checkpoint={tiny_run}", "serve.max_queue=0"], "error: serve.max_queue=0 must be >= 1"),
+        (["port=1"], "error: give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...}"),
+    ):
         monkeypatch.setattr(sys, "argv", ["transformer-serve", *argv])
         with pytest.raises(SystemExit) as stopped:
             serve_cli()

@@ -13,18 +13,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-from conftest import compose_config
 from omegaconf import DictConfig
 
+from conftest import compose_config
+from transformer.checkpoint import load_checkpoint
 from transformer.config import ModelConfig
 from transformer.data.batching import Example, collate
 from transformer.data.builtin import builtin_splits
@@ -33,7 +34,6 @@ from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.train import loop, step, validation
 from transformer.train.average import main as average_main
-from transformer.checkpoint import load_checkpoint
 from transformer.vocab import BOS, EOS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,13 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNI
 # 200 tiny pairs at max_tokens=512 make 8 batches an epoch: 40 steps cross 4 epoch boundaries,
 # and a checkpoint every 5 steps is never at an epoch boundary before the end.
 KILL_RUN = [
-    "experiment=tiny", "model.dropout=0.1", "trainer.max_steps=40", "trainer.log_every=1",
-    "trainer.save_every=5", "trainer.eval_every=1000", "evaluate_test=false",
+    "experiment=tiny",
+    "model.dropout=0.1",
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.save_every=5",
+    "trainer.eval_every=1000",
+    "evaluate_test=false",
 ]
 
 
@@ -73,7 +78,7 @@ def last_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    lines = [l for l in path.read_text(encoding="utf-8").splitlines(keepends=True) if l.endswith("\n")]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.endswith("\n")]
     return json.loads(lines[-1])["step"] if lines else 0
 
 
@@ -81,7 +86,9 @@ def start_and_signal(run_dir: Path, overrides: Sequence[str], at_step: int, sig:
     """Start a training run (output in ``<run_dir>.log``) and send ``sig`` once it has logged
     step ``at_step``."""
     with open(run_dir.with_suffix(".log"), "w") as out:
-        proc = subprocess.Popen(train_command(run_dir, *overrides), cwd=run_dir.parent, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            train_command(run_dir, *overrides), cwd=run_dir.parent, env=ENV, stdout=out, stderr=subprocess.STDOUT
+        )
     deadline = time.time() + 60
     while last_step(run_dir) < at_step:
         assert proc.poll() is None, run_dir.with_suffix(".log").read_text()[-2000:]
@@ -101,7 +108,13 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     progress = load_checkpoint(killed / "checkpoints/last.pt")["progress"]
     assert progress["step"] < 40 and 0 < progress["batch_in_epoch"] < 8, progress  # killed mid-epoch, before the end
 
-    resumed = subprocess.run(train_command(killed, *KILL_RUN, f"trainer.resume={killed}"), cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_command(killed, *KILL_RUN, f"trainer.resume={killed}"),
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(killed) == losses(full)  # exactly: same batches, same dropout masks
     assert [s for s, _, _ in losses(killed)] == list(range(1, 41))
@@ -114,7 +127,9 @@ def test_bidirectional_epochs_train_each_pair_both_ways_then_forward_only(tmp_pa
     trainer = loop.Trainer(tiny(tmp_path, "trainer.bidirectional_epochs=1"))
     pair = lambda e: (tuple(e.src), tuple(e.tgt))  # noqa: E731
     forward = Counter(map(pair, trainer.data.train_examples))
-    reverse = Counter((tuple(t[1:]), (BOS, *s)) for s, t in forward.elements())  # src = pieces + EOS, tgt = BOS + pieces + EOS
+    reverse = Counter(
+        (tuple(t[1:]), (BOS, *s)) for s, t in forward.elements()
+    )  # src = pieces + EOS, tgt = BOS + pieces + EOS
     first = Counter(pair(e) for batch in trainer.data.epoch_batches(0) for e in batch)
     assert first == forward + reverse
     second = Counter(pair(e) for batch in trainer.data.epoch_batches(1) for e in batch)
@@ -125,7 +140,12 @@ def test_bidirectional_epochs_train_each_pair_both_ways_then_forward_only(tmp_pa
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = start_and_signal(run_dir, ["experiment=tiny", "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=100000"], 5, signal.SIGTERM)
+    proc = start_and_signal(
+        run_dir,
+        ["experiment=tiny", "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=100000"],
+        5,
+        signal.SIGTERM,
+    )
     assert proc.wait(timeout=60) == 0, run_dir.with_suffix(".log").read_text()[-2000:]
     assert json.loads((run_dir / "results.json").read_text())["interrupted"] is True
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["progress"]["step"] == last_step(run_dir) >= 5
@@ -133,20 +153,32 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
 
 
 def test_corrupt_last_checkpoint_falls_back_to_newest_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    loop.train(tiny(tmp_path, "trainer.max_steps=9", "trainer.save_every=3", "trainer.eval_every=1000", "trainer.log_every=1"))
+    loop.train(
+        tiny(tmp_path, "trainer.max_steps=9", "trainer.save_every=3", "trainer.eval_every=1000", "trainer.log_every=1")
+    )
     last = tmp_path / "checkpoints/last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(UserError, match="last.pt: not a readable checkpoint"):
         load_checkpoint(last)
 
-    result = loop.train(tiny(tmp_path, "trainer.max_steps=12", "trainer.eval_every=1000", "trainer.log_every=1", f"trainer.resume={tmp_path}"))
+    result = loop.train(
+        tiny(
+            tmp_path,
+            "trainer.max_steps=12",
+            "trainer.eval_every=1000",
+            "trainer.log_every=1",
+            f"trainer.resume={tmp_path}",
+        )
+    )
     assert result["step"] == 12
     assert any("skipping unreadable checkpoint" in r.message for r in caplog.records)
     assert any("resuming from" in r.getMessage() and "step_00000009.pt" in r.getMessage() for r in caplog.records)
     assert [s for s, _, _ in losses(tmp_path)] == list(range(1, 13))
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_nan_steps_are_skipped_then_the_run_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     trainer = loop.Trainer(tiny(tmp_path, "trainer.max_bad_steps=3", "trainer.eval_every=1000", "trainer.log_every=1"))
     real, calls, before = step.label_smoothed_loss, [0], {}
 
@@ -170,11 +202,24 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch: p
 def assert_learns_with_fp32_weights(run_dir: Path, *overrides: str) -> None:
     """40 updates at a high rate lower the loss by 0.5; the checkpoint holds finite fp32 CPU
     weights whatever the autocast precision or device."""
-    loop.train(tiny(run_dir, "trainer.max_steps=40", "trainer.log_every=1", "trainer.eval_every=1000", "trainer.lr=3e-3", *overrides))
+    loop.train(
+        tiny(
+            run_dir,
+            "trainer.max_steps=40",
+            "trainer.log_every=1",
+            "trainer.eval_every=1000",
+            "trainer.lr=3e-3",
+            *overrides,
+        )
+    )
     curve = [loss for _, _, loss in losses(run_dir)]
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
     state = weights(run_dir / "checkpoints/last.pt")
-    assert all(v.dtype == torch.float32 and v.device.type == "cpu" and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(
+        v.dtype == torch.float32 and v.device.type == "cpu" and torch.isfinite(v).all()
+        for v in state.values()
+        if v.is_floating_point()
+    )
 
 
 def test_bf16_on_cpu_trains(tmp_path: Path) -> None:
@@ -188,7 +233,19 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path) -> None:
 
 def toy_model(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=64, dropout=dropout, max_positions=64, src_vocab_size=40, tgt_vocab_size=40))
+    return build_model(
+        ModelConfig(
+            d_model=32,
+            n_heads=2,
+            n_encoder_layers=1,
+            n_decoder_layers=1,
+            d_ff=64,
+            dropout=dropout,
+            max_positions=64,
+            src_vocab_size=40,
+            tgt_vocab_size=40,
+        )
+    )
 
 
 def toy_examples(n: int, rng: random.Random) -> list[Example]:
@@ -196,7 +253,9 @@ def toy_examples(n: int, rng: random.Random) -> list[Example]:
     return [Example(words() + [EOS], [BOS] + words() + [EOS]) for _ in range(n)]
 
 
-def gradients(model: torch.nn.Module, groups: list[list[Example]], **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def gradients(
+    model: torch.nn.Module, groups: list[list[Example]], **kwargs
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss sum, parameter gradients) of one update over ``groups`` (one batch each)."""
     model.zero_grad(set_to_none=True)
     batches = [collate(g) for g in groups]
@@ -248,20 +307,43 @@ def test_early_stopping_on_validation_bleu(tmp_path: Path, monkeypatch: pytest.M
 def averaged_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six steps, a checkpoint every two, end-of-training averaging of the last three."""
     run_dir = tmp_path_factory.mktemp("averaged") / "run"
-    loop.train(tiny(run_dir, "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=6", "trainer.keep_last=1", "trainer.average_last=3", "trainer.log_every=1"))
+    loop.train(
+        tiny(
+            run_dir,
+            "trainer.max_steps=6",
+            "trainer.save_every=2",
+            "trainer.eval_every=6",
+            "trainer.keep_last=1",
+            "trainer.average_last=3",
+            "trainer.log_every=1",
+        )
+    )
     return run_dir
 
 
 def test_keep_every_spares_snapshots_from_pruning(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    loop.train(tiny(run_dir, "trainer.max_steps=7", "trainer.save_every=1", "trainer.eval_every=7", "trainer.keep_last=2", "trainer.keep_every=3"))
+    loop.train(
+        tiny(
+            run_dir,
+            "trainer.max_steps=7",
+            "trainer.save_every=1",
+            "trainer.eval_every=7",
+            "trainer.keep_last=2",
+            "trainer.keep_every=3",
+        )
+    )
     steps = [p.name for p in sorted((run_dir / "checkpoints").glob("step_*.pt"))]
     assert steps == ["step_00000003.pt", "step_00000006.pt", "step_00000007.pt"]
 
 
 def test_average_last_at_the_end_of_training(averaged_run: Path) -> None:
     steps = sorted((averaged_run / "checkpoints").glob("step_*.pt"))
-    assert [p.name for p in steps] == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]  # average_last > keep_last
+    assert [p.name for p in steps] == [
+        "step_00000002.pt",
+        "step_00000004.pt",
+        "step_00000006.pt",
+    ]  # average_last > keep_last
     averaged = weights(averaged_run / "checkpoints/averaged.pt")
     parts = [weights(p) for p in steps]
     for k, v in averaged.items():
@@ -319,9 +401,20 @@ def free_port() -> int:
 def torchrun(run_dir: Path, *overrides: str, device: str = "cpu") -> None:
     """Two ranks of the tiny experiment: gloo on CPU, NCCL on CUDA."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        str(ROOT / "scripts/train.py"), "experiment=tiny", f"trainer.device={device}", "trainer.log_every=1",
-        "trainer.eval_every=1000", "evaluate_test=false", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "scripts/train.py"),
+        "experiment=tiny",
+        f"trainer.device={device}",
+        "trainer.log_every=1",
+        "trainer.eval_every=1000",
+        "evaluate_test=false",
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
     ]
     done = subprocess.run(command, cwd=run_dir.parent, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -334,10 +427,19 @@ def test_ddp_equals_one_process_with_accumulation(tmp_path: Path) -> None:
     constant = "trainer.schedule=constant"  # the learning rate must not depend on max_steps, which changes
     torchrun(ddp, constant, "trainer.max_steps=6")
     torchrun(ddp, constant, "trainer.max_steps=10", f"trainer.resume={ddp}")
-    loop.train(tiny(single, constant, "trainer.update_freq=2", "trainer.max_steps=10", "trainer.log_every=1", "trainer.eval_every=1000"))
+    loop.train(
+        tiny(
+            single,
+            constant,
+            "trainer.update_freq=2",
+            "trainer.max_steps=10",
+            "trainer.log_every=1",
+            "trainer.eval_every=1000",
+        )
+    )
     one, two = losses(single), losses(ddp)
     assert [(s, e) for s, e, _ in two] == [(s, e) for s, e, _ in one] and one[-1][:2] == (10, 2)  # two epoch boundaries
-    assert [l for _, _, l in two] == pytest.approx([l for _, _, l in one], rel=1e-5)
+    assert [loss for _, _, loss in two] == pytest.approx([loss for _, _, loss in one], rel=1e-5)
     a, b = weights(single / "checkpoints/last.pt"), weights(ddp / "checkpoints/last.pt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
@@ -358,12 +460,23 @@ def jsonl_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_stream_batches_cover_every_pair_once_per_epoch(jsonl_dataset: Path) -> None:
     from transformer.data.streaming import stream_batches, stream_pairs
 
-    cfg = compose_config("train", ["data=hub", f"data.hub_name={jsonl_dataset}", "data.streaming=true", "data.shuffle_buffer=64", "data.max_tokens=512"]).data
+    cfg = compose_config(
+        "train",
+        [
+            "data=hub",
+            f"data.hub_name={jsonl_dataset}",
+            "data.streaming=true",
+            "data.shuffle_buffer=64",
+            "data.max_tokens=512",
+        ],
+    ).data
     pairs = list(stream_pairs(cfg))
     tok = build_tokenizer(pairs, 200, True, 1000)
     every = [tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=0) for e in b]
     assert sorted(every) == sorted(map(tuple, tok.encode_tgt([t for _, t in pairs])))
-    assert every != [tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=1) for e in b]  # a new order each epoch
+    assert every != [
+        tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=1) for e in b
+    ]  # a new order each epoch
     shards = [list(stream_batches(cfg, tok, 128, seed=1, epoch=0, rank=r, world=2)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) > 0  # equal counts keep DDP collectives in step
     seen = Counter(tuple(e.tgt) for shard in shards for b in shard for e in b)
@@ -371,7 +484,14 @@ def test_stream_batches_cover_every_pair_once_per_epoch(jsonl_dataset: Path) -> 
 
 
 def test_streaming_training_resumes_exactly(tmp_path: Path, jsonl_dataset: Path) -> None:
-    data = ["data=hub", f"data.hub_name={jsonl_dataset}", "data.streaming=true", "data.shuffle_buffer=64", "data.vocab_size=200", "data.max_tokens=512"]
+    data = [
+        "data=hub",
+        f"data.hub_name={jsonl_dataset}",
+        "data.streaming=true",
+        "data.shuffle_buffer=64",
+        "data.vocab_size=200",
+        "data.max_tokens=512",
+    ]
     common = [*data, "trainer.log_every=1", "trainer.eval_every=1000", "trainer.schedule=constant"]
     full, split = tmp_path / "full", tmp_path / "split"
     loop.train(tiny(full, *common, "trainer.max_steps=14"))

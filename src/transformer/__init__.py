@@ -1,7 +1,7 @@
 """transformer: train, evaluate and deploy encoder-decoder Transformer translation models.
 
-    from transformer import Translator
-    Translator.from_checkpoint("runs/builtin").translate(["twenty-one"])
+from transformer import Translator
+Translator.from_checkpoint("runs/builtin").translate(["twenty-one"])
 """
 
 from transformer.decode.translator import Translation, Translator

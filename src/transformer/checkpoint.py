@@ -12,7 +12,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -52,12 +52,16 @@ def load_checkpoint(path: Path | str) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has lost its directory
-        raise UserError(f"{path}: not a readable checkpoint: {path.stat().st_size} bytes that are not a PyTorch checkpoint archive "
-                        f"(a file cut short by a crash, or another kind of file)")
+        raise UserError(
+            f"{path}: not a readable checkpoint: {path.stat().st_size} bytes that are not a PyTorch checkpoint archive "
+            f"(a file cut short by a crash, or another kind of file)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint: a PyTorch archive whose contents are damaged or foreign ({first_line(e)})") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint: a PyTorch archive whose contents are damaged or foreign ({first_line(e)})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this package (expected format {FORMAT})")
     return ckpt
@@ -74,7 +78,7 @@ def resolve_checkpoint(path: str, name: str = "best.pt") -> Path:
     return p
 
 
-def model_from_checkpoint(ckpt: dict, tokenizer: Optional[Tokenizer] = None) -> tuple[Transformer, Tokenizer]:
+def model_from_checkpoint(ckpt: dict, tokenizer: Tokenizer | None = None) -> tuple[Transformer, Tokenizer]:
     """Rebuild the model and its tokenizer. A tokenizer given separately must have the
     vocabulary the model was trained with."""
     cfg = ModelConfig(**ckpt["model_config"])
@@ -85,13 +89,15 @@ def model_from_checkpoint(ckpt: dict, tokenizer: Optional[Tokenizer] = None) -> 
             f"the checkpoint's model ({cfg.src_vocab_size} / {cfg.tgt_vocab_size}): use the tokenizer saved with that run"
         )
     if tokenizer is not None and tokenizer.to_state() != ckpt["tokenizer"]:
-        raise UserError("tokenizer differs from the one saved in the checkpoint (same size, other pieces): use the run's own tokenizer")
+        raise UserError(
+            "tokenizer differs from the one saved in the checkpoint (same size, other pieces): use the run's own tokenizer"
+        )
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     return model, tok
 
 
-def load_model(path: str | Path, tokenizer: Optional[Tokenizer] = None) -> tuple[Transformer, Tokenizer, dict]:
+def load_model(path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[Transformer, Tokenizer, dict]:
     """(model in eval mode, tokenizer, the checkpoint's training config) of a checkpoint file
     or run directory (its best.pt); ``tokenizer``: the one an ensemble member must share."""
     ckpt = load_checkpoint(resolve_checkpoint(str(path)))
@@ -109,7 +115,7 @@ def checkpoint_step(path: Path) -> int:
     return int(path.stem.removeprefix("step_"))
 
 
-def newest_valid_checkpoint(directory: Path) -> Optional[tuple[Path, dict]]:
+def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict] | None:
     """``last.pt`` if it loads, else the newest step checkpoint that does (with a warning)."""
     candidates = [directory / "last.pt"] + list(reversed(list_step_checkpoints(directory)))
     for path in candidates:
@@ -135,6 +141,8 @@ def average_checkpoints(paths: list[Path]) -> dict:
         for k, v in weights.items():
             if v.is_floating_point():
                 total[k] += v.double()
-    first["model"] = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v for k, v in total.items()}
+    first["model"] = {
+        k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v for k, v in total.items()
+    }
     first["averaged_from"] = [str(p) for p in paths]
     return first

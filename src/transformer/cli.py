@@ -9,14 +9,15 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from transformer.config import DecodeConfig, config_dir, register_configs
 from transformer.commands import quiet_logging, run_plain_command
+from transformer.config import DecodeConfig, config_dir, register_configs
 from transformer.errors import UserError
 
 
@@ -51,7 +52,13 @@ def _train(cfg: DictConfig) -> float:
     if os.environ.get("RANK", "0") == "0":  # torchrun: one summary and report, from the process that wrote the run
         from transformer.report import write_run_report
 
-        print(json.dumps({k: v for k, v in metrics.items() if k != "test"} | {"test": {k: v for k, v in metrics.get("test", {}).items() if not k.endswith("detail")}}, indent=2))
+        print(
+            json.dumps(
+                {k: v for k, v in metrics.items() if k != "test"}
+                | {"test": {k: v for k, v in metrics.get("test", {}).items() if not k.endswith("detail")}},
+                indent=2,
+            )
+        )
         write_run_report(metrics["run_dir"], cfg, metrics)
     return metrics["best_valid_bleu"]
 
@@ -69,8 +76,15 @@ def _evaluate(cfg: DictConfig) -> dict:
 
     data = OmegaConf.to_object(cfg.data) if cfg.src_file is None else None
     result = evaluate(
-        cfg.checkpoint, data=data, split=cfg.split, src_file=cfg.src_file, ref_file=cfg.ref_file,
-        decode=decode_config(cfg), output=cfg.output, device=cfg.device, ensemble=list(cfg.ensemble),
+        cfg.checkpoint,
+        data=data,
+        split=cfg.split,
+        src_file=cfg.src_file,
+        ref_file=cfg.ref_file,
+        decode=decode_config(cfg),
+        output=cfg.output,
+        device=cfg.device,
+        ensemble=list(cfg.ensemble),
     )
     print(result["bleu_detail"])
     print(f"chrF2 = {result['chrf']:.2f}  ({result['chrf_signature']})")
@@ -91,7 +105,9 @@ def _decode(cfg: DictConfig) -> None:
     from transformer.data.corpus import open_text
     from transformer.decode.translator import Translator
 
-    translator = Translator.from_checkpoint(cfg.checkpoint, device=cfg.device, ensemble=cfg.ensemble, config=decode_config(cfg))
+    translator = Translator.from_checkpoint(
+        cfg.checkpoint, device=cfg.device, ensemble=cfg.ensemble, config=decode_config(cfg)
+    )
     if cfg.sentence is not None:
         lines: Any = [cfg.sentence]
     elif cfg.input:
@@ -135,7 +151,6 @@ def _decode(cfg: DictConfig) -> None:
 
 def decode_cli() -> None:
     hydra_entry("decode", _decode)
-
 
 
 # serve ------------------------------------------------------------------------------

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from transformer.errors import UserError, first_line
 
 
-def run_plain_command(schema: type, argv: list[str], usage: str, task: Callable[[Any], None], listed: tuple[str, ...] = ()) -> None:
+def run_plain_command(
+    schema: type, argv: list[str], usage: str, task: Callable[[Any], None], listed: tuple[str, ...] = ()
+) -> None:
     """A command without config groups (export, average): ``key=value`` arguments checked
     against the dataclass ``schema`` (keys in ``listed`` also take a single value), then
     ``task(config)``; UserErrors print one line and exit with 2."""

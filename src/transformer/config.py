@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -22,8 +22,17 @@ SWITCHES = ("auto", "true", "false")
 CHOICES = {
     "model": {"activation": ("relu", "gelu", "silu"), "positional": ("sinusoidal", "sinusoidal_fairseq", "learned")},
     "data": {"source": ("builtin", "files", "hub"), "format": ("text", "tsv", "jsonl")},
-    "trainer": {"schedule": ("inverse_sqrt", "cosine", "noam", "constant"), "precision": PRECISIONS, "onednn_linear": SWITCHES},
-    "decode": {"precision": PRECISIONS, "prepack": SWITCHES, "lp_style": ("gnmt", "average", "none"), "early_stop": ("exact", "fairseq")},
+    "trainer": {
+        "schedule": ("inverse_sqrt", "cosine", "noam", "constant"),
+        "precision": PRECISIONS,
+        "onednn_linear": SWITCHES,
+    },
+    "decode": {
+        "precision": PRECISIONS,
+        "prepack": SWITCHES,
+        "lp_style": ("gnmt", "average", "none"),
+        "early_stop": ("exact", "fairseq"),
+    },
 }
 
 
@@ -43,7 +52,8 @@ class ModelConfig:
     tgt_word_dropout: float = 0.0  # whole decoder-input token embeddings zeroed in training (--dropout-trg)
     activation: str = "relu"  # relu | gelu | silu (x * sigmoid(x): OPUS-MT's swish)
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
-    positional: str = "sinusoidal"  # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned
+    # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned
+    positional: str = "sinusoidal"
     max_positions: int = 1024  # longest sequence (in subwords, with BOS/EOS) the model accepts
     share_embeddings: bool = True  # one embedding for source and target (needs a joint vocabulary)
     tie_output: bool = True  # output projection shares the target embedding matrix
@@ -68,30 +78,32 @@ class DataConfig:
     tgt_lang: str = "de"  # target language code
     # files: paths per split. Plain text pairs (src/tgt, optionally .gz), or one TSV/JSONL file.
     format: str = "text"  # text | tsv | jsonl
-    train_src: Optional[str] = None  # text: training source file, one sentence a line
-    train_tgt: Optional[str] = None  # text: training target file, aligned line by line
-    valid_src: Optional[str] = None  # text: validation source file
-    valid_tgt: Optional[str] = None  # text: validation target file
-    test_src: Optional[str] = None  # text: test source file
-    test_tgt: Optional[str] = None  # text: test target file
-    train_file: Optional[str] = None  # tsv/jsonl: one file per split holding both sides
-    valid_file: Optional[str] = None  # tsv/jsonl: validation file
-    test_file: Optional[str] = None  # tsv/jsonl: test file
+    train_src: str | None = None  # text: training source file, one sentence a line
+    train_tgt: str | None = None  # text: training target file, aligned line by line
+    valid_src: str | None = None  # text: validation source file
+    valid_tgt: str | None = None  # text: validation target file
+    test_src: str | None = None  # text: test source file
+    test_tgt: str | None = None  # text: test target file
+    train_file: str | None = None  # tsv/jsonl: one file per split holding both sides
+    valid_file: str | None = None  # tsv/jsonl: validation file
+    test_file: str | None = None  # tsv/jsonl: test file
     # hub: a Hugging Face dataset by name
-    hub_name: Optional[str] = None  # e.g. wmt14
-    hub_config: Optional[str] = None  # e.g. de-en
+    hub_name: str | None = None  # e.g. wmt14
+    hub_config: str | None = None  # e.g. de-en
     train_split: str = "train"  # hub: split names in the dataset
     valid_split: str = "validation"  # hub: e.g. validation or dev
     test_split: str = "test"  # hub: e.g. test
-    translation_field: Optional[str] = "translation"  # dict column {src_lang: .., tgt_lang: ..}; null for flat columns
-    src_field: Optional[str] = None  # flat-column names (jsonl/hub) when translation_field is null
-    tgt_field: Optional[str] = None  # flat-column name of the target side
+    translation_field: str | None = "translation"  # dict column {src_lang: .., tgt_lang: ..}; null for flat columns
+    src_field: str | None = None  # flat-column names (jsonl/hub) when translation_field is null
+    tgt_field: str | None = None  # flat-column name of the target side
     streaming: bool = False  # hub or files: read the training split as a stream (bounded memory) instead of loading it
     shuffle_buffer: int = 100000  # streaming: pairs read, sorted by length and batched at a time
     # files: the tokenised training split, memory-mapped (see README "Large corpora")
-    cache: bool = True  # files: encode the training split once into token-id arrays and map them in later runs and resumes
-    cache_dir: Optional[str] = None  # where caches live (default: cache/ beside the run directory)
-    max_len_ratio: float = 0.0  # drop training pairs where one side has more than this many times the other's subwords (0: off)
+    # files: encode the training split once into token-id arrays and map them in later runs and resumes
+    cache: bool = True
+    cache_dir: str | None = None  # where caches live (default: cache/ beside the run directory)
+    # drop training pairs where one side has more than this many times the other's subwords (0: off)
+    max_len_ratio: float = 0.0
     dedup: bool = False  # drop training pairs repeating an earlier (source, target) pair
     # builtin corpus sizes
     builtin_train: int = 20000  # builtin: training pairs generated
@@ -101,7 +113,8 @@ class DataConfig:
     # tokenizer
     vocab_size: int = 8000  # SentencePiece BPE pieces (per side when joint_vocab is false)
     joint_vocab: bool = True  # one BPE model for both languages (needed by model.share_embeddings)
-    tokenizer_sample: int = 2000000  # pairs SentencePiece trains on (at most; a reproducible random sample of larger corpora)
+    # pairs SentencePiece trains on (at most; a reproducible random sample of larger corpora)
+    tokenizer_sample: int = 2000000
     # batching
     max_len: int = 256  # longer pairs (in subwords) are dropped from training, with a count
     max_tokens: int = 4096  # token budget per batch (padded source or target, whichever is larger)
@@ -117,7 +130,8 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 where the CPU (avx512_bf16/AMX) or GPU runs it natively, else fp32 (fp16: CUDA only, with a gradient scaler)
     max_steps: int = 10000  # optimizer updates
     max_epochs: int = 0  # 0: no limit
-    bidirectional_epochs: int = 0  # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
+    # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
+    bidirectional_epochs: int = 0
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
     time_budget_minutes: float = 0.0  # whole run (BPE, training, test scoring) in this many minutes: the first updates are timed, then max_steps, warmup, eval_every and save_every are scaled to fit (0: off)
     update_freq: int = 1  # gradient accumulation: batches per optimizer update
@@ -143,9 +157,11 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     onednn_linear: str = "auto"  # auto | true | false: fp32 CPU linear layers on oneDNN instead of MKL; auto times both per layer shape at start-up
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults on big tensors; ~10% faster)
-    resume: Optional[str] = None  # run directory or checkpoint to continue from
-    init_from: Optional[str] = None  # start from this checkpoint's weights, tokenizer and model config (fresh optimizer; resume wins)
+    # CPU: glibc keeps freed memory for reuse (no page faults on big tensors; ~10% faster)
+    keep_freed_memory: bool = True
+    resume: str | None = None  # run directory or checkpoint to continue from
+    # start from this checkpoint's weights, tokenizer and model config (fresh optimizer; resume wins)
+    init_from: str | None = None
     progress: bool = True  # show a tqdm progress bar
 
 
@@ -160,10 +176,12 @@ class DecodeConfig:
     max_len_a: float = 1.5  # hypotheses stop at a * source length + b subwords
     max_len_b: int = 10  # see max_len_a
     min_len: int = 0  # EOS is forbidden before this many subwords
-    early_stop: str = "exact"  # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
+    # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
+    early_stop: str = "exact"
     batch_tokens: int = 4096  # source tokens per decoding batch
     prepack: str = "auto"  # auto | true | false: CPU fp32 search on a copy with linear weights packed for oneDNN; auto times both per layer shape
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 where native (avx512_bf16/AMX CPU, CUDA), else fp32
+    # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 where native (avx512_bf16/AMX CPU, CUDA), else fp32
+    precision: str = "auto"
     sampling: bool = False  # sample instead of search (back-translation)
     temperature: float = 1.0  # sampling: logits are divided by it
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)
@@ -179,7 +197,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # group trainer/: default | fast
     decode: DecodeConfig = field(default_factory=DecodeConfig)  # group decode/: beam | greedy | sample
     evaluate_test: bool = True  # score the test split with the best checkpoint at the end
-    run_dir: Optional[str] = None  # filled with Hydra's output directory
+    run_dir: str | None = None  # filled with Hydra's output directory
 
 
 @dataclass
@@ -190,9 +208,9 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)  # group data/: builtin | multi30k | files | hub
     decode: DecodeConfig = field(default_factory=DecodeConfig)  # group decode/: beam | greedy | sample
     split: str = "test"  # split of the data config to score
-    src_file: Optional[str] = None  # or score these files instead of a data split
-    ref_file: Optional[str] = None  # references aligned line by line with src_file
-    output: Optional[str] = None  # hypotheses file (default: next to the checkpoint)
+    src_file: str | None = None  # or score these files instead of a data split
+    ref_file: str | None = None  # references aligned line by line with src_file
+    output: str | None = None  # hypotheses file (default: next to the checkpoint)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the first
 
@@ -203,13 +221,15 @@ class DecodeRunConfig:
 
     checkpoint: str = MISSING  # checkpoint file or run directory (uses best.pt)
     decode: DecodeConfig = field(default_factory=DecodeConfig)  # group decode/: beam | greedy | sample
-    input: Optional[str] = None  # a file to translate (default: stdin)
-    sentence: Optional[str] = None  # or one sentence given on the command line
-    output: Optional[str] = None  # default: stdout
+    input: str | None = None  # a file to translate (default: stdin)
+    sentence: str | None = None  # or one sentence given on the command line
+    output: str | None = None  # default: stdout
     scores: bool = False  # print "score<TAB>translation"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the first (probabilities averaged)
-    plot_attention: Optional[str] = None  # write a PNG heat map of the first sentence's cross-attention here
+    ensemble: list[str] = field(
+        default_factory=list
+    )  # extra checkpoints ensembled with the first (probabilities averaged)
+    plot_attention: str | None = None  # write a PNG heat map of the first sentence's cross-attention here
     attention_layer: int = -1  # decoder layer for plot_attention (-1: mean over layers)
     attention_head: int = -1  # head for plot_attention (-1: mean over heads)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import sacrebleu
 from omegaconf import OmegaConf
@@ -26,7 +27,11 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     bleu_lc = sacrebleu.metrics.BLEU(lowercase=True)
     chrf = sacrebleu.metrics.CHRF()
     refs = [list(references)]
-    b, lc, c = bleu.corpus_score(hypotheses, refs), bleu_lc.corpus_score(hypotheses, refs), chrf.corpus_score(hypotheses, refs)
+    b, lc, c = (
+        bleu.corpus_score(hypotheses, refs),
+        bleu_lc.corpus_score(hypotheses, refs),
+        chrf.corpus_score(hypotheses, refs),
+    )
     return {
         "bleu": round(b.score, 2),
         "bleu_lc": round(lc.score, 2),
@@ -41,14 +46,14 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 def evaluate(
     checkpoint: str,
     *,
-    data: Optional[DataConfig] = None,
+    data: DataConfig | None = None,
     split: str = "test",
-    src_file: Optional[str] = None,
-    ref_file: Optional[str] = None,
-    decode: Optional[DecodeConfig] = None,
-    output: Optional[str] = None,
+    src_file: str | None = None,
+    ref_file: str | None = None,
+    decode: DecodeConfig | None = None,
+    output: str | None = None,
     device: str = "auto",
-    translator: Optional[Translator] = None,
+    translator: Translator | None = None,
     ensemble: Sequence[str] = (),
 ) -> dict:
     """Translate a data split (or ``src_file``) and score it against its references, with
@@ -70,8 +75,18 @@ def evaluate(
     hypotheses = translator.translate(sources)
     result = score(hypotheses, references)  # type: ignore[arg-type]
     cfg = translator.config
-    result.update(checkpoint=str(checkpoint), ensemble=[str(e) for e in ensemble], data=name, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty)
-    out = Path(output) if output else Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"{name}.hyp.txt"
+    result.update(
+        checkpoint=str(checkpoint),
+        ensemble=[str(e) for e in ensemble],
+        data=name,
+        beam_size=cfg.beam_size,
+        length_penalty=cfg.length_penalty,
+    )
+    out = (
+        Path(output)
+        if output
+        else Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"{name}.hyp.txt"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -86,6 +101,13 @@ def train_and_test(cfg: Any) -> dict:
 
     def test(final: Path, device: Any) -> dict:
         decode = DecodeConfig(**OmegaConf.to_container(cfg.decode))
-        return evaluate(str(final), data=cfg.data, split="test", decode=decode, output=str(Path(cfg.run_dir) / TEST_HYPOTHESES), device=str(device))
+        return evaluate(
+            str(final),
+            data=cfg.data,
+            split="test",
+            decode=decode,
+            output=str(Path(cfg.run_dir) / TEST_HYPOTHESES),
+            device=str(device),
+        )
 
     return train(cfg, test)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import MISSING
 from torch import Tensor
@@ -31,7 +32,6 @@ from transformer.errors import UserError
 from transformer.hf_layout import M2M100, MARIAN, embedding_names, weight_names
 from transformer.model import Transformer
 from transformer.vocab import EOS, PAD, UNK, Specials
-
 
 
 def hf_family(cfg: ModelConfig) -> str:
@@ -68,20 +68,36 @@ def hf_config(cfg: ModelConfig, family: str) -> Any:
     from transformers import M2M100Config, MarianConfig
 
     common = dict(
-        vocab_size=cfg.src_vocab_size, d_model=cfg.d_model, max_position_embeddings=cfg.max_positions,
-        encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
-        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
-        encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function=cfg.activation,
-        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=cfg.scale_embedding,
-        pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, decoder_start_token_id=cfg.bos_id,
-        forced_eos_token_id=cfg.eos_id, tie_word_embeddings=cfg.tie_output,
+        vocab_size=cfg.src_vocab_size,
+        d_model=cfg.d_model,
+        max_position_embeddings=cfg.max_positions,
+        encoder_layers=cfg.n_encoder_layers,
+        decoder_layers=cfg.n_decoder_layers,
+        encoder_attention_heads=cfg.n_heads,
+        decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff,
+        decoder_ffn_dim=cfg.d_ff,
+        activation_function=cfg.activation,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout,
+        encoder_layerdrop=0.0,
+        decoder_layerdrop=0.0,
+        scale_embedding=cfg.scale_embedding,
+        pad_token_id=cfg.pad_id,
+        bos_token_id=cfg.bos_id,
+        eos_token_id=cfg.eos_id,
+        decoder_start_token_id=cfg.bos_id,
+        forced_eos_token_id=cfg.eos_id,
+        tie_word_embeddings=cfg.tie_output,
     )
     if cfg.forced_bos_id >= 0:
         common["forced_bos_token_id"] = cfg.forced_bos_id
     if family == MARIAN:
         return MarianConfig(
-            **common, decoder_vocab_size=cfg.tgt_vocab_size, share_encoder_decoder_embeddings=cfg.share_embeddings,
+            **common,
+            decoder_vocab_size=cfg.tgt_vocab_size,
+            share_encoder_decoder_embeddings=cfg.share_embeddings,
             architectures=["MarianMTModel"],
         )
     return M2M100Config(**common, architectures=["M2M100ForConditionalGeneration"])
@@ -112,7 +128,9 @@ def to_hf(model: Transformer) -> Any:
     derived = ("embed_positions.weight", "embed_positions.weights", "final_logits_bias")
     leftover = [k for k in missing if not k.endswith(derived)]
     if unexpected or leftover:
-        raise RuntimeError(f"export mapping is out of date with transformers: unexpected {unexpected}, missing {leftover}")
+        raise RuntimeError(
+            f"export mapping is out of date with transformers: unexpected {unexpected}, missing {leftover}"
+        )
     hf.tie_weights()
     return hf.eval()
 
@@ -124,13 +142,17 @@ def _vocab(processor_proto: bytes) -> dict[str, int]:
     return {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
 
 
-def _vocabularies(tokenizer: Tokenizer) -> tuple[dict[str, int], Optional[dict[str, int]], dict[str, str]]:
+def _vocabularies(tokenizer: Tokenizer) -> tuple[dict[str, int], dict[str, int] | None, dict[str, str]]:
     """vocab.json, target_vocab.json (None when shared) and the unk/eos/pad pieces."""
     if isinstance(tokenizer, MappedTokenizer):
         index = lambda vocab: {p: i for i, p in reversed(list(enumerate(vocab)))}  # noqa: E731 (first id of a repeated piece)
         pieces = {k: tokenizer.src_vocab[tokenizer.ids[k]] for k in ("unk", "eos", "pad")}
         return index(tokenizer.src_vocab), None if tokenizer.joint else index(tokenizer.tgt_vocab), pieces
-    pieces = {"unk": tokenizer.src.id_to_piece(UNK), "eos": tokenizer.src.id_to_piece(EOS), "pad": tokenizer.src.id_to_piece(PAD)}
+    pieces = {
+        "unk": tokenizer.src.id_to_piece(UNK),
+        "eos": tokenizer.src.id_to_piece(EOS),
+        "pad": tokenizer.src.id_to_piece(PAD),
+    }
     return _vocab(tokenizer.src_proto), None if tokenizer.joint else _vocab(tokenizer.tgt_proto), pieces
 
 
@@ -150,12 +172,19 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
             target_vocab = Path(tmp, "target_vocab.json")
             target_vocab.write_text(json.dumps(tgt_vocab, ensure_ascii=False), encoding="utf-8")
         hf_tok = MarianTokenizer(
-            source_spm=str(src), target_spm=str(tgt), vocab=str(Path(tmp, "vocab.json")),
-            target_vocab_file=str(target_vocab) if target_vocab else None, separate_vocabs=not tokenizer.joint,
-            unk_token=pieces["unk"], eos_token=pieces["eos"], pad_token=pieces["pad"],
+            source_spm=str(src),
+            target_spm=str(tgt),
+            vocab=str(Path(tmp, "vocab.json")),
+            target_vocab_file=str(target_vocab) if target_vocab else None,
+            separate_vocabs=not tokenizer.joint,
+            unk_token=pieces["unk"],
+            eos_token=pieces["eos"],
+            pad_token=pieces["pad"],
         )
         hf_tok.save_pretrained(str(directory))
-    tokenizer.save(directory)  # our own files too (spm.model, ...; tokenizer_state.json): transformer-import reads them back
+    tokenizer.save(
+        directory
+    )  # our own files too (spm.model, ...; tokenizer_state.json): transformer-import reads them back
 
 
 def generation_config(beam_size: int, max_length: int, specials: Specials = Specials()) -> Any:
@@ -166,13 +195,21 @@ def generation_config(beam_size: int, max_length: int, specials: Specials = Spec
 
     forced = dict(forced_bos_token_id=specials.forced_bos) if specials.forced_bos >= 0 else {}
     return GenerationConfig(
-        num_beams=beam_size, max_length=max_length, length_penalty=1.0, early_stopping=True,
-        bos_token_id=specials.bos, eos_token_id=specials.eos, pad_token_id=specials.pad, decoder_start_token_id=specials.bos,
-        forced_eos_token_id=specials.eos, suppress_tokens=list(specials.never_generated), **forced,
+        num_beams=beam_size,
+        max_length=max_length,
+        length_penalty=1.0,
+        early_stopping=True,
+        bos_token_id=specials.bos,
+        eos_token_id=specials.eos,
+        pad_token_id=specials.pad,
+        decoder_start_token_id=specials.bos,
+        forced_eos_token_id=specials.eos,
+        suppress_tokens=list(specials.never_generated),
+        **forced,
     )
 
 
-def export(checkpoint: str, output: str, beam_size: int = 5, max_length: Optional[int] = None) -> Path:
+def export(checkpoint: str, output: str, beam_size: int = 5, max_length: int | None = None) -> Path:
     """Write a transformers model directory (weights, config, generation config, tokenizer)."""
     from transformer.checkpoint import load_model
 
@@ -227,14 +264,16 @@ def _ct2_loader(family: str, pad_id: int = PAD) -> Any:
     return ExportLoader()
 
 
-def convert_ct2(hf_dir: str | Path, output: str | Path, quantization: Optional[str] = None, force: bool = True) -> Path:
+def convert_ct2(hf_dir: str | Path, output: str | Path, quantization: str | None = None, force: bool = True) -> Path:
     """Convert an export to a CTranslate2 model directory (``quantization``: int8, int8_float32,
     float16, ...; None keeps float32). Uses ``ctranslate2.converters.TransformersConverter``
     with a loader that knows our special ids."""
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
-        raise UserError("ctranslate2 is not installed: pip install 'transformer[ct2]' (or pip install ctranslate2)") from None
+        raise UserError(
+            "ctranslate2 is not installed: pip install 'transformer[ct2]' (or pip install ctranslate2)"
+        ) from None
     from transformers import AutoModelForSeq2SeqLM, MarianTokenizer
 
     class ExportConverter(TransformersConverter):
@@ -251,14 +290,15 @@ USAGE = """usage: transformer-export checkpoint=RUN_DIR_OR_PT output=DIR [beam_s
 Writes a Hugging Face model directory (MarianMTModel for post-norm models, M2M100ForConditionalGeneration
 for pre-norm ones) with its tokenizer and generation config; with ct2=DIR also a CTranslate2 model."""
 
+
 @dataclass
 class ExportConfig:
     checkpoint: str = MISSING  # run directory (uses best.pt) or checkpoint file
     output: str = MISSING  # the Hugging Face model directory to write
     beam_size: int = 5  # generation_config default
-    max_length: Optional[int] = None  # generation_config limit (default: the model's positions, at most 256)
-    ct2: Optional[str] = None  # also convert for CTranslate2 into this directory
-    quantization: Optional[str] = None  # CTranslate2 weights: int8, int8_float32, ... (needs ct2)
+    max_length: int | None = None  # generation_config limit (default: the model's positions, at most 256)
+    ct2: str | None = None  # also convert for CTranslate2 into this directory
+    quantization: str | None = None  # CTranslate2 weights: int8, int8_float32, ... (needs ct2)
 
 
 def run_export(cfg: ExportConfig) -> None:
@@ -270,7 +310,7 @@ def run_export(cfg: ExportConfig) -> None:
         print(f"CTranslate2 model: {convert_ct2(out, cfg.ct2, cfg.quantization)}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     from transformer.commands import run_plain_command
 
     run_plain_command(ExportConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_export)

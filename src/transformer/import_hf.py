@@ -17,28 +17,37 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from omegaconf import MISSING
 from torch import Tensor
 
+from transformer.checkpoint import FORMAT, atomic_save
 from transformer.config import ModelConfig
 from transformer.data.tokenizer import MappedTokenizer, Tokenizer
 from transformer.errors import UserError, first_line
 from transformer.hf_layout import M2M100, MARIAN, embedding_names, weight_names
 from transformer.model import build_model
 from transformer.model.transformer import ACTIVATIONS, sinusoid_table
-from transformer.checkpoint import FORMAT, atomic_save
 
 ACTIVATION_NAMES = {"swish": "silu"}  # transformers' names that are ours under another name
 # Config fields whose non-default value changes what the model computes in a way we do not.
 # transformers' defaults for fields a saved config.json may leave out.
-DEFAULTS = {MARIAN: {"scale_embedding": False, "activation_function": "gelu"}, M2M100: {"scale_embedding": True, "activation_function": "relu"}}
-REFUSED = {"add_bias_logits": False, "normalize_embedding": False, "add_final_layer_norm": False,
-           "layernorm_embedding": False, "static_position_embeddings": True}
+DEFAULTS = {
+    MARIAN: {"scale_embedding": False, "activation_function": "gelu"},
+    M2M100: {"scale_embedding": True, "activation_function": "relu"},
+}
+REFUSED = {
+    "add_bias_logits": False,
+    "normalize_embedding": False,
+    "add_final_layer_norm": False,
+    "layernorm_embedding": False,
+    "static_position_embeddings": True,
+}
 
 
 def read_directory(directory: Path) -> tuple[dict, dict[str, Tensor]]:
@@ -73,7 +82,9 @@ def family_of(config: dict) -> str:
 
 def _same(config: dict, encoder_key: str, decoder_key: str) -> Any:
     if config.get(encoder_key) != config.get(decoder_key):
-        raise UserError(f"config.json: {encoder_key}={config.get(encoder_key)} differs from {decoder_key}={config.get(decoder_key)}; we need one value")
+        raise UserError(
+            f"config.json: {encoder_key}={config.get(encoder_key)} differs from {decoder_key}={config.get(decoder_key)}; we need one value"
+        )
     return config[encoder_key]
 
 
@@ -81,26 +92,43 @@ def model_config(config: dict, family: str, forced_bos: int = -1) -> ModelConfig
     """Our ModelConfig computing what transformers computes for ``config``."""
     for key, fine in REFUSED.items():
         if key in config and bool(config[key]) != fine:
-            raise UserError(f"config.json: {key}={config[key]} cannot be mapped exactly (we support {key}={str(fine).lower()})")
+            raise UserError(
+                f"config.json: {key}={config[key]} cannot be mapped exactly (we support {key}={str(fine).lower()})"
+            )
     if family == MARIAN and config.get("normalize_before"):
-        raise UserError("config.json: normalize_before=true: MarianMTModel is post-norm (transformers ignores the field); refusing the ambiguity")
+        raise UserError(
+            "config.json: normalize_before=true: MarianMTModel is post-norm (transformers ignores the field); refusing the ambiguity"
+        )
     activation = ACTIVATION_NAMES.get(config["activation_function"], config["activation_function"])
     if activation not in ACTIVATIONS:
-        raise UserError(f"config.json: activation_function={config.get('activation_function')!r} is not supported ({', '.join(['swish', *ACTIVATIONS])})")
+        raise UserError(
+            f"config.json: activation_function={config.get('activation_function')!r} is not supported ({', '.join(['swish', *ACTIVATIONS])})"
+        )
     vocab = config["vocab_size"]
     shared = family == M2M100 or config.get("share_encoder_decoder_embeddings", True)
     pad = config["pad_token_id"]
     return ModelConfig(
-        d_model=config["d_model"], n_heads=_same(config, "encoder_attention_heads", "decoder_attention_heads"),
-        n_encoder_layers=config["encoder_layers"], n_decoder_layers=config["decoder_layers"],
-        d_ff=_same(config, "encoder_ffn_dim", "decoder_ffn_dim"), dropout=config.get("dropout", 0.1),
-        attention_dropout=config.get("attention_dropout", 0.0), activation_dropout=config.get("activation_dropout", 0.0),
-        activation=activation, norm_first=family == M2M100, positional="sinusoidal" if family == MARIAN else "sinusoidal_fairseq",
-        max_positions=config.get("max_position_embeddings", 1024), share_embeddings=shared,
-        tie_output=config.get("tie_word_embeddings", True), src_vocab_size=vocab,
+        d_model=config["d_model"],
+        n_heads=_same(config, "encoder_attention_heads", "decoder_attention_heads"),
+        n_encoder_layers=config["encoder_layers"],
+        n_decoder_layers=config["decoder_layers"],
+        d_ff=_same(config, "encoder_ffn_dim", "decoder_ffn_dim"),
+        dropout=config.get("dropout", 0.1),
+        attention_dropout=config.get("attention_dropout", 0.0),
+        activation_dropout=config.get("activation_dropout", 0.0),
+        activation=activation,
+        norm_first=family == M2M100,
+        positional="sinusoidal" if family == MARIAN else "sinusoidal_fairseq",
+        max_positions=config.get("max_position_embeddings", 1024),
+        share_embeddings=shared,
+        tie_output=config.get("tie_word_embeddings", True),
+        src_vocab_size=vocab,
         tgt_vocab_size=vocab if shared else config.get("decoder_vocab_size") or vocab,
-        scale_embedding=config["scale_embedding"], pad_id=pad,
-        bos_id=config.get("decoder_start_token_id", pad), eos_id=config["eos_token_id"], forced_bos_id=forced_bos,
+        scale_embedding=config["scale_embedding"],
+        pad_id=pad,
+        bos_id=config.get("decoder_start_token_id", pad),
+        eos_id=config["eos_token_id"],
+        forced_bos_id=forced_bos,
     )
 
 
@@ -120,7 +148,9 @@ def our_state_dict(weights: dict[str, Tensor], cfg: ModelConfig, family: str) ->
         state[name] = weights[found].reshape(-1) if name == "output.bias" else weights[found]
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise UserError(f"weights: {name} would be {list(tensor.shape)}, config.json implies {list(expected[name].shape)} (wrong shapes)")
+            raise UserError(
+                f"weights: {name} would be {list(tensor.shape)}, config.json implies {list(expected[name].shape)} (wrong shapes)"
+            )
         state[name] = tensor.float()
     used = {t for _, theirs in weight_names(cfg, family) + embedding_names(cfg) for t in theirs} | {"final_logits_bias"}
     check_positions(weights, cfg)
@@ -136,9 +166,15 @@ def check_positions(weights: dict[str, Tensor], cfg: ModelConfig) -> None:
         if "embed_positions" not in name:
             continue
         ours = sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional, cfg.pad_id)
-        rows = table[: cfg.max_positions] if cfg.positional == "sinusoidal" else table[cfg.pad_id + 1 : cfg.pad_id + 1 + cfg.max_positions]
+        rows = (
+            table[: cfg.max_positions]
+            if cfg.positional == "sinusoidal"
+            else table[cfg.pad_id + 1 : cfg.pad_id + 1 + cfg.max_positions]
+        )
         if rows.shape != ours.shape or not torch.allclose(rows.float(), ours, atol=1e-4):
-            raise UserError(f"weights: {name} is not the sinusoidal table transformers computes (learned positions cannot be imported)")
+            raise UserError(
+                f"weights: {name} is not the sinusoidal table transformers computes (learned positions cannot be imported)"
+            )
 
 
 def _index(path: Path) -> list[str]:
@@ -178,21 +214,36 @@ def marian_tokenizer(directory: Path, cfg: ModelConfig, config: dict) -> MappedT
     if unk_piece not in src:
         raise UserError(f"{directory / 'vocab.json'}: no {unk_piece!r} piece")
     unk = src.index(unk_piece)
-    return MappedTokenizer(_spm(directory / "source.spm"), _spm(directory / "target.spm"), src, tgt, unk=unk, eos=cfg.eos_id,
-                           bos=cfg.bos_id, pad=cfg.pad_id, special=[cfg.eos_id, unk, cfg.pad_id])
+    return MappedTokenizer(
+        _spm(directory / "source.spm"),
+        _spm(directory / "target.spm"),
+        src,
+        tgt,
+        unk=unk,
+        eos=cfg.eos_id,
+        bos=cfg.bos_id,
+        pad=cfg.pad_id,
+        special=[cfg.eos_id, unk, cfg.pad_id],
+    )
 
 
-def m2m100_tokenizer(directory: Path, cfg: ModelConfig, config: dict, src_lang: Optional[str], tgt_lang: Optional[str]) -> MappedTokenizer:
+def m2m100_tokenizer(
+    directory: Path, cfg: ModelConfig, config: dict, src_lang: str | None, tgt_lang: str | None
+) -> MappedTokenizer:
     """sentencepiece.bpe.model over vocab.json, then one __xx__ token per language, in
     transformers' order; sources open with the source language, targets with the target's."""
     from transformers.models.m2m_100.tokenization_m2m_100 import FAIRSEQ_LANGUAGE_CODES
 
     tok_cfg = _tokenizer_config(directory)
     if not src_lang or not tgt_lang:
-        raise UserError("an M2M100 model translates between many languages: give src_lang= and tgt_lang= (e.g. src_lang=en tgt_lang=de)")
+        raise UserError(
+            "an M2M100 model translates between many languages: give src_lang= and tgt_lang= (e.g. src_lang=en tgt_lang=de)"
+        )
     codes = FAIRSEQ_LANGUAGE_CODES.get(tok_cfg.get("language_codes", "m2m100"))
     if codes is None:
-        raise UserError(f"tokenizer_config.json: language_codes={tok_cfg.get('language_codes')!r} is unknown to transformers")
+        raise UserError(
+            f"tokenizer_config.json: language_codes={tok_cfg.get('language_codes')!r} is unknown to transformers"
+        )
     pieces = _index(directory / "vocab.json")
     langs = [f"__{code}__" for code in codes]
     vocab = _fit(pieces + langs, cfg.src_vocab_size, directory / "vocab.json")
@@ -205,8 +256,19 @@ def m2m100_tokenizer(directory: Path, cfg: ModelConfig, config: dict, src_lang: 
     sp = _spm(directory / tok_cfg.get("spm_file", "sentencepiece.bpe.model"))
     src_id, tgt_id = vocab.index(f"__{src_lang}__"), vocab.index(f"__{tgt_lang}__")
     special = [config.get("bos_token_id", 0), cfg.pad_id, cfg.eos_id, unk] + list(range(len(pieces), len(vocab)))
-    return MappedTokenizer(sp, sp, vocab, None, unk=unk, eos=cfg.eos_id, bos=cfg.bos_id, pad=cfg.pad_id, special=special,
-                           src_prefix=[src_id], tgt_prefix=[tgt_id])
+    return MappedTokenizer(
+        sp,
+        sp,
+        vocab,
+        None,
+        unk=unk,
+        eos=cfg.eos_id,
+        bos=cfg.bos_id,
+        pad=cfg.pad_id,
+        special=special,
+        src_prefix=[src_id],
+        tgt_prefix=[tgt_id],
+    )
 
 
 def _tokenizer_config(directory: Path) -> dict:
@@ -214,7 +276,7 @@ def _tokenizer_config(directory: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def import_directory(directory: str | Path, src_lang: Optional[str] = None, tgt_lang: Optional[str] = None) -> dict:
+def import_directory(directory: str | Path, src_lang: str | None = None, tgt_lang: str | None = None) -> dict:
     """Our checkpoint dict (model config, weights, tokenizer) for a local model directory. A
     directory written by transformer-export carries our tokenizer and gets it back as it was."""
     directory = Path(directory)
@@ -239,10 +301,17 @@ def import_directory(directory: str | Path, src_lang: Optional[str] = None, tgt_
     bias = weights.get("final_logits_bias")
     cfg.final_logits_bias = family == MARIAN and bias is not None and bool(bias.abs().sum() > 0)
     if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (cfg.src_vocab_size, cfg.tgt_vocab_size):
-        raise UserError(f"{directory}: the tokenizer has {tokenizer.src_vocab_size}/{tokenizer.tgt_vocab_size} pieces, config.json vocab_size says {cfg.src_vocab_size}/{cfg.tgt_vocab_size}")
+        raise UserError(
+            f"{directory}: the tokenizer has {tokenizer.src_vocab_size}/{tokenizer.tgt_vocab_size} pieces, config.json vocab_size says {cfg.src_vocab_size}/{cfg.tgt_vocab_size}"
+        )
     state = our_state_dict(weights, cfg, family)
-    return {"format": FORMAT, "model": state, "model_config": asdict(cfg), "tokenizer": tokenizer.to_state(),
-            "imported_from": str(directory)}
+    return {
+        "format": FORMAT,
+        "model": state,
+        "model_config": asdict(cfg),
+        "tokenizer": tokenizer.to_state(),
+        "imported_from": str(directory),
+    }
 
 
 def resolve_source(source: str) -> Path:
@@ -264,11 +333,13 @@ def resolve_source(source: str) -> Path:
         AutoModelForSeq2SeqLM.from_pretrained(source).save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(source).save_pretrained(str(tmp))
     except Exception as e:
-        raise UserError(f"hf={source}: no such directory, and transformers could not load it from the hub ({first_line(e)})") from None
+        raise UserError(
+            f"hf={source}: no such directory, and transformers could not load it from the hub ({first_line(e)})"
+        ) from None
     return tmp
 
 
-def import_hf(source: str, output: str, src_lang: Optional[str] = None, tgt_lang: Optional[str] = None) -> Path:
+def import_hf(source: str, output: str, src_lang: str | None = None, tgt_lang: str | None = None) -> Path:
     """Write the checkpoint of a model directory (atomically) and return its path."""
     out = Path(output)
     atomic_save(import_directory(resolve_source(source), src_lang, tgt_lang), out)
@@ -286,8 +357,8 @@ model.safetensors or pytorch_model.bin, tokenizer files) and writes our checkpoi
 class ImportConfig:
     hf: str = MISSING  # a local model directory (a hub name only when online)
     output: str = MISSING  # the checkpoint to write
-    src_lang: Optional[str] = None  # M2M100: source language code (its __xx__ token opens every source)
-    tgt_lang: Optional[str] = None  # M2M100: target language code (forced as the first output token)
+    src_lang: str | None = None  # M2M100: source language code (its __xx__ token opens every source)
+    tgt_lang: str | None = None  # M2M100: target language code (forced as the first output token)
 
 
 def run_import(cfg: ImportConfig) -> None:
@@ -295,7 +366,7 @@ def run_import(cfg: ImportConfig) -> None:
     print(f"checkpoint: {out}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     from transformer.commands import run_plain_command
 
     run_plain_command(ImportConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_import)

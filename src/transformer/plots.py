@@ -7,9 +7,10 @@ pyplot, so nothing here switches the backend of a notebook or GUI the caller run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from textwrap import shorten
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -18,7 +19,9 @@ from transformer.errors import UserError
 if TYPE_CHECKING:
     from transformer.decode.translator import Translation, Translator
 
-MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install 'transformer[plot]' (or pip install matplotlib)"
+MISSING_MATPLOTLIB = (
+    "plots need matplotlib, which is not installed: pip install 'transformer[plot]' (or pip install matplotlib)"
+)
 
 
 def require_matplotlib() -> type:
@@ -35,7 +38,9 @@ def new_figure(**kwargs: Any) -> Any:
     return require_matplotlib()(**kwargs)
 
 
-def plot_attention(weights: Tensor, src_pieces: Sequence[str], tgt_pieces: Sequence[str], path: str | Path, title: str = "") -> Path:
+def plot_attention(
+    weights: Tensor, src_pieces: Sequence[str], tgt_pieces: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
     """Write a heat map of ``weights`` (T, S): target subwords down, source subwords across."""
     n_tgt, n_src = weights.shape
     src_pieces, tgt_pieces = list(src_pieces)[:n_src], list(tgt_pieces)[:n_tgt]
@@ -57,10 +62,18 @@ def plot_attention(weights: Tensor, src_pieces: Sequence[str], tgt_pieces: Seque
     return path
 
 
-def attention_picture(translator: "Translator", sentence: str, path: str | Path, layer: int = -1, head: int = -1) -> "Translation":
+def attention_picture(
+    translator: Translator, sentence: str, path: str | Path, layer: int = -1, head: int = -1
+) -> Translation:
     """Translate ``sentence`` with the translator's settings and draw the first model's
     cross-attention for its best hypothesis; returns that hypothesis (with ``.attention``)."""
     best = translator.hypotheses([sentence], attention=True, attention_layer=layer, attention_head=head)[0][0]
     which = f"layer {'mean' if layer == -1 else layer}, head {'mean' if head == -1 else head}"
-    plot_attention(best.attention, translator.tokenizer.src_pieces(sentence), best.tokens, path, f"{shorten(best.text, 60)}  ({which})")
+    plot_attention(
+        best.attention,
+        translator.tokenizer.src_pieces(sentence),
+        best.tokens,
+        path,
+        f"{shorten(best.text, 60)}  ({which})",
+    )
     return best

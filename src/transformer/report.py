@@ -12,7 +12,7 @@ import logging
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -29,15 +29,37 @@ log = logging.getLogger(__name__)
 # Data keys that decide which test sentences a data group reads, per data.source.
 SPLIT_KEYS = {
     "builtin": ("name", "builtin_train", "builtin_valid", "builtin_test", "builtin_seed"),
-    "files": ("name", "format", "src_lang", "tgt_lang", "test_src", "test_tgt", "test_file", "translation_field", "src_field", "tgt_field"),
-    "hub": ("name", "hub_name", "hub_config", "src_lang", "tgt_lang", "test_split", "translation_field", "src_field", "tgt_field", "streaming"),
+    "files": (
+        "name",
+        "format",
+        "src_lang",
+        "tgt_lang",
+        "test_src",
+        "test_tgt",
+        "test_file",
+        "translation_field",
+        "src_field",
+        "tgt_field",
+    ),
+    "hub": (
+        "name",
+        "hub_name",
+        "hub_config",
+        "src_lang",
+        "tgt_lang",
+        "test_split",
+        "translation_field",
+        "src_field",
+        "tgt_field",
+        "streaming",
+    ),
 }
 
 
 # curves -----------------------------------------------------------------------------
 
 
-def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
+def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Training loss and validation NLL (top) and validation BLEU (bottom), against steps
     (left) and wall-clock minutes (right); written to ``<run>/curves.png`` by default."""
     train, valid = read_records(run_dir)
@@ -50,7 +72,9 @@ def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
         bleu_ax.plot([r[x] for r in valid], [r["valid_bleu"] for r in valid], "o-", color="C2", label="valid BLEU")
         if valid:
             best = max(valid, key=lambda r: r["valid_bleu"])
-            bleu_ax.plot([best[x]], [best["valid_bleu"]], "*", color="C3", markersize=14, label=f"best {best['valid_bleu']:.2f}")
+            bleu_ax.plot(
+                [best[x]], [best["valid_bleu"]], "*", color="C3", markersize=14, label=f"best {best['valid_bleu']:.2f}"
+            )
         bleu_ax.set_xlabel(label)
         for ax in (loss_ax, bleu_ax):
             ax.grid(alpha=0.3)
@@ -73,12 +97,16 @@ def hydra_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, str) and (not re.fullmatch(r"[A-Za-z_/.~][\w./:+~-]*", value) or value in ("true", "false", "null")):
+    if isinstance(value, str) and (
+        not re.fullmatch(r"[A-Za-z_/.~][\w./:+~-]*", value) or value in ("true", "false", "null")
+    ):
         return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(value)
 
 
-def changed_overrides(prefix: str, values: dict, group_file: Path, schema: type, keys: Optional[tuple[str, ...]] = None) -> list[str]:
+def changed_overrides(
+    prefix: str, values: dict, group_file: Path, schema: type, keys: tuple[str, ...] | None = None
+) -> list[str]:
     """``prefix.key=value`` for every key (of ``keys``) where ``values`` differs from what the
     config group file gives on top of the schema's defaults."""
     base = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(group_file))
@@ -99,39 +127,65 @@ def use_commands(run_dir: str, cfg: dict) -> list[str]:
     return [
         shell(["transformer-evaluate", f"checkpoint={run_dir}", f"data={source}", *data_opts, *decode]),
         shell(["transformer-decode", f"checkpoint={run_dir}", *decode, "input=source.txt", "output=translations.txt"]),
-        shell(["transformer-decode", f"checkpoint={run_dir}", *decode, "sentence=a sentence to translate", "plot_attention=attention.png"]),
+        shell(
+            [
+                "transformer-decode",
+                f"checkpoint={run_dir}",
+                *decode,
+                "sentence=a sentence to translate",
+                "plot_attention=attention.png",
+            ]
+        ),
     ]
 
 
-def data_lines(data: dict, test: Optional[dict]) -> list[str]:
+def data_lines(data: dict, test: dict | None) -> list[str]:
     lines = [f"- name `{data['name']}`, source `{data['source']}`, {data['src_lang']} -> {data['tgt_lang']}"]
     if data["source"] == "builtin":
-        lines.append(f"- generated pairs: {data['builtin_train']} train, {data['builtin_valid']} valid, {data['builtin_test']} test (seed {data['builtin_seed']})")
+        lines.append(
+            f"- generated pairs: {data['builtin_train']} train, {data['builtin_valid']} valid, {data['builtin_test']} test (seed {data['builtin_seed']})"
+        )
     elif data["source"] == "hub":
-        lines.append(f"- dataset `{data['hub_name']}` config `{data['hub_config']}`, splits {data['train_split']} / {data['valid_split']} / {data['test_split']}")
+        lines.append(
+            f"- dataset `{data['hub_name']}` config `{data['hub_config']}`, splits {data['train_split']} / {data['valid_split']} / {data['test_split']}"
+        )
     else:
         for split in ("train", "valid", "test"):
-            files = [data[f"{split}_file"]] if data["format"] != "text" else [data[f"{split}_src"], data[f"{split}_tgt"]]
+            files = (
+                [data[f"{split}_file"]] if data["format"] != "text" else [data[f"{split}_src"], data[f"{split}_tgt"]]
+            )
             lines.append(f"- {split}: " + ", ".join(f"`{f}`" for f in files))
     if data["valid_max_sentences"]:
         lines.append(f"- validation BLEU on the first {data['valid_max_sentences']} sentences")
     if test:
         lines.append(f"- test sentences scored: {test['sentences']}")
     vocab = "one joint" if data["joint_vocab"] else "a source and a target"
-    lines.append(f"- {vocab} SentencePiece BPE model, {data['vocab_size']} pieces requested; pairs longer than {data['max_len']} subwords dropped from training")
+    lines.append(
+        f"- {vocab} SentencePiece BPE model, {data['vocab_size']} pieces requested; pairs longer than {data['max_len']} subwords dropped from training"
+    )
     return lines
 
 
 def model_lines(model: dict, tokenizer: Tokenizer) -> list[str]:
-    cfg = ModelConfig(**{**model, "src_vocab_size": tokenizer.src_vocab_size, "tgt_vocab_size": tokenizer.tgt_vocab_size})
+    cfg = ModelConfig(
+        **{**model, "src_vocab_size": tokenizer.src_vocab_size, "tgt_vocab_size": tokenizer.tgt_vocab_size}
+    )
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         n_params = build_model(cfg).num_parameters()
-    tied = ", ".join(name for name, on in (("shared source/target embeddings", cfg.share_embeddings), ("output tied to target embeddings", cfg.tie_output)) if on)
+    tied = ", ".join(
+        name
+        for name, on in (
+            ("shared source/target embeddings", cfg.share_embeddings),
+            ("output tied to target embeddings", cfg.tie_output),
+        )
+        if on
+    )
     return [
         f"- {n_params:,} parameters",
         f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}, "
         f"{'pre' if cfg.norm_first else 'post'}-norm, {cfg.positional} positions, {cfg.activation}",
-        f"- vocabulary {cfg.src_vocab_size} source / {cfg.tgt_vocab_size} target pieces" + (f"; {tied}" if tied else ""),
+        f"- vocabulary {cfg.src_vocab_size} source / {cfg.tgt_vocab_size} target pieces"
+        + (f"; {tied}" if tied else ""),
         f"- dropout {cfg.dropout} (attention {cfg.attention_dropout}, feed-forward {cfg.activation_dropout}), max_positions {cfg.max_positions}",
     ]
 
@@ -161,13 +215,19 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         f"(search: {'greedy' if t['eval_beam_size'] <= 1 else 'beam ' + str(t['eval_beam_size'])}, trainer.eval_beam_size)"
     )
     planned = metrics.get("budget_plan", {}).get("max_steps", t["max_steps"])
-    out.append(f"- trained {metrics['step']} of {planned} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)")
+    out.append(
+        f"- trained {metrics['step']} of {planned} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)"
+    )
     if "hardware" in metrics:
         hw = metrics["hardware"]
-        out.append(f"- on {hw['machine']} class `{hw['cpu_class']}`{', CUDA ' + hw['cuda'] if hw.get('cuda') else ''}, {hw['threads']} threads, "
-                   f"training precision {metrics.get('precision', t['precision'])}")
+        out.append(
+            f"- on {hw['machine']} class `{hw['cpu_class']}`{', CUDA ' + hw['cuda'] if hw.get('cuda') else ''}, {hw['threads']} threads, "
+            f"training precision {metrics.get('precision', t['precision'])}"
+        )
     if "budget_plan" in metrics:
-        out.append(f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}")
+        out.append(
+            f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}"
+        )
     if test:
         out.append(
             f"- test `{test['data']}` ({test['sentences']} sentences, `{Path(test['checkpoint']).name}`, beam {test['beam_size']}, "
@@ -177,25 +237,50 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         out.append(f"  - chrF signature `{test['chrf_signature']}`")
     else:
         out.append("- no test scores (evaluate_test=false, or no best checkpoint)")
-    out += ["", "## Data", "", *data_lines(cfg["data"], test), "", "## Model", "", *model_lines(cfg["model"], tokenizer), ""]
+    out += [
+        "",
+        "## Data",
+        "",
+        *data_lines(cfg["data"], test),
+        "",
+        "## Model",
+        "",
+        *model_lines(cfg["model"], tokenizer),
+        "",
+    ]
     overrides_file = run / ".hydra" / "overrides.yaml"
     out += ["## Configuration", ""]
     if overrides_file.is_file():
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
-        out += ["Command-line overrides (`.hydra/overrides.yaml`; the full resolved config is `.hydra/config.yaml`):", "", "```", *(overrides or ["(none)"]), "```", ""]
+        out += [
+            "Command-line overrides (`.hydra/overrides.yaml`; the full resolved config is `.hydra/config.yaml`):",
+            "",
+            "```",
+            *(overrides or ["(none)"]),
+            "```",
+            "",
+        ]
     else:
         out += ["Resolved config:", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip(), "```", ""]
     out += ["## Use it", ""]
     if not run.is_absolute():
         out += ["From the directory training ran in:", ""]
-    out += ["```sh", *use_commands(str(run_dir), cfg), "```", "", "```python",
-            "from transformer import Translator", "",
-            f"translator = Translator.from_checkpoint({json.dumps(str(run_dir))})",
-            'print(translator.translate(["a sentence to translate"]))', "```"]
+    out += [
+        "```sh",
+        *use_commands(str(run_dir), cfg),
+        "```",
+        "",
+        "```python",
+        "from transformer import Translator",
+        "",
+        f"translator = Translator.from_checkpoint({json.dumps(str(run_dir))})",
+        'print(translator.translate(["a sentence to translate"]))',
+        "```",
+    ]
     return "\n".join(out) + "\n"
 
 
-def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: Optional[dict] = None) -> dict[str, Path]:
+def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: dict | None = None) -> dict[str, Path]:
     """Write ``curves.png`` (skipped, with a warning, without matplotlib) and the ``README.md``
     run card into ``run_dir``. ``cfg`` (a composed config or ``TrainConfig``) defaults to
     ``<run>/.hydra/config.yaml`` and ``metrics`` to ``<run>/results.json``."""

@@ -24,8 +24,14 @@ def sweep_rows(sweep_dir: str | Path) -> list[dict]:
         num = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num
         overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
         results = hydra_dir.parent / RESULTS
-        jobs.append({"job": num, "overrides": overrides, "run_dir": str(hydra_dir.parent),
-                     "results": json.loads(results.read_text(encoding="utf-8")) if results.is_file() else None})
+        jobs.append(
+            {
+                "job": num,
+                "overrides": overrides,
+                "run_dir": str(hydra_dir.parent),
+                "results": json.loads(results.read_text(encoding="utf-8")) if results.is_file() else None,
+            }
+        )
     common = set.intersection(*(set(j["overrides"]) for j in jobs)) if jobs else set()
     for j in jobs:
         j["overrides"] = [o for o in j["overrides"] if o not in common]
@@ -34,19 +40,34 @@ def sweep_rows(sweep_dir: str | Path) -> list[dict]:
 
 def summary_table(rows: list[dict]) -> str:
     """A Markdown table of the jobs with their best validation BLEU and test BLEU."""
-    lines = ["| job | overrides | best valid BLEU | at step | test BLEU | wall time | run dir |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| job | overrides | best valid BLEU | at step | test BLEU | wall time | run dir |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         r = row["results"]
         if r is None:
             cells = ["(no results.json)", "", "", ""]
         else:
             test = r.get("test", {}).get("bleu")
-            cells = [f"{r['best_valid_bleu']:.2f}", str(r["best_step"]), "" if test is None else f"{test:.2f}", minutes_text(r["minutes"])]
-        lines.append(f"| {row['job']} | {' '.join(row['overrides']) or '(none)'} | " + " | ".join(cells) + f" | {row['run_dir']} |")
+            cells = [
+                f"{r['best_valid_bleu']:.2f}",
+                str(r["best_step"]),
+                "" if test is None else f"{test:.2f}",
+                minutes_text(r["minutes"]),
+            ]
+        lines.append(
+            f"| {row['job']} | {' '.join(row['overrides']) or '(none)'} | "
+            + " | ".join(cells)
+            + f" | {row['run_dir']} |"
+        )
     finished = [row for row in rows if row["results"] is not None]
     if finished:
         best = max(finished, key=lambda row: row["results"]["best_valid_bleu"])
-        lines += ["", f"best: job {best['job']} ({' '.join(best['overrides']) or 'no overrides'}), valid BLEU {best['results']['best_valid_bleu']:.2f}, {best['run_dir']}"]
+        lines += [
+            "",
+            f"best: job {best['job']} ({' '.join(best['overrides']) or 'no overrides'}), valid BLEU {best['results']['best_valid_bleu']:.2f}, {best['run_dir']}",
+        ]
     return "\n".join(lines)
 
 

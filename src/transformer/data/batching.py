@@ -9,8 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,16 +36,24 @@ class Batch:
     n_tokens: int  # target tokens that count in the loss
     pad_id: int = PAD  # the padding id (an imported model's own)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
-        return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb), self.n_tokens, self.pad_id)
+        return Batch(
+            self.src.to(device, non_blocking=nb),
+            self.tgt_in.to(device, non_blocking=nb),
+            self.tgt_out.to(device, non_blocking=nb),
+            self.n_tokens,
+            self.pad_id,
+        )
 
 
 def id_lengths(ids: Sequence[Sequence[int]]) -> np.ndarray:
     return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
 
 
-def keep_mask(src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def keep_mask(
+    src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Which encoded pairs training keeps: (kept, too_long); ``too_long`` marks pairs with a
     side longer than ``max_len`` (ids with specials), and with ``max_ratio`` > 0 a pair is
     also dropped when one side has more than ``max_ratio`` times the other's subwords."""
@@ -60,10 +69,18 @@ def log_dropped(name: str, total: int, too_long: int, bad_ratio: int, max_len: i
     if too_long:
         log.warning("%s: dropped %d of %d pairs longer than data.max_len=%d subwords", name, too_long, total, max_len)
     if bad_ratio:
-        log.warning("%s: dropped %d of %d pairs whose length ratio exceeds data.max_len_ratio=%g", name, bad_ratio, total, max_ratio)
+        log.warning(
+            "%s: dropped %d of %d pairs whose length ratio exceeds data.max_len_ratio=%g",
+            name,
+            bad_ratio,
+            total,
+            max_ratio,
+        )
 
 
-def encode_examples(src_ids: Sequence[list[int]], tgt_ids: Sequence[list[int]], max_len: int, name: str, max_ratio: float = 0.0) -> list[Example]:
+def encode_examples(
+    src_ids: Sequence[list[int]], tgt_ids: Sequence[list[int]], max_len: int, name: str, max_ratio: float = 0.0
+) -> list[Example]:
     """Pair up encoded sentences, dropping (and counting) pairs longer than ``max_len`` or,
     with ``max_ratio``, of too unequal lengths."""
     kept, too_long = keep_mask(id_lengths(src_ids), id_lengths(tgt_ids), max_len, max_ratio)
@@ -97,16 +114,24 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> Tensor:
 def collate(examples: Sequence[Example], pad_id: int = PAD) -> Batch:
     src = pad([e.src for e in examples], pad_id)
     tgt = pad([e.tgt for e in examples], pad_id)
-    return Batch(src=src, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:], n_tokens=sum(len(e.tgt) - 1 for e in examples), pad_id=pad_id)
+    return Batch(
+        src=src, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:], n_tokens=sum(len(e.tgt) - 1 for e in examples), pad_id=pad_id
+    )
 
 
-def token_batches(lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+def token_batches(
+    lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
     """Indices grouped so that each batch's padded size (rows x longest side) stays within
     ``max_tokens``. Examples are sorted by length (random tie-break per epoch) so batches
     hold similar lengths; batch order is shuffled per epoch. Every index appears once.
     ``lengths`` may be an (n, 2) array: sorting is numpy's, and the result is the same as
-    for the list of tuples (the tie-break shuffle is ``random``'s, as it always was)."""
-    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+    for the list of tuples (the tie-break shuffle is ``random``'s, as it always was). Plain
+    ints (n,) are source lengths alone: decoding's batches, with ``shuffle=False``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.ndim == 1:
+        lengths = np.stack([lengths, np.zeros_like(lengths)], axis=1)
+    lengths = lengths.reshape(-1, 2)
     if not len(lengths):
         return []
     rng = random.Random(seed * 100003 + epoch)

@@ -372,9 +372,7 @@ def generate_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return [_sample_pair(rng) for _ in range(n)]
 
 
-def builtin_splits(
-    n_train: int, n_valid: int, n_test: int, seed: int
-) -> dict[str, list[tuple[str, str]]]:
+def builtin_splits(n_train: int, n_valid: int, n_test: int, seed: int) -> dict[str, list[tuple[str, str]]]:
     """{'train': [...], 'valid': [...], 'test': [...]} with NO source sentence shared between splits.
 
     'train' equals ``generate_pairs(n_train, seed)``. 'valid' and 'test' are

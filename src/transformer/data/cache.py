@@ -24,8 +24,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -75,7 +75,9 @@ def file_identity(path: str) -> dict:
 def corpus_identity(cfg: DataConfig) -> dict:
     """The training files and how they are read into pairs."""
     reading = ("format", "src_lang", "tgt_lang", "translation_field", "src_field", "tgt_field", "dedup")
-    return {"version": VERSION, "files": [file_identity(p) for p in split_files(cfg, "train")]} | {k: getattr(cfg, k) for k in reading}
+    return {"version": VERSION, "files": [file_identity(p) for p in split_files(cfg, "train")]} | {
+        k: getattr(cfg, k) for k in reading
+    }
 
 
 def digest(obj: dict) -> str:
@@ -93,7 +95,12 @@ def publish(tmp: Path, final: Path) -> None:
 def cached_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
     """The BPE model of this corpus and these tokenizer settings: read from the cache, or
     trained on a sample of the streamed corpus and stored there."""
-    settings = {"vocab_size": cfg.vocab_size, "joint": cfg.joint_vocab, "sample": cfg.tokenizer_sample, "seed": BPE_SAMPLE_SEED}
+    settings = {
+        "vocab_size": cfg.vocab_size,
+        "joint": cfg.joint_vocab,
+        "sample": cfg.tokenizer_sample,
+        "seed": BPE_SAMPLE_SEED,
+    }
     directory = root / f"bpe-{digest(corpus_identity(cfg) | settings)}"
     tok = Tokenizer.load(directory)
     if tok is not None:
@@ -106,7 +113,7 @@ def cached_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
     return tok
 
 
-def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path) -> "CachedCorpus":
+def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path) -> CachedCorpus:
     """The training split as memory-mapped examples, encoding it first if no valid cache exists."""
     proto = hashlib.sha256(tokenizer.src_proto + b"\0" + tokenizer.tgt_proto).hexdigest()
     key = corpus_identity(cfg) | {"tokenizer": proto, "max_len": max_len, "max_len_ratio": cfg.max_len_ratio}
@@ -131,19 +138,27 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path)
     return CachedCorpus(directory)
 
 
-def encoded_chunks(cfg: DataConfig, tokenizer: Tokenizer, max_len: int) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
+def encoded_chunks(
+    cfg: DataConfig, tokenizer: Tokenizer, max_len: int
+) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
     """Kept (source ids, target ids) of the corpus, a chunk at a time; the filters' counts are
     logged at the end, as ``encode_examples`` logs them."""
     total = too_long = bad_ratio = 0
     for pairs in chunked(iter_train_pairs(cfg), CHUNK_PAIRS):
         src, tgt = tokenizer.encode_pairs(pairs)
         kept, long = keep_mask(id_lengths(src), id_lengths(tgt), max_len, cfg.max_len_ratio)
-        total, too_long, bad_ratio = total + len(pairs), too_long + int(long.sum()), bad_ratio + int((~kept).sum() - long.sum())
+        total, too_long, bad_ratio = (
+            total + len(pairs),
+            too_long + int(long.sum()),
+            bad_ratio + int((~kept).sum() - long.sum()),
+        )
         yield list(itertools.compress(src, kept)), list(itertools.compress(tgt, kept))
     log_dropped(f"{cfg.name} train", total, too_long, bad_ratio, max_len, cfg.max_len_ratio)
 
 
-def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[list[int]]]], dtype: type, key: dict) -> int:
+def write_arrays(
+    directory: Path, chunks: Iterator[tuple[list[list[int]], list[list[int]]]], dtype: type, key: dict
+) -> int:
     """``src.bin``/``tgt.bin`` (ids), ``src.off.npy``/``tgt.off.npy`` (offsets), then
     ``meta.json`` with each file's size and digest, written last; returns the pair count."""
     hashes = {side: hashlib.blake2b(digest_size=16) for side in SIDES}
@@ -167,7 +182,10 @@ def write_arrays(directory: Path, chunks: Iterator[tuple[list[list[int]], list[l
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths[side]))]).astype(np.int64)
         np.save(directory / f"{side}.off.npy", offsets)
         meta["files"][f"{side}.off.npy"] = file_digest(directory / f"{side}.off.npy")
-        meta["files"][f"{side}.bin"] = {"bytes": (directory / f"{side}.bin").stat().st_size, "blake2b": hashes[side].hexdigest()}
+        meta["files"][f"{side}.bin"] = {
+            "bytes": (directory / f"{side}.bin").stat().st_size,
+            "blake2b": hashes[side].hexdigest(),
+        }
     (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return n
 

@@ -13,9 +13,10 @@ import gzip
 import itertools
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from hashlib import blake2b
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -58,14 +59,18 @@ def read_text_pair(src_path: str, tgt_path: str) -> Iterator[Pair]:
         if s is not None and t is not None:
             yield s[1], t[1]
     if counts[0] != counts[1]:
-        raise UserError(f"{src_path} has {counts[0]} lines but {tgt_path} has {counts[1]}: parallel files must align line by line")
+        raise UserError(
+            f"{src_path} has {counts[0]} lines but {tgt_path} has {counts[1]}: parallel files must align line by line"
+        )
 
 
 def read_tsv(path: str) -> Iterator[Pair]:
     for number, line in open_text(path):
         fields = line.split("\t")
         if len(fields) != 2:
-            raise UserError(f"{path}:{number}: expected 2 tab-separated fields (source<TAB>target), found {len(fields)}")
+            raise UserError(
+                f"{path}:{number}: expected 2 tab-separated fields (source<TAB>target), found {len(fields)}"
+            )
         yield fields[0], fields[1]
 
 
@@ -75,11 +80,15 @@ def pair_from_record(record: dict, cfg: DataConfig, where: str) -> Pair:
         row = record.get(cfg.translation_field)
         keys = (cfg.src_lang, cfg.tgt_lang)
         if not isinstance(row, dict) or any(k not in row for k in keys):
-            raise UserError(f"{where}: expected field {cfg.translation_field!r} holding keys {keys} (data.translation_field, data.src_lang, data.tgt_lang)")
+            raise UserError(
+                f"{where}: expected field {cfg.translation_field!r} holding keys {keys} (data.translation_field, data.src_lang, data.tgt_lang)"
+            )
         src, tgt = row[cfg.src_lang], row[cfg.tgt_lang]
     else:
         if cfg.src_field not in record or cfg.tgt_field not in record:
-            raise UserError(f"{where}: expected fields {cfg.src_field!r} and {cfg.tgt_field!r} (data.src_field, data.tgt_field); found {sorted(record)}")
+            raise UserError(
+                f"{where}: expected fields {cfg.src_field!r} and {cfg.tgt_field!r} (data.src_field, data.tgt_field); found {sorted(record)}"
+            )
         src, tgt = record[cfg.src_field], record[cfg.tgt_field]
     return str(src or ""), str(tgt or "")
 
@@ -178,7 +187,10 @@ def duplicate_mask(pairs: Iterable[Pair]) -> np.ndarray:
     """True for the first occurrence of each (source, target) pair, False for its repeats
     (data.dedup). Pairs are told apart by a 64-bit hash: 8 bytes a pair, whatever the
     corpus size; two different pairs collide with odds ~n^2 / 2^65."""
-    digests = np.fromiter((int.from_bytes(blake2b(f"{s}\t{t}".encode(), digest_size=8).digest(), "little") for s, t in pairs), dtype=np.uint64)
+    digests = np.fromiter(
+        (int.from_bytes(blake2b(f"{s}\t{t}".encode(), digest_size=8).digest(), "little") for s, t in pairs),
+        dtype=np.uint64,
+    )
     keep = np.zeros(len(digests), dtype=bool)
     keep[np.unique(digests, return_index=True)[1]] = True
     return keep
@@ -217,7 +229,7 @@ def iter_train_pairs(cfg: DataConfig) -> Iterator[Pair]:
     return itertools.compress(iter_clean(iter_files(cfg, "train"), name), keep)
 
 
-def load_files(src_path: str, ref_path: Optional[str]) -> tuple[list[str], Optional[list[str]]]:
+def load_files(src_path: str, ref_path: str | None) -> tuple[list[str], list[str] | None]:
     """Source lines (and references) for scoring or decoding given files; blank source lines
     are kept so the output stays aligned with the input."""
     src = [line.strip() for _, line in open_text(src_path)]

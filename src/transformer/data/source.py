@@ -13,8 +13,8 @@ batches and trains exactly as an uncached one.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from transformer.config import DataConfig
 from transformer.data.batching import Example, encode_examples
@@ -24,19 +24,21 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 
 
-def read_train_pairs(cfg: DataConfig, need_pairs: bool = False) -> Optional[list[Pair]]:
+def read_train_pairs(cfg: DataConfig, need_pairs: bool = False) -> list[Pair] | None:
     """The training pairs in memory, or None when they are streamed or memory-mapped
     (``need_pairs``: a feature needs the text, so the cache is skipped)."""
     if cfg.streaming:
         if cfg.source not in ("hub", "files"):
-            raise UserError(f"data.streaming=true needs data.source=hub or files (got {cfg.source!r}); other sources are read into memory")
+            raise UserError(
+                f"data.streaming=true needs data.source=hub or files (got {cfg.source!r}); other sources are read into memory"
+            )
         return None
     if uses_cache(cfg) and not need_pairs:
         return None
     return load_train_pairs(cfg)
 
 
-def train_tokenizer(cfg: DataConfig, pairs: Optional[list[Pair]], cache_dir: Path) -> Tokenizer:
+def train_tokenizer(cfg: DataConfig, pairs: list[Pair] | None, cache_dir: Path) -> Tokenizer:
     """BPE for a new run, trained on (a sample of) the training pairs; local files reuse the
     model cached for the same corpus and settings. A streamed hub corpus trains on its first
     ``data.tokenizer_sample`` pairs."""
@@ -51,7 +53,9 @@ def train_tokenizer(cfg: DataConfig, pairs: Optional[list[Pair]], cache_dir: Pat
     return build_tokenizer(pairs, cfg.vocab_size, cfg.joint_vocab, cfg.tokenizer_sample)
 
 
-def train_examples(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, pairs: Optional[list[Pair]], cache_dir: Path) -> Sequence[Example]:
+def train_examples(
+    cfg: DataConfig, tokenizer: Tokenizer, max_len: int, pairs: list[Pair] | None, cache_dir: Path
+) -> Sequence[Example]:
     """The training examples, filtered by data.max_len and data.max_len_ratio (empty when streamed)."""
     if pairs is not None:
         return encode_examples(*tokenizer.encode_pairs(pairs), max_len, f"{cfg.name} train", cfg.max_len_ratio)

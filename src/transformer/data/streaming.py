@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 from transformer.config import DataConfig
 from transformer.data.batching import Example, balanced_shard, chunked, encode_examples, pair_lengths, token_batches
@@ -47,7 +47,7 @@ def shuffle_buffered(pairs: Iterable[Pair], size: int, seed: int) -> Iterator[Pa
     yield from buffer
 
 
-def stream_pairs(cfg: DataConfig, shuffle_seed: Optional[int] = None) -> Iterator[Pair]:
+def stream_pairs(cfg: DataConfig, shuffle_seed: int | None = None) -> Iterator[Pair]:
     """(source, target) pairs of the training split in stream order (shuffled through a
     ``data.shuffle_buffer`` buffer when ``shuffle_seed`` is given); blank pairs are skipped."""
     if cfg.source == "files":
@@ -87,6 +87,8 @@ def buffer_batches(
     pairs: list[Pair], cfg: DataConfig, tokenizer: Tokenizer, max_len: int, seed: int, epoch: int, rank: int, world: int
 ) -> Iterator[list[Example]]:
     """Length-sorted token-budget batches of one buffer, in shuffled order; this rank's share."""
-    examples = encode_examples(*tokenizer.encode_pairs(pairs), max_len, f"{cfg.name} train (stream buffer)", cfg.max_len_ratio)
+    examples = encode_examples(
+        *tokenizer.encode_pairs(pairs), max_len, f"{cfg.name} train (stream buffer)", cfg.max_len_ratio
+    )
     for batch in balanced_shard(token_batches(pair_lengths(examples), cfg.max_tokens, seed, epoch), rank, world):
         yield [examples[i] for i in batch]

@@ -11,8 +11,8 @@ import io
 import json
 import logging
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
 
@@ -34,8 +34,14 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, max_sentences
         character_coverage=1.0,
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
-        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        pad_id=PAD,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
         num_threads=2,
         minloglevel=2,
     )
@@ -45,7 +51,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, max_sentences
 class Tokenizer:
     """Source and target SentencePiece models (the same one when the vocabulary is joint)."""
 
-    def __init__(self, src_proto: bytes, tgt_proto: Optional[bytes] = None):
+    def __init__(self, src_proto: bytes, tgt_proto: bytes | None = None):
         self.src_proto, self.tgt_proto = src_proto, tgt_proto if tgt_proto is not None else src_proto
         self.src = spm.SentencePieceProcessor(model_proto=self.src_proto)
         self.tgt = spm.SentencePieceProcessor(model_proto=self.tgt_proto) if tgt_proto is not None else self.src
@@ -87,7 +93,7 @@ class Tokenizer:
         return {"src": self.src_proto, "tgt": None if self.joint else self.tgt_proto}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Tokenizer":
+    def from_state(cls, state: dict) -> Tokenizer:
         if state.get("kind") == MappedTokenizer.KIND:
             return MappedTokenizer.from_state(state)
         return cls(state["src"], state["tgt"])
@@ -102,7 +108,7 @@ class Tokenizer:
             (directory / "spm.tgt.model").write_bytes(self.tgt_proto)
 
     @classmethod
-    def load(cls, directory: Path) -> Optional["Tokenizer"]:
+    def load(cls, directory: Path) -> Tokenizer | None:
         """The tokenizer saved in ``directory``, or None when there is none."""
         if (directory / MappedTokenizer.STATE_FILE).exists():
             return MappedTokenizer.load(directory)
@@ -124,8 +130,21 @@ class MappedTokenizer(Tokenizer):
     KIND = "mapped"
     STATE_FILE = "tokenizer_state.json"  # save(): everything but the SentencePiece models
 
-    def __init__(self, src_proto: bytes, tgt_proto: bytes, src_vocab: Sequence[str], tgt_vocab: Optional[Sequence[str]], *,
-                 unk: int, eos: int, bos: int, pad: int, special: Sequence[int], src_prefix: Sequence[int] = (), tgt_prefix: Sequence[int] = ()):
+    def __init__(
+        self,
+        src_proto: bytes,
+        tgt_proto: bytes,
+        src_vocab: Sequence[str],
+        tgt_vocab: Sequence[str] | None,
+        *,
+        unk: int,
+        eos: int,
+        bos: int,
+        pad: int,
+        special: Sequence[int],
+        src_prefix: Sequence[int] = (),
+        tgt_prefix: Sequence[int] = (),
+    ):
         super().__init__(src_proto, tgt_proto)
         self.src_vocab, self.tgt_vocab = list(src_vocab), None if tgt_vocab is None else list(tgt_vocab)
         self.ids = dict(unk=unk, eos=eos, bos=bos, pad=pad)
@@ -155,7 +174,10 @@ class MappedTokenizer(Tokenizer):
         return [index.get(p, self.ids["unk"]) for p in pieces]
 
     def encode_src(self, sentences: Sequence[str]) -> list[list[int]]:
-        return [self.src_prefix + self._ids(self._pieces(s, self.src), self.src_index) + [self.ids["eos"]] for s in sentences]
+        return [
+            self.src_prefix + self._ids(self._pieces(s, self.src), self.src_index) + [self.ids["eos"]]
+            for s in sentences
+        ]
 
     def encode_tgt(self, sentences: Sequence[str]) -> list[list[int]]:
         start = [self.ids["bos"]] + self.tgt_prefix
@@ -164,10 +186,17 @@ class MappedTokenizer(Tokenizer):
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized text; special ids are dropped."""
         special = set(self.special)
-        return [self.tgt.decode_pieces(self.tgt_pieces([i for i in seq if i not in special])).replace("\u2581", " ").strip() for seq in ids]
+        return [
+            self.tgt.decode_pieces(self.tgt_pieces([i for i in seq if i not in special])).replace("\u2581", " ").strip()
+            for seq in ids
+        ]
 
     def src_pieces(self, sentence: str) -> list[str]:
-        return [self.src_vocab[i] for i in self.src_prefix] + self._pieces(sentence, self.src) + [self.src_vocab[self.ids["eos"]]]
+        return (
+            [self.src_vocab[i] for i in self.src_prefix]
+            + self._pieces(sentence, self.src)
+            + [self.src_vocab[self.ids["eos"]]]
+        )
 
     def tgt_pieces(self, ids: Sequence[int]) -> list[str]:
         vocab = self.src_vocab if self.tgt_vocab is None else self.tgt_vocab
@@ -177,13 +206,27 @@ class MappedTokenizer(Tokenizer):
         return {"kind": self.KIND, "src": self.src_proto, "tgt": self.tgt_proto} | self._plain_state()
 
     def _plain_state(self) -> dict:
-        return {"src_vocab": self.src_vocab, "tgt_vocab": self.tgt_vocab, "ids": dict(self.ids), "special": self.special,
-                "src_prefix": self.src_prefix, "tgt_prefix": self.tgt_prefix}
+        return {
+            "src_vocab": self.src_vocab,
+            "tgt_vocab": self.tgt_vocab,
+            "ids": dict(self.ids),
+            "special": self.special,
+            "src_prefix": self.src_prefix,
+            "tgt_prefix": self.tgt_prefix,
+        }
 
     @classmethod
-    def from_state(cls, state: dict) -> "MappedTokenizer":
-        return cls(state["src"], state["tgt"], state["src_vocab"], state["tgt_vocab"], **state["ids"], special=state["special"],
-                   src_prefix=state["src_prefix"], tgt_prefix=state["tgt_prefix"])
+    def from_state(cls, state: dict) -> MappedTokenizer:
+        return cls(
+            state["src"],
+            state["tgt"],
+            state["src_vocab"],
+            state["tgt_vocab"],
+            **state["ids"],
+            special=state["special"],
+            src_prefix=state["src_prefix"],
+            tgt_prefix=state["tgt_prefix"],
+        )
 
     def save(self, directory: Path) -> None:
         """Write ``source.spm``, ``target.spm`` and ``tokenizer_state.json`` (vocabularies, ids)."""
@@ -193,9 +236,13 @@ class MappedTokenizer(Tokenizer):
         (directory / self.STATE_FILE).write_text(json.dumps(self._plain_state(), ensure_ascii=False), encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> "MappedTokenizer":
+    def load(cls, directory: Path) -> MappedTokenizer:
         state = json.loads((directory / cls.STATE_FILE).read_text(encoding="utf-8"))
-        state |= {"kind": cls.KIND, "src": (directory / "source.spm").read_bytes(), "tgt": (directory / "target.spm").read_bytes()}
+        state |= {
+            "kind": cls.KIND,
+            "src": (directory / "source.spm").read_bytes(),
+            "tgt": (directory / "target.spm").read_bytes(),
+        }
         return cls.from_state(state)
 
 
@@ -228,7 +275,12 @@ def build_tokenizer(pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bo
     """Train BPE on the training pairs, or on a reproducible sample of ``max_sentences``
     of them (data.tokenizer_sample): one model over both sides, or one per side."""
     pairs = sample_pairs(pairs, max_sentences)
-    log.info("training SentencePiece BPE (vocab %d, %s) on %d pairs", vocab_size, "joint" if joint else "separate", len(pairs))
+    log.info(
+        "training SentencePiece BPE (vocab %d, %s) on %d pairs",
+        vocab_size,
+        "joint" if joint else "separate",
+        len(pairs),
+    )
     if joint:
         return Tokenizer(train_sentencepiece((s for pair in pairs for s in pair), vocab_size, 2 * max_sentences))
     src = train_sentencepiece((s for s, _ in pairs), vocab_size, max_sentences)

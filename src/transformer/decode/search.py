@@ -24,8 +24,9 @@ Conventions shared by all searches:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -428,7 +429,9 @@ def beam_search(
             for i, j, toks, lps in zip(which.tolist(), rank.tolist(), prefixes, prefix_lps):
                 finished[int(sentences[i])].append(
                     Hypothesis(
-                        tokens=toks + [specials.eos], score=float(new_scores[i, j]), log_prob=float(top[i, j]),
+                        tokens=toks + [specials.eos],
+                        score=float(new_scores[i, j]),
+                        log_prob=float(top[i, j]),
                         token_log_probs=lps + [float(token_lp[i, j])],
                     )
                 )
@@ -444,7 +447,9 @@ def beam_search(
         tokens = torch.cat([tokens[source_row], token[:, None]], dim=1)  # (N, t+2)
         token_lps = torch.cat([token_lps[source_row], token_lp.gather(1, live).view(-1, 1)], dim=1)
 
-        done = _sentences_done(scores.view(running, k), best_finished, n_finished, t + 1, max_len, k, alpha, style, early_stop)
+        done = _sentences_done(
+            scores.view(running, k), best_finished, n_finished, t + 1, max_len, k, alpha, style, early_stop
+        )
         keep_rows = (~done).repeat_interleave(k)  # (N,)
         sentences, max_len = sentences[~done], max_len[~done]
         best_finished, n_finished = best_finished[~done], n_finished[~done]

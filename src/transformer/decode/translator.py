@@ -9,9 +9,10 @@ decoding by default; ``cached=False`` reruns the full prefix and is the referenc
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,12 @@ from torch import Tensor
 
 from transformer.checkpoint import load_model, model_from_checkpoint
 from transformer.config import DecodeConfig, setting, validate_section
-from transformer.data.batching import pad
+from transformer.data.batching import pad, token_batches
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
 from transformer.errors import UserError
-from transformer.model import Transformer
 from transformer.hardware import resolve_precision
+from transformer.model import Transformer
 from transformer.model.kernels import onednn_shapes
 from transformer.model.prepack import packed_for_cpu
 from transformer.runtime import autocast, resolve_device
@@ -76,34 +77,40 @@ def check_decode_config(cfg: DecodeConfig) -> None:
 def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:
     """``cfg`` with ``auto`` settled for this device: precision (bf16 where native) and
     prepack (``true``/``false``, or ``auto`` kept for a per-shape timing in ``pack_models``)."""
-    return replace(cfg, precision=resolve_precision(cfg.precision, device, "decode.precision"), prepack=setting(cfg.prepack, "decode.prepack"))
-
-
-def search(scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int, specials: Specials = Specials()) -> list[list[Hypothesis]]:
-    """Run the search ``cfg`` asks for on one padded batch."""
-    lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, max_len_limit=max_positions - 1, min_len=cfg.min_len, specials=specials)
-    if cfg.sampling:
-        return sample(scorer, src, n=cfg.n_best, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths)
-    if cfg.beam_size <= 1:
-        return greedy_search(scorer, src, **lengths)
-    return beam_search(
-        scorer, src, beam_size=cfg.beam_size, n_best=min(cfg.n_best, cfg.beam_size),
-        length_penalty=cfg.length_penalty, lp_style=cfg.lp_style, early_stop=cfg.early_stop, **lengths,
+    return replace(
+        cfg,
+        precision=resolve_precision(cfg.precision, device, "decode.precision"),
+        prepack=setting(cfg.prepack, "decode.prepack"),
     )
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices sorted by length and cut so rows x longest <= batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and lengths[i] * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+def search(
+    scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int, specials: Specials = Specials()
+) -> list[list[Hypothesis]]:
+    """Run the search ``cfg`` asks for on one padded batch."""
+    lengths = dict(
+        max_len_a=cfg.max_len_a,
+        max_len_b=cfg.max_len_b,
+        max_len_limit=max_positions - 1,
+        min_len=cfg.min_len,
+        specials=specials,
+    )
+    if cfg.sampling:
+        return sample(
+            scorer, src, n=cfg.n_best, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths
+        )
+    if cfg.beam_size <= 1:
+        return greedy_search(scorer, src, **lengths)
+    return beam_search(
+        scorer,
+        src,
+        beam_size=cfg.beam_size,
+        n_best=min(cfg.n_best, cfg.beam_size),
+        length_penalty=cfg.length_penalty,
+        lp_style=cfg.lp_style,
+        early_stop=cfg.early_stop,
+        **lengths,
+    )
 
 
 def fit_source(ids: list[int], limit: int, line: int, eos: int = EOS) -> list[int]:
@@ -111,7 +118,13 @@ def fit_source(ids: list[int], limit: int, line: int, eos: int = EOS) -> list[in
     one over-long line must not stop a whole file."""
     if len(ids) <= limit:
         return ids
-    log.warning("input line %d has %d subwords, more than model.max_positions=%d: translating its first %d", line, len(ids), limit, limit - 1)
+    log.warning(
+        "input line %d has %d subwords, more than model.max_positions=%d: translating its first %d",
+        line,
+        len(ids),
+        limit,
+        limit - 1,
+    )
     return ids[: limit - 1] + [eos]
 
 
@@ -123,10 +136,18 @@ def packs_weights(cfg: DecodeConfig, device: torch.device) -> bool:
 def pack_models(models: Sequence[Transformer], cfg: DecodeConfig) -> list[Transformer]:
     """Copies of ``models`` with linear weights packed for oneDNN: all of them
     (``prepack=true``) or the layer shapes that time faster on oneDNN here (``auto``)."""
-    return [packed_for_cpu(m, None if cfg.prepack == "true" else onednn_shapes(m, rows=256, training=False)) for m in models]
+    return [
+        packed_for_cpu(m, None if cfg.prepack == "true" else onednn_shapes(m, rows=256, training=False)) for m in models
+    ]
 
 
-def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], cfg: DecodeConfig, cached: bool = True, first_line: int = 1) -> list[list[Hypothesis]]:
+def translate_ids(
+    models: Sequence[Transformer],
+    src_ids: Sequence[list[int]],
+    cfg: DecodeConfig,
+    cached: bool = True,
+    first_line: int = 1,
+) -> list[list[Hypothesis]]:
     """Hypotheses for every source (id lists ending in EOS), in input order; warnings number
     the sources from ``first_line``."""
     check_decode_config(cfg)
@@ -138,9 +159,9 @@ def translate_ids(models: Sequence[Transformer], src_ids: Sequence[list[int]], c
     if packs_weights(cfg, device):
         models = pack_models(models, cfg)
     scorer = make_scorer(models, cached)
-    results: list[Optional[list[Hypothesis]]] = [None] * len(src_ids)
+    results: list[list[Hypothesis] | None] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
-        for batch in length_batches([len(s) for s in src_ids], cfg.batch_tokens):
+        for batch in token_batches([len(s) for s in src_ids], cfg.batch_tokens, 0, 0, shuffle=False):
             src = pad([src_ids[i] for i in batch], specials.pad).to(device)
             for i, hyps in zip(batch, search(scorer, src, cfg, limit, specials)):
                 results[i] = hyps
@@ -156,7 +177,7 @@ class Translation:
     score: float
     log_prob: float
     tokens: list[str]
-    attention: Optional[Tensor] = None
+    attention: Tensor | None = None
 
 
 class Translator:
@@ -166,11 +187,11 @@ class Translator:
     >>> t.translate(["twenty-one apples"], beam_size=5)
     """
 
-    def __init__(self, models: Sequence[Transformer], tokenizer: Tokenizer, config: Optional[DecodeConfig] = None):
+    def __init__(self, models: Sequence[Transformer], tokenizer: Tokenizer, config: DecodeConfig | None = None):
         self.models = [m.eval() for m in models]
         self.tokenizer = tokenizer
         self.config = config or DecodeConfig()
-        self.packed: Optional[tuple[str, list[Transformer]]] = None  # (prepack setting, copies): built on first use
+        self.packed: tuple[str, list[Transformer]] | None = None  # (prepack setting, copies): built on first use
 
     def search_models(self, cfg: DecodeConfig) -> list[Transformer]:
         """The models to search with under ``cfg``: the packed copies, built once, when it
@@ -184,14 +205,26 @@ class Translator:
         return self.packed[1]
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", ensemble: Iterable[str | Path] = (), config: Optional[DecodeConfig] = None) -> "Translator":
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        ensemble: Iterable[str | Path] = (),
+        config: DecodeConfig | None = None,
+    ) -> Translator:
         dev = resolve_device(device)
         model, tokenizer, _ = load_model(path)
         models = [model] + [load_model(extra, tokenizer)[0] for extra in ensemble]
         return cls([m.to(dev) for m in models], tokenizer, config)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str = "auto", config: Optional[DecodeConfig] = None, **languages: Optional[str]) -> "Translator":
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str = "auto",
+        config: DecodeConfig | None = None,
+        **languages: str | None,
+    ) -> Translator:
         """A Hugging Face Marian/M2M100 model directory, imported in memory (``transformer-import``
         writes the same as a checkpoint); M2M100 needs ``src_lang=`` and ``tgt_lang=``."""
         from transformer.import_hf import import_directory
@@ -207,7 +240,15 @@ class Translator:
             raise UserError(f"unknown decode option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return replace(self.config, **overrides)
 
-    def hypotheses(self, sentences: Sequence[str], attention: bool = False, attention_layer: int = -1, attention_head: int = -1, first_line: int = 1, **overrides: Any) -> list[list[Translation]]:
+    def hypotheses(
+        self,
+        sentences: Sequence[str],
+        attention: bool = False,
+        attention_layer: int = -1,
+        attention_head: int = -1,
+        first_line: int = 1,
+        **overrides: Any,
+    ) -> list[list[Translation]]:
         """n-best Translations per sentence, best first; with ``attention``, each carries its
         cross-attention of decoder ``attention_layer`` and ``attention_head`` (-1: the mean)."""
         cfg = self.options(**overrides)
@@ -216,11 +257,18 @@ class Translator:
         out = []
         for ids, hyps in zip(src_ids, results):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
-            out.append([
-                Translation(text, h.score, h.log_prob, self.tokenizer.tgt_pieces(h.tokens),
-                            self.attention(ids, h.tokens, attention_layer, attention_head) if attention else None)
-                for text, h in zip(texts, hyps)
-            ])
+            out.append(
+                [
+                    Translation(
+                        text,
+                        h.score,
+                        h.log_prob,
+                        self.tokenizer.tgt_pieces(h.tokens),
+                        self.attention(ids, h.tokens, attention_layer, attention_head) if attention else None,
+                    )
+                    for text, h in zip(texts, hyps)
+                ]
+            )
         return out
 
     def translate(self, sentences: Sequence[str] | str, **overrides: Any) -> list[str] | str:
@@ -248,7 +296,10 @@ class Translator:
         produced tgt_ids[t]) in decoder ``layer`` and ``head`` (-1: the mean over all);
         every row sums to one."""
         model = self.models[0]
-        for name, index, count, what in (("attention_layer", layer, model.cfg.n_decoder_layers, "decoder layers"), ("attention_head", head, model.cfg.n_heads, "heads")):
+        for name, index, count, what in (
+            ("attention_layer", layer, model.cfg.n_decoder_layers, "decoder layers"),
+            ("attention_head", head, model.cfg.n_heads, "heads"),
+        ):
             if not -1 <= index < count:
                 raise UserError(f"{name}={index}: the model has {count} {what}; use 0..{count - 1}, or -1 for the mean")
         device = next(model.parameters()).device

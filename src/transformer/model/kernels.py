@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +41,12 @@ def pack_weight(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
-def linear_on_packed(x: Tensor, packed: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_on_packed(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight.T + bias on oneDNN, ``packed`` being ``pack_weight(weight)``."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def onednn_linear_once(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def onednn_linear_once(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight.T + bias on oneDNN, the weight reordered for this one call."""
     return linear_on_packed(x, pack_weight(weight), bias)
 
@@ -56,13 +55,13 @@ class OneDNNLinearFunction(torch.autograd.Function):
     """A linear layer whose forward and both backward matmuls run on oneDNN."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return onednn_linear_once(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
@@ -119,7 +118,11 @@ def onednn_shapes(model: nn.Module, rows: int, training: bool) -> set[Shape]:
 @functools.cache
 def _faster_on_onednn(shapes: tuple[Shape, ...], rows: int, training: bool, threads: int) -> frozenset[Shape]:
     chosen = frozenset(s for s in shapes if onednn_is_faster(s, rows, training, threads))
-    log.info("%s linear kernels, timed on %d rows: oneDNN for %s; MKL for %s", "training" if training else "search", rows,
-             ", ".join(f"{i}->{o}" for i, o, _ in sorted(chosen)) or "none",
-             ", ".join(f"{i}->{o}" for i, o, b in shapes if (i, o, b) not in chosen) or "none")
+    log.info(
+        "%s linear kernels, timed on %d rows: oneDNN for %s; MKL for %s",
+        "training" if training else "search",
+        rows,
+        ", ".join(f"{i}->{o}" for i, o, _ in sorted(chosen)) or "none",
+        ", ".join(f"{i}->{o}" for i, o, b in shapes if (i, o, b) not in chosen) or "none",
+    )
     return chosen

@@ -3,8 +3,6 @@ whose forward and both backward matmuls reorder the weight per call (kernels.py)
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +19,7 @@ class OneDNNLinear(nn.Linear):
         return OneDNNLinearFunction.apply(x, self.weight, self.bias)
 
 
-def train_linears_on_onednn(model: nn.Module, shapes: Optional[set[Shape]] = None) -> nn.Module:
+def train_linears_on_onednn(model: nn.Module, shapes: set[Shape] | None = None) -> nn.Module:
     """Turn ``model``'s ``nn.Linear``s (those of ``shapes``, or all) into ``OneDNNLinear``s
     in place (fp32 CPU training: 1.05-1.6x faster per layer than MKL on AVX-512, the reorders
     included), where oneDNN can run them."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +26,16 @@ class PackedLinear(nn.Module):
         return linear_on_packed(x, self.weight, self.bias)
 
 
-def packed_for_cpu(model: nn.Module, shapes: Optional[set[Shape]] = None) -> nn.Module:
+def packed_for_cpu(model: nn.Module, shapes: set[Shape] | None = None) -> nn.Module:
     """A copy of ``model`` whose linear layers (those of ``shapes``, or all) are
     ``PackedLinear``s; ``model`` itself is untouched. A model that is already packed, that
     has nothing to pack, or that oneDNN cannot pack (no oneDNN build, an unsupported CPU),
     is returned as it is."""
-    if not torch.backends.mkldnn.is_available() or any(isinstance(m, PackedLinear) for m in model.modules()) or shapes == set():
+    if (
+        not torch.backends.mkldnn.is_available()
+        or any(isinstance(m, PackedLinear) for m in model.modules())
+        or shapes == set()
+    ):
         return model
     packed = copy.deepcopy(model)
     try:

@@ -10,7 +10,6 @@ with a key/value cache (``start_cache`` / ``select_cache``).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +81,9 @@ class Embedding(nn.Module):
     """Token embedding scaled by sqrt(d_model), plus positions, then dropout. Word dropout
     zeroes whole token vectors (positions stay): small corpora overfit on word identities."""
 
-    def __init__(self, vocab_size: int, cfg: ModelConfig, tokens: Optional[nn.Embedding] = None, word_dropout: float = 0.0):
+    def __init__(
+        self, vocab_size: int, cfg: ModelConfig, tokens: nn.Embedding | None = None, word_dropout: float = 0.0
+    ):
         super().__init__()
         self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
@@ -90,7 +91,9 @@ class Embedding(nn.Module):
         if cfg.positional == "learned":
             self.positions = nn.Embedding(cfg.max_positions, cfg.d_model)
         else:
-            self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional, cfg.pad_id), persistent=False)
+            self.register_buffer(
+                "table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional, cfg.pad_id), persistent=False
+            )
             self.positions = None
         self.dropout = Dropout(cfg.dropout)
         self.word_dropout = Dropout(word_dropout, whole_vectors=True)
@@ -161,7 +164,9 @@ class DecoderLayer(nn.Module):
         self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: Optional[dict] = None, groups: int = 1) -> Tensor:
+    def forward(
+        self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: dict | None = None, groups: int = 1
+    ) -> Tensor:
         x = self.self_sub(x, lambda h: self.self_attn(h, cache=cache))
         x = self.cross_sub(x, lambda h: self.cross_attn(h, kv, src_mask, groups=groups))
         return self.ffn_sub(x, self.ffn)
@@ -218,7 +223,7 @@ class Transformer(nn.Module):
             x = layer(x, layer.cross_attn.memory_kv(memory), src_mask)
         return self.decoder_norm(x)
 
-    def forward(self, src: Tensor, tgt: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, keep: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) for every target position, or (M, V) for the M positions where
         ``keep`` (B, T) is True: training skips the output projection on padding."""
         memory, mask = self.encode(src)
@@ -261,7 +266,9 @@ class Transformer(nn.Module):
         groups = index.numel() // max(kept.numel(), 1)
         if groups * kept.numel() != index.numel() or not torch.equal(kept.repeat_interleave(groups), sentence):
             kept, groups = sentence, 1
-        same = kept.numel() == cache["mask"].size(0) and torch.equal(kept, torch.arange(kept.numel(), device=kept.device))
+        same = kept.numel() == cache["mask"].size(0) and torch.equal(
+            kept, torch.arange(kept.numel(), device=kept.device)
+        )
         pick = (lambda t: t) if same else (lambda t: t.index_select(0, kept))
         return {
             "memory_kv": [(pick(k), pick(v)) for k, v in cache["memory_kv"]],
@@ -279,10 +286,10 @@ class Transformer(nn.Module):
         weights = []
         for layer in self.decoder:
             kv = layer.cross_attn.memory_kv(memory)
-            x = layer.self_sub(x, lambda h: layer.self_attn(h))
+            x = layer.self_sub(x, layer.self_attn)
             captured = []
 
-            def cross(h, layer=layer, kv=kv):
+            def cross(h, layer=layer, kv=kv, captured=captured):
                 out, w = layer.cross_attn(h, kv, mask, need_weights=True)
                 captured.append(w)
                 return out

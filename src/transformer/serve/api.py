@@ -4,7 +4,7 @@ HTTP status and the field it names) and the shape of the answer."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -19,7 +19,7 @@ DECODE_FIELDS = ("beam_size", "n_best", "length_penalty", "sampling", "temperatu
 class ApiError(Exception):
     """A request the server refuses: answered ``{"error": message, "field": field}``."""
 
-    def __init__(self, status: int, message: str, field: Optional[str] = None, headers: Optional[dict[str, str]] = None):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers
 
@@ -29,16 +29,16 @@ class TranslateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    text: Optional[str] = None  # one sentence
-    texts: Optional[list[str]] = None  # or several, answered in this order
-    model: Optional[str] = None  # a name from GET /models (default: the first)
-    beam_size: Optional[int] = Field(None, ge=1)
-    n_best: Optional[int] = Field(None, ge=1)
-    length_penalty: Optional[float] = Field(None, allow_inf_nan=False)
-    sampling: Optional[bool] = None
-    temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
-    top_k: Optional[int] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    text: str | None = None  # one sentence
+    texts: list[str] | None = None  # or several, answered in this order
+    model: str | None = None  # a name from GET /models (default: the first)
+    beam_size: int | None = Field(None, ge=1)
+    n_best: int | None = Field(None, ge=1)
+    length_penalty: float | None = Field(None, allow_inf_nan=False)
+    sampling: bool | None = None
+    temperature: float | None = Field(None, gt=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     scores: bool = True  # include score and log_prob
     alignment: bool = False  # include each hypothesis' source-target cross-attention
 
@@ -56,7 +56,9 @@ def parse_request(body: bytes, cfg: ServeConfig) -> TranslateRequest:
     """The checked request: 400 for bytes that are not UTF-8 JSON, 422 for wrong fields,
     413 past the limits."""
     if len(body) > max_body_bytes(cfg):
-        raise ApiError(413, f"request body of {len(body)} bytes is larger than serve.max_sentences x serve.max_chars allow")
+        raise ApiError(
+            413, f"request body of {len(body)} bytes is larger than serve.max_sentences x serve.max_chars allow"
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -79,16 +81,24 @@ def parse_request(body: bytes, cfg: ServeConfig) -> TranslateRequest:
 
 def check_limits(request: TranslateRequest, cfg: ServeConfig) -> None:
     if (request.text is None) == (request.texts is None):
-        raise ApiError(422, "give text (one sentence) or texts (a list of sentences), not both or neither", field="text")
+        raise ApiError(
+            422, "give text (one sentence) or texts (a list of sentences), not both or neither", field="text"
+        )
     sentences = request.sentences
     if not sentences:
         raise ApiError(422, "texts is empty", field="texts")
     if len(sentences) > cfg.max_sentences:
-        raise ApiError(413, f"texts holds {len(sentences)} sentences; at most serve.max_sentences={cfg.max_sentences} per request", field="texts")
+        raise ApiError(
+            413,
+            f"texts holds {len(sentences)} sentences; at most serve.max_sentences={cfg.max_sentences} per request",
+            field="texts",
+        )
     for i, sentence in enumerate(sentences):
         if len(sentence) > cfg.max_chars:
             where = "text" if request.text is not None else f"texts.{i}"
-            raise ApiError(413, f"{where} has {len(sentence)} characters; at most serve.max_chars={cfg.max_chars}", field=where)
+            raise ApiError(
+                413, f"{where} has {len(sentence)} characters; at most serve.max_chars={cfg.max_chars}", field=where
+            )
     for key in ("beam_size", "n_best"):
         value = getattr(request, key)
         if value is not None and value > cfg.max_beam_size:
@@ -101,7 +111,9 @@ def decode_options(translator: Translator, request: TranslateRequest) -> DecodeC
     try:
         check_decode_config(options)
     except UserError as e:
-        raise ApiError(422, str(e).removeprefix("decode."), field=str(e).removeprefix("decode.").split("=")[0]) from None
+        raise ApiError(
+            422, str(e).removeprefix("decode."), field=str(e).removeprefix("decode.").split("=")[0]
+        ) from None
     return options
 
 
@@ -111,12 +123,16 @@ def alignment_of(source_pieces: list[str], hypothesis: Translation) -> dict[str,
     weights = hypothesis.attention  # (T, S)
     pairs = " ".join(f"{i}-{j}" for j, i in enumerate(weights.argmax(dim=1).tolist()))
     return {
-        "source": source_pieces[: weights.shape[1]], "target": hypothesis.tokens,
-        "weights": [[round(w, 4) for w in row] for row in weights.tolist()], "pairs": pairs,
+        "source": source_pieces[: weights.shape[1]],
+        "target": hypothesis.tokens,
+        "weights": [[round(w, 4) for w in row] for row in weights.tolist()],
+        "pairs": pairs,
     }
 
 
-def answer_body(name: str, request: TranslateRequest, results: list[list[Translation]], source_pieces: list[list[str]]) -> dict[str, Any]:
+def answer_body(
+    name: str, request: TranslateRequest, results: list[list[Translation]], source_pieces: list[list[str]]
+) -> dict[str, Any]:
     """One entry per input sentence, in input order: the best text and the n-best list."""
 
     def hypothesis(h: Translation, pieces: list[str]) -> dict[str, Any]:

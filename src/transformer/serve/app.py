@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -39,23 +40,40 @@ class ServerState:
         self.draining = False  # set on SIGTERM: new requests get 503, in-flight ones finish
         self.in_flight = 0  # requests being answered (the event loop's thread only)
         self.batchers = {m.name: Batcher(m.name, m.decode, cfg, self.batch_hook(m.name)) for m in models}
-        self.metrics = ServeMetrics({
-            "transformer_serve_queue_sentences": ("sentences waiting for the decoding worker", lambda: self.per_model(Batcher.queued)),
-            "transformer_serve_pending_sentences": ("sentences admitted and not yet answered (limit: serve.max_queue)", lambda: self.per_model(lambda b: b.pending)),
-            "transformer_serve_in_flight_requests": ("requests being answered", lambda: {(): self.in_flight}),
-            "transformer_serve_draining": ("1 once a SIGTERM asked the server to stop", lambda: {(): int(self.draining)}),
-        })
+        self.metrics = ServeMetrics(
+            {
+                "transformer_serve_queue_sentences": (
+                    "sentences waiting for the decoding worker",
+                    lambda: self.per_model(Batcher.queued),
+                ),
+                "transformer_serve_pending_sentences": (
+                    "sentences admitted and not yet answered (limit: serve.max_queue)",
+                    lambda: self.per_model(lambda b: b.pending),
+                ),
+                "transformer_serve_in_flight_requests": ("requests being answered", lambda: {(): self.in_flight}),
+                "transformer_serve_draining": (
+                    "1 once a SIGTERM asked the server to stop",
+                    lambda: {(): int(self.draining)},
+                ),
+            }
+        )
 
     def per_model(self, read: Any) -> dict:
         return {(("model", name),): read(b) for name, b in self.batchers.items()}
 
     def batch_hook(self, name: str) -> Any:
         def record(items: list[Item], results: list, seconds: float) -> None:
-            self.metrics.batch(name, [i.length for i in items], len({id(i.job) for i in items}), [len(h[0].tokens) for h in results], seconds)
+            self.metrics.batch(
+                name,
+                [i.length for i in items],
+                len({id(i.job) for i in items}),
+                [len(h[0].tokens) for h in results],
+                seconds,
+            )
 
         return record
 
-    def model(self, name: Optional[str]) -> ServedModel:
+    def model(self, name: str | None) -> ServedModel:
         if name is None:
             return next(iter(self.models.values()))
         if name not in self.models:
@@ -76,7 +94,9 @@ class Gate:
         path = scope["path"] if scope["path"] in ROUTES else "other"
         if self.state.draining and path != "/metrics":
             self.state.metrics.requests.inc(path=path, code="503")
-            refusal = JSONResponse({"error": "the server is shutting down"}, status_code=503, headers={"Connection": "close"})
+            refusal = JSONResponse(
+                {"error": "the server is shutting down"}, status_code=503, headers={"Connection": "close"}
+            )
             return await refusal(scope, receive, send)
         status = [500]
 
@@ -93,7 +113,7 @@ class Gate:
             self.state.metrics.requests.inc(path=path, code=str(status[0]))
 
 
-async def answer_or_disconnect(request: Request, future: asyncio.Future) -> Optional[Any]:
+async def answer_or_disconnect(request: Request, future: asyncio.Future) -> Any | None:
     """The future's result, or None when the client disconnects first."""
 
     async def disconnected() -> None:
@@ -117,11 +137,21 @@ async def translate(state: ServerState, request: Request) -> Response:
     tokenizer = served.translator.tokenizer
     sentences = body.sentences
     loop = asyncio.get_running_loop()
-    job = Job(sentences, [len(ids) for ids in tokenizer.encode_src(sentences)], options, body.alignment, loop, loop.create_future())
+    job = Job(
+        sentences,
+        [len(ids) for ids in tokenizer.encode_src(sentences)],
+        options,
+        body.alignment,
+        loop,
+        loop.create_future(),
+    )
     batcher = state.batchers[served.name]
     if not batcher.submit(job):
-        raise ApiError(429, f"model {served.name}: queue full ({batcher.pending} sentences waiting, serve.max_queue={state.cfg.max_queue}); retry later",
-                       headers={"Retry-After": str(state.cfg.retry_after_s)})
+        raise ApiError(
+            429,
+            f"model {served.name}: queue full ({batcher.pending} sentences waiting, serve.max_queue={state.cfg.max_queue}); retry later",
+            headers={"Retry-After": str(state.cfg.retry_after_s)},
+        )
     try:
         results = await answer_or_disconnect(request, job.future)
     finally:
@@ -143,7 +173,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def refused(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse({"error": e.message} | ({"field": e.field} if e.field else {}), status_code=e.status, headers=e.headers)
+        return JSONResponse(
+            {"error": e.message} | ({"field": e.field} if e.field else {}), status_code=e.status, headers=e.headers
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -175,7 +207,11 @@ def create_app(models: list[ServedModel], cfg: ServeConfig) -> FastAPI:
     app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", lambda: {"status": "ok", "models": list(state.models)}, methods=["GET"])
     app.add_api_route("/models", lambda: {"models": [m.info for m in state.models.values()]}, methods=["GET"])
-    app.add_api_route("/metrics", lambda: PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4"), methods=["GET"])
+    app.add_api_route(
+        "/metrics",
+        lambda: PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4"),
+        methods=["GET"],
+    )
 
     async def translate_route(request: Request) -> Response:
         return await translate(state, request)

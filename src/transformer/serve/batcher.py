@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from transformer.config import DecodeConfig
 from transformer.decode.translator import Translation
@@ -37,7 +38,7 @@ class Job:
     alignment: bool  # also compute each hypothesis' cross-attention
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    results: list[Optional[list[Translation]]] = field(init=False)
+    results: list[list[Translation] | None] = field(init=False)
     remaining: int = field(init=False)
     cancelled: bool = False  # the client went away: its sentences are dropped from the queue
 
@@ -50,7 +51,7 @@ class Job:
         """Jobs with equal keys decode in one batch."""
         return astuple(self.options) + (self.alignment,)
 
-    def answer(self, result: Any = None, error: Optional[BaseException] = None) -> None:
+    def answer(self, result: Any = None, error: BaseException | None = None) -> None:
         """Resolve the request's future from the worker thread (a no-op once it is done)."""
 
         def settle() -> None:
@@ -129,7 +130,7 @@ class Batcher:
         while (items := self.collect()) is not None:
             self.decode_items([item for item in items if not item.job.cancelled])
 
-    def collect(self) -> Optional[list[Item]]:
+    def collect(self) -> list[Item] | None:
         """The next batch (None once closing with nothing queued). Without batching: the
         sentences of the oldest request only, at once."""
         with self.cond:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 LabelKey = tuple[tuple[str, str], ...]
 M = TypeVar("M", bound="Metric")
@@ -127,19 +128,43 @@ class ServeMetrics:
 
     def __init__(self, gauges: dict[str, tuple[str, Callable[[], dict[LabelKey, float]]]]):
         r = self.registry = Registry()
-        self.requests = r.add(Counter("transformer_serve_requests_total", "HTTP requests answered, by path and status code"))
+        self.requests = r.add(
+            Counter("transformer_serve_requests_total", "HTTP requests answered, by path and status code")
+        )
         self.sentences = r.add(Counter("transformer_serve_sentences_total", "sentences translated, by model"))
-        self.source_tokens = r.add(Counter("transformer_serve_source_tokens_total", "source subwords translated (with EOS)"))
-        self.target_tokens = r.add(Counter("transformer_serve_target_tokens_total", "subwords of the best hypotheses (with EOS)"))
-        self.cancelled = r.add(Counter("transformer_serve_cancelled_requests_total", "requests dropped because their client went away"))
-        self.batch_sentences = r.add(Histogram("transformer_serve_batch_sentences", "sentences per decoded batch", (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)))
-        self.batch_requests = r.add(Histogram("transformer_serve_batch_requests", "requests with sentences in a decoded batch", (1, 2, 4, 8, 16, 32, 64)))
+        self.source_tokens = r.add(
+            Counter("transformer_serve_source_tokens_total", "source subwords translated (with EOS)")
+        )
+        self.target_tokens = r.add(
+            Counter("transformer_serve_target_tokens_total", "subwords of the best hypotheses (with EOS)")
+        )
+        self.cancelled = r.add(
+            Counter("transformer_serve_cancelled_requests_total", "requests dropped because their client went away")
+        )
+        self.batch_sentences = r.add(
+            Histogram(
+                "transformer_serve_batch_sentences",
+                "sentences per decoded batch",
+                (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            )
+        )
+        self.batch_requests = r.add(
+            Histogram(
+                "transformer_serve_batch_requests",
+                "requests with sentences in a decoded batch",
+                (1, 2, 4, 8, 16, 32, 64),
+            )
+        )
         self.batch_seconds = r.add(Histogram("transformer_serve_batch_seconds", "decoding time of a batch", SECONDS))
-        self.latency = r.add(Histogram("transformer_serve_request_seconds", "translate requests: time from arrival to answer", SECONDS))
+        self.latency = r.add(
+            Histogram("transformer_serve_request_seconds", "translate requests: time from arrival to answer", SECONDS)
+        )
         for name, (help, read) in gauges.items():
             r.add(Gauge(name, help, read))
 
-    def batch(self, model: str, lengths: Sequence[int], requests: int, target_lengths: Sequence[int], seconds: float) -> None:
+    def batch(
+        self, model: str, lengths: Sequence[int], requests: int, target_lengths: Sequence[int], seconds: float
+    ) -> None:
         """One decoded batch of ``len(lengths)`` sentences from ``requests`` requests."""
         self.batch_sentences.observe(len(lengths), model=model)
         self.batch_requests.observe(requests, model=model)

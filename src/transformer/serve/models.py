@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
+from transformer.checkpoint import load_model
 from transformer.config import DecodeConfig
 from transformer.decode.translator import Translation, Translator, check_decode_config
 from transformer.errors import UserError
 from transformer.runtime import resolve_device
 from transformer.serve.settings import ServeRunConfig
-from transformer.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ class ServedModel:
     name: str
     translator: Translator  # tokenizes requests; decodes them too unless ``decoder`` is set
     info: dict[str, Any]
-    decoder: Optional[Callable[[list[str], DecodeConfig, bool], list[list[Translation]]]] = None  # e.g. a worker.ProcessDecoder
+    # e.g. a worker.ProcessDecoder
+    decoder: Callable[[list[str], DecodeConfig, bool], list[list[Translation]]] | None = None
 
     def decode(self, sentences: list[str], options: DecodeConfig, alignment: bool) -> list[list[Translation]]:
         """n-best lists of one batch (run by the model's batcher thread)."""
@@ -38,11 +40,18 @@ def describe(name: str, path: str, config: dict, translator: Translator) -> dict
     model = translator.models[0]
     tok = translator.tokenizer
     return {
-        "name": name, "checkpoint": path,
-        "source_language": data.get("src_lang"), "target_language": data.get("tgt_lang"),
-        "source_vocab_size": tok.src_vocab_size, "target_vocab_size": tok.tgt_vocab_size, "joint_vocab": tok.joint,
+        "name": name,
+        "checkpoint": path,
+        "source_language": data.get("src_lang"),
+        "target_language": data.get("tgt_lang"),
+        "source_vocab_size": tok.src_vocab_size,
+        "target_vocab_size": tok.tgt_vocab_size,
+        "joint_vocab": tok.joint,
         "parameters": model.num_parameters(),
-        "architecture": {k: getattr(model.cfg, k) for k in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_positions")},
+        "architecture": {
+            k: getattr(model.cfg, k)
+            for k in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_positions")
+        },
         "decode_defaults": asdict(translator.config),
     }
 

@@ -11,7 +11,7 @@ import threading
 import time
 from importlib.util import find_spec
 from types import FrameType
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -26,7 +26,7 @@ def draining_server(config: Any, state: Any, timeout_s: float) -> Any:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if state.draining:
                 return super().handle_exit(sig, frame)
             state.draining = True
@@ -57,12 +57,24 @@ def serve(cfg: ServeRunConfig) -> None:
         if getattr(cfg.serve, key) < 1:
             raise UserError(f"serve.{key}={getattr(cfg.serve, key)} must be >= 1")
     models = load_models(cfg)
-    decoders = [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads) for m in models] if cfg.serve.decode_process else []
+    decoders = (
+        [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads) for m in models]
+        if cfg.serve.decode_process
+        else []
+    )
     for model, decoder in zip(models, decoders):
         model.decoder = decoder
     app = create_app(models, cfg.serve)
-    log.info("serving %s on http://%s:%d (batching %s)", ", ".join(app.state.server.models), cfg.host, cfg.port, "on" if cfg.serve.batching else "off")
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.serve.drain_timeout_s)
+    log.info(
+        "serving %s on http://%s:%d (batching %s)",
+        ", ".join(app.state.server.models),
+        cfg.host,
+        cfg.port,
+        "on" if cfg.serve.batching else "off",
+    )
+    config = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.serve.drain_timeout_s
+    )
     try:
         draining_server(config, app.state.server, cfg.serve.drain_timeout_s).run()
     finally:

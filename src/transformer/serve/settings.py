@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from transformer.config import DecodeConfig
 
@@ -33,14 +32,15 @@ class ServeConfig:
     retry_after_s: int = 1  # the Retry-After header of a 429
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take before the server stops anyway
     threads: int = 0  # torch intra-op threads of the decoding, set once at start (0: PyTorch's default)
-    decode_process: bool = True  # decode in a child process per model, so the search does not hold the event loop's GIL (false: a thread)
+    # decode in a child process per model, so the search does not hold the event loop's GIL (false: a thread)
+    decode_process: bool = True
 
 
 @dataclass
 class ServeRunConfig:
     """transformer-serve: the models to load, where to listen, decode defaults, batching."""
 
-    checkpoint: Optional[str] = None  # one checkpoint file or run directory (served under its languages' name, e.g. en-de)
+    checkpoint: str | None = None  # one checkpoint file or run directory (served under its languages' name, e.g. en-de)
     models: dict[str, str] = field(default_factory=dict)  # or several by name: {en-de: RUN1, de-en: RUN2}
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 exposes the server to the network)
     port: int = 8000  # TCP port

@@ -49,7 +49,12 @@ class ProcessDecoder:
     def __init__(self, path: str, device: str, decode: DecodeConfig, threads: int):
         context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=decode_loop, args=(child, path, device, asdict(decode), threads), daemon=True, name="transformer-serve-decode")
+        self.process = context.Process(
+            target=decode_loop,
+            args=(child, path, device, asdict(decode), threads),
+            daemon=True,
+            name="transformer-serve-decode",
+        )
         self.process.start()
         status, message = self.conn.recv()
         if status != "ready":

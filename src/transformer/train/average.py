@@ -17,10 +17,9 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from transformer.errors import UserError
 from transformer.checkpoint import CHECKPOINT_DIR, atomic_save, average_checkpoints, list_step_checkpoints
+from transformer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def average(cfg: AverageConfig) -> None:
     log.info("averaged %d checkpoints into %s: %s", len(paths), cfg.output, ", ".join(str(p) for p in paths))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     from transformer.commands import run_plain_command
 
     run_plain_command(AverageConfig, sys.argv[1:] if argv is None else list(argv), USAGE, average, listed=("inputs",))

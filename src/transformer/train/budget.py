@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from transformer.errors import UserError
 
@@ -97,8 +98,16 @@ def search_seconds(search: Callable[[], list[int]], reference_lengths: int) -> f
     return (clock() - start) * min(1.0, reference_lengths / max(produced, 1))
 
 
-def measure_costs(started: float, update: Callable[[Any], Any], groups: list, valid_loss: Callable[[], Any],
-                  eval_sample: Callable[[], float], test_sample: Callable[[], float], scale: float, warm: int = 3) -> Costs:
+def measure_costs(
+    started: float,
+    update: Callable[[Any], Any],
+    groups: list,
+    valid_loss: Callable[[], Any],
+    eval_sample: Callable[[], float],
+    test_sample: Callable[[], float],
+    scale: float,
+    warm: int = 3,
+) -> Costs:
     """Time ``update`` on ``groups`` (the first ``warm`` untimed: kernels and pages are built
     then) and the validation loss; ``eval_sample`` and ``test_sample`` give the seconds of
     the validation and test searches on a sample of sentences (``search_seconds``), scaled

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -42,7 +42,12 @@ def setup_runtime(cfg: Any) -> Runtime:
         raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
     validate(cfg)  # every enumerated key, before anything runs
     dist, device = setup_distributed(t.device)
-    rt = Runtime(dist, device, resolve_precision(t.precision, device, "trainer.precision"), setting(t.onednn_linear, "trainer.onednn_linear"))
+    rt = Runtime(
+        dist,
+        device,
+        resolve_precision(t.precision, device, "trainer.precision"),
+        setting(t.onednn_linear, "trainer.onednn_linear"),
+    )
     autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading
     check_decode_config(DecodeConfig(**OmegaConf.to_container(cfg.decode)))
     if not dist.main:
@@ -55,8 +60,9 @@ def setup_runtime(cfg: Any) -> Runtime:
     return rt
 
 
-def setup_model(cfg: Any, tokenizer: Tokenizer, rt: Runtime, init: Optional[tuple[Path, dict]] = None) -> tuple[
-        ModelConfig, Transformer, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+def setup_model(
+    cfg: Any, tokenizer: Tokenizer, rt: Runtime, init: tuple[Path, dict] | None = None
+) -> tuple[ModelConfig, Transformer, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
     """(model config, model, what the loop calls, optimizer, scaler); the same initial weights
     on every rank: random, or trainer.init_from's (``init``)."""
     t = cfg.trainer
@@ -71,7 +77,9 @@ def setup_model(cfg: Any, tokenizer: Tokenizer, rt: Runtime, init: Optional[tupl
         train_linears_on_onednn(model, shapes)  # acts on fp32 CPU calls only
     net: nn.Module = model  # maybe DDP-wrapped, maybe compiled
     if rt.dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
     if t.compile:
         net = torch.compile(net)  # checkpoints keep the plain model's state dict
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")

@@ -4,9 +4,9 @@ training and validation pairs, and each epoch's batches as a pure function of (s
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
+from typing import Any
 
 from transformer.data.batching import Example, encode_examples, pair_lengths, shard, token_batches
 from transformer.data.cache import cache_root
@@ -18,7 +18,7 @@ from transformer.train.distributed import Dist, barrier, share
 
 
 class RunData:
-    def __init__(self, cfg: Any, dist: Dist, resume: Optional[tuple[Any, dict]]):
+    def __init__(self, cfg: Any, dist: Dist, resume: tuple[Any, dict] | None):
         self.cfg, self.dist = cfg, dist
         d = cfg.data
         self.streaming = bool(d.streaming)
@@ -30,7 +30,9 @@ class RunData:
         self.train_examples = train_examples(d, self.tokenizer, self.max_len, train_pairs, self.cache_dir)
         if dist.main and train_pairs is None:
             barrier(dist)
-        self.both_ways_examples = self.train_examples + reverse if (reverse := self.reversed_examples(train_pairs)) else self.train_examples
+        self.both_ways_examples = (
+            self.train_examples + reverse if (reverse := self.reversed_examples(train_pairs)) else self.train_examples
+        )
         valid_pairs = load_split(d, "valid")
         if d.valid_max_sentences > 0:
             valid_pairs = valid_pairs[: d.valid_max_sentences]
@@ -39,7 +41,7 @@ class RunData:
         self.valid_refs = [r for _, r in valid_pairs]
         self.valid_source_ids = self.tokenizer.encode_src(self.valid_sources)  # BLEU needs every sentence
 
-    def setup_tokenizer(self, train_pairs: Optional[list[Pair]], resume: Optional[tuple[Any, dict]]) -> Tokenizer:
+    def setup_tokenizer(self, train_pairs: list[Pair] | None, resume: tuple[Any, dict] | None) -> Tokenizer:
         """Reuse the run's tokenizer (resume), else train BPE on rank 0 (see
         ``train_tokenizer``) and share it."""
         run_dir = Path(self.cfg.run_dir)
@@ -54,14 +56,16 @@ class RunData:
             tok.save(run_dir)
         return tok
 
-    def reversed_examples(self, train_pairs: Optional[list[Pair]]) -> list[Example]:
+    def reversed_examples(self, train_pairs: list[Pair] | None) -> list[Example]:
         """Each training pair as target -> source, for the first trainer.bidirectional_epochs
         (BiT, Ding et al. 2021: both directions through one model warm it up on twice the
         data; no language tags, the source's language tells the direction)."""
         if not self.cfg.trainer.bidirectional_epochs:
             return []
         if train_pairs is None or not self.tokenizer.joint:
-            raise UserError("trainer.bidirectional_epochs needs data.joint_vocab=true and an in-memory corpus (not data.streaming)")
+            raise UserError(
+                "trainer.bidirectional_epochs needs data.joint_vocab=true and an in-memory corpus (not data.streaming)"
+            )
         return self.encode([(t, s) for s, t in train_pairs], "train, reversed")
 
     def encode(self, pairs: list[Pair], name: str) -> list[Example]:
@@ -78,7 +82,13 @@ class RunData:
         if self.streaming:
             from transformer.data.streaming import stream_batches
 
-            return itertools.islice(stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world), skip, None)
+            return itertools.islice(
+                stream_batches(d, self.tokenizer, self.max_len, seed, epoch, self.dist.rank, self.dist.world),
+                skip,
+                None,
+            )
         examples = self.both_ways_examples if epoch < self.cfg.trainer.bidirectional_epochs else self.train_examples
-        batches = shard(token_batches(pair_lengths(examples), d.max_tokens, seed, epoch), self.dist.rank, self.dist.world)
+        batches = shard(
+            token_batches(pair_lengths(examples), d.max_tokens, seed, epoch), self.dist.rank, self.dist.world
+        )
         return ([examples[i] for i in b] for b in batches[skip:])

@@ -8,15 +8,16 @@ naming the key. Regularisation (the dropout rates) may be changed for the new ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from torch import nn
 
+from transformer.checkpoint import load_checkpoint, resolve_checkpoint
 from transformer.config import ModelConfig
 from transformer.errors import UserError, first_line
-from transformer.checkpoint import load_checkpoint, resolve_checkpoint
 
 REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "src_word_dropout", "tgt_word_dropout")
 
@@ -38,7 +39,7 @@ def model_keys(overrides: Sequence[str]) -> list[str]:
     return keys
 
 
-def apply_init_from(cfg: Any, overrides: Optional[Sequence[str]] = None) -> Optional[tuple[Path, dict]]:
+def apply_init_from(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Path, dict] | None:
     """Load ``trainer.init_from`` and make ``cfg.model`` its model config; returns (path,
     checkpoint), or None without init_from. ``overrides``: the command line (default: Hydra's)."""
     target = cfg.trainer.init_from
@@ -68,4 +69,6 @@ def load_init_weights(model: nn.Module, init: tuple[Path, dict]) -> None:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"trainer.init_from={path}: weights do not fit its own model config ({first_line(e)})") from None
+        raise UserError(
+            f"trainer.init_from={path}: weights do not fit its own model config ({first_line(e)})"
+        ) from None

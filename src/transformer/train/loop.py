@@ -10,33 +10,37 @@ update), validation.py (loss and BLEU), runlog.py (metrics), budget.py (the time
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from transformer.config import DecodeConfig
+from transformer.checkpoint import CHECKPOINT_DIR
 from transformer.data.batching import Example, chunked, collate
-from transformer.decode.translator import translate_ids
 from transformer.errors import UserError
 from transformer.hardware import detect
-from transformer.rundir import TRAIN_KEYS, write_results
+from transformer.rundir import write_results
 from transformer.train import budget
 from transformer.train.build import setup_model, setup_runtime
-from transformer.checkpoint import CHECKPOINT_DIR
+from transformer.train.calibrate import plan_budget
 from transformer.train.distributed import all_rng_states, finish_distributed, seed_everything, share
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from
-from transformer.train.runlog import RunLog
-from transformer.train.state import Progress, average_last, find_resume, restore_training, throwaway, training_checkpoint, write_checkpoints
+from transformer.train.runlog import RunLog, train_record
+from transformer.train.state import (
+    Progress,
+    average_last,
+    find_resume,
+    restore_training,
+    training_checkpoint,
+    write_checkpoints,
+)
 from transformer.train.step import update
-from transformer.train.stopping import catch_signals, stop_reason
-from transformer.train.validation import eval_decode_config, samples_text, valid_bleu, valid_loss, valid_record
+from transformer.train.stopping import BadSteps, catch_signals, patience_spent, stop_reason
+from transformer.train.validation import validate
 
 log = logging.getLogger(__name__)
 TestFn = Callable[[Path, torch.device], dict]  # scores the final checkpoint on the test split
@@ -45,7 +49,7 @@ TestFn = Callable[[Path, torch.device], dict]  # scores the final checkpoint on 
 class Trainer:
     """State of one run: the model, optimizer, data and where it stands."""
 
-    def __init__(self, cfg: Any, started: Optional[float] = None):
+    def __init__(self, cfg: Any, started: float | None = None):
         self.cfg = cfg
         started = budget.clock() if started is None else started
         rt = setup_runtime(cfg)
@@ -56,58 +60,54 @@ class Trainer:
         init = apply_init_from(cfg)  # cfg.model becomes the checkpoint's; resume wins over it
         self.data = RunData(cfg, self.dist, resume or init)
         self.tokenizer = self.data.tokenizer
-        self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(cfg, self.tokenizer, rt, None if resume else init)
+        self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(
+            cfg, self.tokenizer, rt, None if resume else init
+        )
         self.setup_state(resume, started)
-        self.runlog = RunLog(self.run_dir, enabled=self.dist.main, resumed_at=self.progress.step if resume else None,
-                             bar=cfg.trainer.progress, total=cfg.trainer.max_steps)
+        resumed_at, t = self.progress.step if resume else None, cfg.trainer
+        self.runlog = RunLog(
+            self.run_dir, enabled=self.dist.main, resumed_at=resumed_at, bar=t.progress, total=t.max_steps
+        )
 
     # setup -------------------------------------------------------------------------
 
-    def setup_state(self, resume: Optional[tuple[Path, dict]], started: float) -> None:
+    def setup_state(self, resume: tuple[Path, dict] | None, started: float) -> None:
         """Progress from the checkpoint resumed (or zero), dropout seeds, the budget's plan."""
         t = self.cfg.trainer
         self.progress = Progress()
-        self.stop_signal: Optional[int] = None
+        self.stop_signal: int | None = None
         self.interrupted = False
-        self.bad_steps = 0
+        self.bad_steps = BadSteps(t.max_bad_steps)
         seed_everything(t.seed + self.dist.rank)  # dropout streams differ across ranks
         if resume is not None:
-            self.progress = restore_training(*resume, model=self.model, optimizer=self.optimizer, scaler=self.scaler, tokenizer=self.tokenizer, dist=self.dist)
+            parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+            self.progress = restore_training(*resume, **parts, tokenizer=self.tokenizer, dist=self.dist)
         if t.time_budget_minutes:
             if self.progress.plan is None:
-                self.progress.plan = self.plan_budget(started)
+                self.progress.plan = plan_budget(self, started)
             budget.apply_plan(t, self.progress.plan)
         size = "streamed" if self.data.streaming else f"{len(self.data.train_examples)}"
-        log.info("model: %s parameters; %s training pairs, %d validation", f"{self.model.num_parameters():,}", size, len(self.data.valid_examples))
+        n_params, n_valid = f"{self.model.num_parameters():,}", len(self.data.valid_examples)
+        log.info("model: %s parameters; %s training pairs, %d validation", n_params, size, n_valid)
         log.info("hardware: %s; training in %s", detect().describe(), self.precision)
-
-    def plan_budget(self, started: float) -> dict:
-        """Fit the schedule to trainer.time_budget_minutes from updates and searches timed
-        now, then undone: the run is the one an unbudgeted run with the plan would be."""
-        t, sample = self.cfg.trainer, self.data.valid_source_ids[:64]
-        wanted = sum(len(e.tgt) - 1 for e in self.data.valid_examples[: len(sample)])  # reference subwords + EOS
-
-        def search(cfg: DecodeConfig) -> float:
-            return budget.search_seconds(lambda: [len(h[0].tokens) for h in translate_ids([self.model], sample, cfg)], wanted)
-
-        with throwaway(self.model, self.optimizer, self.scaler):
-            costs = budget.measure_costs(
-                started, self.train_step, list(itertools.islice(chunked(self.data.epoch_batches(0), t.update_freq), 13)),
-                lambda: valid_loss(self.model, self.data.valid_examples, self.cfg.data.max_tokens, self.device, self.precision),
-                lambda: search(eval_decode_config(self.cfg)), lambda: search(DecodeConfig(**OmegaConf.to_container(self.cfg.decode))),
-                scale=len(self.data.valid_source_ids) / max(len(sample), 1),
-            )
-        plan = budget.plan_schedule(t, t.time_budget_minutes, costs).to_dict() if self.dist.main else None
-        log.info("trainer.time_budget_minutes=%g: measured %s -> %s", t.time_budget_minutes, costs, plan)
-        return share({**plan, "measured": vars(costs)} if plan else None, self.dist)
 
     # the loop ----------------------------------------------------------------------
 
     def train_step(self, group: list[list[Example]]) -> dict:
         """One optimizer update over ``group`` (update_freq batches); see step.update."""
         batches = [collate(examples, self.model_cfg.pad_id).to(self.device) for examples in group]
-        return update(self.net, self.model, self.optimizer, self.scaler, batches, t=self.cfg.trainer, precision=self.precision,
-                      step=self.progress.step + 1, d_model=self.model_cfg.d_model, world=self.dist.world)
+        return update(
+            self.net,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            batches,
+            t=self.cfg.trainer,
+            precision=self.precision,
+            step=self.progress.step + 1,
+            d_model=self.model_cfg.d_model,
+            world=self.dist.world,
+        )
 
     def run(self) -> dict:
         t = self.cfg.trainer
@@ -125,8 +125,13 @@ class Trainer:
                 else:
                     stop = self.end_epoch()
         self.runlog.close()
-        return {"step": self.progress.step, "best_valid_bleu": self.progress.best_bleu, "best_step": self.progress.best_step,
-                "minutes": (time.time() - start) / 60, "interrupted": self.interrupted}
+        return {
+            "step": self.progress.step,
+            "best_valid_bleu": self.progress.best_bleu,
+            "best_step": self.progress.best_step,
+            "minutes": (time.time() - start) / 60,
+            "interrupted": self.interrupted,
+        }
 
     def on_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -146,13 +151,13 @@ class Trainer:
             self.log_train(stats)
         stop = stop_reason(t, step, start, self.stop_signal is not None, self.dist, self.device)
         if stop == "signal":  # save at once: no validation when the machine is being taken away
-            log.warning("received signal %d: saved a checkpoint at step %d; continue with trainer.resume=%s", self.stop_signal or 0, step, self.run_dir)
+            note = "received signal %d: saved a checkpoint at step %d; continue with trainer.resume=%s"
+            log.warning(note, self.stop_signal or 0, step, self.run_dir)
             self.interrupted = True
             self.save()
         elif step % t.eval_every == 0 or stop:
             best = self.validate()
-            if t.patience > 0 and self.progress.evals_without_gain >= t.patience:
-                log.info("early stop: no better validation BLEU in %d evaluations (best %.2f at step %d)", t.patience, self.progress.best_bleu, self.progress.best_step)
+            if patience_spent(t.patience, self.progress):
                 stop = "patience"
             self.save(best=best)
         elif t.save_every and step % t.save_every == 0:
@@ -162,7 +167,9 @@ class Trainer:
     def end_epoch(self) -> str:
         """Move to the next epoch; "epochs" once trainer.max_epochs are done (validated and saved)."""
         if self.progress.batch_in_epoch == 0:
-            raise UserError(f"data.max_tokens={self.cfg.data.max_tokens} gives no batches for {self.dist.world} processes")
+            raise UserError(
+                f"data.max_tokens={self.cfg.data.max_tokens} gives no batches for {self.dist.world} processes"
+            )
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
         if self.cfg.trainer.max_epochs and self.progress.epoch >= self.cfg.trainer.max_epochs:
@@ -171,28 +178,20 @@ class Trainer:
         return ""
 
     def guard(self, stats: dict) -> bool:
-        """False for a NaN/inf step (skipped); stop after trainer.max_bad_steps in a row,
-        keeping the weights from before the problem."""
-        if stats["finite"] or self.precision == "fp16" and math.isfinite(stats["loss"]):
-            self.bad_steps = 0
+        """False for a NaN/inf step (skipped); stops after trainer.max_bad_steps in a row."""
+        if self.bad_steps.finite(stats, self.progress.step + 1, self.precision):
             return True
-        self.bad_steps += 1
-        log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped", self.progress.step + 1, stats["loss"], stats["grad_norm"])
-        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+        if error := self.bad_steps.error(self.progress.step, self.ckpt_dir / "last.pt"):
             self.save()
-            raise UserError(
-                f"{self.bad_steps} consecutive non-finite steps after step {self.progress.step}: stopped; weights from before "
-                f"the problem are in {self.ckpt_dir / 'last.pt'} (lower trainer.lr, or use fp32/bf16)"
-            )
+            raise error
         return False
 
     # logging, validation, checkpoints ----------------------------------------------
 
     def log_train(self, stats: dict) -> None:
-        record = {"step": self.progress.step, "epoch": self.progress.epoch, "minutes": round(self.progress.elapsed / 60, 3)}
-        record.update({k: stats[k] for k in TRAIN_KEYS})
-        if self.device.type == "cuda":
-            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
+        record = train_record(self.progress.step, self.progress.epoch, self.progress.elapsed, stats, peak)
         self.runlog.log("train", record)
         self.runlog.progress(record)
 
@@ -200,27 +199,26 @@ class Trainer:
         """Validation NLL and BLEU on rank 0; returns whether this is the best BLEU so far
         (the same answer on every rank)."""
         if self.dist.main:
-            p = self.progress
-            nll = valid_loss(self.model, self.data.valid_examples, self.cfg.data.max_tokens, self.device, self.precision)
-            bleu, texts = valid_bleu(self.model, self.tokenizer, self.data.valid_source_ids, self.data.valid_refs, eval_decode_config(self.cfg))
-            if bleu > p.best_bleu:
-                p.best_bleu, p.best_step, p.evals_without_gain = bleu, p.step, 0
-            else:
-                p.evals_without_gain += 1
-            record = valid_record(p.step, p.elapsed / 60, nll, bleu)
-            self.runlog.log("valid", record, samples_text(self.data.valid_sources, self.data.valid_refs, texts))
-            log.info("step %d: valid nll %.4f ppl %.2f BLEU %.2f (best %.2f at step %d)", p.step, nll, record["valid_ppl"], bleu, p.best_bleu, p.best_step)
+            validate(self.model, self.data, self.cfg, self.progress, self.runlog, self.device, self.precision)
         self.progress = Progress(**share(vars(self.progress), self.dist))
         return self.progress.best_step == self.progress.step and self.progress.evals_without_gain == 0
 
     def save(self, best: bool = False) -> None:
         """Checkpoints of this step (see state.write_checkpoints); a collective under DDP."""
-        ckpt = training_checkpoint(model=self.model, model_cfg=self.model_cfg, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                   scaler=self.scaler, progress=self.progress, rngs=all_rng_states(self.dist), cfg=self.cfg)
+        ckpt = training_checkpoint(
+            model=self.model,
+            model_cfg=self.model_cfg,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            progress=self.progress,
+            rngs=all_rng_states(self.dist),
+            cfg=self.cfg,
+        )
         if self.dist.main:
             write_checkpoints(ckpt, self.ckpt_dir, self.progress.step, best, self.cfg.trainer)
 
-    def finish(self, test: Optional[TestFn] = None) -> dict:
+    def finish(self, test: TestFn | None = None) -> dict:
         """Averaging, then ``test`` (evaluate.py's scoring) on the best or averaged checkpoint."""
         t = self.cfg.trainer
         if not self.dist.main or self.interrupted:  # stopped by a signal: leave the run as it is, ready to resume
@@ -231,7 +229,7 @@ class Trainer:
         return {}
 
 
-def train(cfg: Any, test: Optional[TestFn] = None) -> dict:
+def train(cfg: Any, test: TestFn | None = None) -> dict:
     """Train with a composed config (``TrainConfig`` node); returns the run's metrics, with
     ``test``'s scores of the final checkpoint (``transformer.train`` passes evaluate's)."""
     if not cfg.run_dir:

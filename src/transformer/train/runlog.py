@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
-from transformer.rundir import append_record, truncate_records
+from transformer.rundir import TRAIN_KEYS, append_record, truncate_records
 
 log = logging.getLogger(__name__)
 PLAIN = ("step", "epoch", "minutes")  # record fields that are coordinates, not scalars to plot
 
 
+def train_record(step: int, epoch: int, elapsed: float, stats: dict, peak_mem_mb: float | None) -> dict:
+    """The metrics.jsonl record of a training log line."""
+    record = {"step": step, "epoch": epoch, "minutes": round(elapsed / 60, 3), **{k: stats[k] for k in TRAIN_KEYS}}
+    if peak_mem_mb is not None:
+        record["peak_mem_mb"] = peak_mem_mb
+    return record
+
+
 class RunLog:
-    def __init__(self, run_dir: Path, *, enabled: bool, resumed_at: Optional[int], bar: bool, total: int):
+    def __init__(self, run_dir: Path, *, enabled: bool, resumed_at: int | None, bar: bool, total: int):
         self.run_dir, self.enabled = run_dir, enabled
         self.tb = self.bar = None
         if not enabled:
@@ -29,7 +36,7 @@ class RunLog:
 
             self.bar = tqdm(total=total, initial=resumed_at or 0, desc="train", dynamic_ncols=True)
 
-    def log(self, group: str, record: dict, text: Optional[str] = None) -> None:
+    def log(self, group: str, record: dict, text: str | None = None) -> None:
         """Append ``record`` to metrics.jsonl and plot its scalars as ``group/<key>`` (a
         ``group_`` prefix is dropped: valid_bleu -> valid/bleu); ``text`` goes to TensorBoard too."""
         if not self.enabled:
@@ -46,10 +53,19 @@ class RunLog:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}"
+            )
         else:
-            log.info("step %d loss %.4f nll %.4f lr %.2e gnorm %.2f %.0f tok/s", record["step"], record["loss"], record["nll"],
-                     record["lr"], record["grad_norm"], record["tokens_per_s"])
+            log.info(
+                "step %d loss %.4f nll %.4f lr %.2e gnorm %.2f %.0f tok/s",
+                record["step"],
+                record["loss"],
+                record["nll"],
+                record["lr"],
+                record["grad_norm"],
+                record["tokens_per_s"],
+            )
 
     def tick(self) -> None:
         if self.bar is not None:

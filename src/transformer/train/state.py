@@ -6,17 +6,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from transformer.errors import UserError, first_line
 from transformer.checkpoint import (
-    CHECKPOINT_DIR, FORMAT, atomic_save, average_checkpoints, checkpoint_step, list_step_checkpoints, load_checkpoint,
-    newest_valid_checkpoint, resolve_checkpoint,
+    CHECKPOINT_DIR,
+    FORMAT,
+    atomic_save,
+    average_checkpoints,
+    checkpoint_step,
+    list_step_checkpoints,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    resolve_checkpoint,
 )
+from transformer.errors import UserError, first_line
 from transformer.train.distributed import Dist, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -33,10 +41,10 @@ class Progress:
     best_step: int = 0
     evals_without_gain: int = 0
     elapsed: float = 0.0  # training seconds before this process started
-    plan: Optional[dict] = None  # trainer settings fixed by trainer.time_budget_minutes (budget.Plan)
+    plan: dict | None = None  # trainer settings fixed by trainer.time_budget_minutes (budget.Plan)
 
 
-def find_resume(target: Optional[str]) -> Optional[tuple[Path, dict]]:
+def find_resume(target: str | None) -> tuple[Path, dict] | None:
     """The checkpoint ``trainer.resume`` names (a run directory or file); a run directory
     falls back to its newest readable checkpoint."""
     if not target:
@@ -53,8 +61,17 @@ def find_resume(target: Optional[str]) -> Optional[tuple[Path, dict]]:
     return path, load_checkpoint(path)
 
 
-def training_checkpoint(*, model: Any, model_cfg: Any, tokenizer: Any, optimizer: Any, scaler: Any, progress: Progress,
-                        rngs: list[dict], cfg: Any) -> dict:
+def training_checkpoint(
+    *,
+    model: Any,
+    model_cfg: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scaler: Any,
+    progress: Progress,
+    rngs: list[dict],
+    cfg: Any,
+) -> dict:
     """Everything a resumed run needs, and what decoding needs (model, its config, tokenizer)."""
     return {
         "format": FORMAT,
@@ -83,7 +100,9 @@ def write_checkpoints(ckpt: dict, ckpt_dir: Path, step: int, best: bool, t: Any)
             old.unlink(missing_ok=True)
 
 
-def restore_training(path: Path, ckpt: dict, *, model: Any, optimizer: Any, scaler: Any, tokenizer: Any, dist: Dist) -> Progress:
+def restore_training(
+    path: Path, ckpt: dict, *, model: Any, optimizer: Any, scaler: Any, tokenizer: Any, dist: Dist
+) -> Progress:
     """Load weights, optimizer, scaler and this rank's RNG state from ``ckpt``; returns its progress."""
     if ckpt["tokenizer"] != tokenizer.to_state():
         raise UserError(f"{path}: checkpoint vocabulary differs from the run's tokenizer")
@@ -99,15 +118,26 @@ def restore_training(path: Path, ckpt: dict, *, model: Any, optimizer: Any, scal
     else:
         # shards interleave, so the ranks together consumed the epoch's first world x position batches
         progress.batch_in_epoch = progress.batch_in_epoch * ckpt["world_size"] // dist.world
-        log.warning("resuming a %d-process run with %d processes: batches continue, dropout randomness differs", ckpt["world_size"], dist.world)
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, progress.step, progress.epoch, progress.batch_in_epoch)
+        log.warning(
+            "resuming a %d-process run with %d processes: batches continue, dropout randomness differs",
+            ckpt["world_size"],
+            dist.world,
+        )
+    log.info(
+        "resumed from %s at step %d (epoch %d, batch %d)", path, progress.step, progress.epoch, progress.batch_in_epoch
+    )
     return progress
 
 
 @contextlib.contextmanager
 def throwaway(model: Any, optimizer: Any, scaler: Any) -> Iterator[None]:
     """Updates inside leave no trace: weights, optimizer, scaler and RNG are put back."""
-    saved = ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()), scaler.state_dict(), rng_state())
+    saved = (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        copy.deepcopy(optimizer.state_dict()),
+        scaler.state_dict(),
+        rng_state(),
+    )
     try:
         yield
     finally:

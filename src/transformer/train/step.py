@@ -4,7 +4,7 @@ losses summed over ranks, clipping, the learning rate of the schedule and the st
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +17,15 @@ from transformer.train.optim import lr_at, set_lr
 
 
 def accumulate_gradients(
-    net: nn.Module, batches: list[Batch], n_tokens: Tensor, *, label_smoothing: float, precision: str,
-    scaler: Optional[torch.amp.GradScaler] = None, world: int = 1, rdrop_alpha: float = 0.0,
+    net: nn.Module,
+    batches: list[Batch],
+    n_tokens: Tensor,
+    *,
+    label_smoothing: float,
+    precision: str,
+    scaler: torch.amp.GradScaler | None = None,
+    world: int = 1,
+    rdrop_alpha: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Forward and backward over the batches of one update, adding to ``.grad`` the gradient of
     (smoothed loss summed over every real target token) / ``n_tokens``, where ``n_tokens``
@@ -51,8 +58,19 @@ def accumulate_gradients(
     return loss_sum, nll_sum
 
 
-def update(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-           batches: list[Batch], *, t: Any, precision: str, step: int, d_model: int, world: int) -> dict:
+def update(
+    net: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: list[Batch],
+    *,
+    t: Any,
+    precision: str,
+    step: int,
+    d_model: int,
+    world: int,
+) -> dict:
     """Optimizer update number ``step`` over ``batches``; a non-finite loss or gradient skips
     it (fp16: the scaler decides). Returns its statistics, ``finite`` among them."""
     net.train()
@@ -60,8 +78,14 @@ def update(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, s
     n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)), device=device)
     all_sum(n_tokens, world=world)
     loss_sum, nll_sum = accumulate_gradients(
-        net, batches, n_tokens, label_smoothing=t.label_smoothing, precision=precision,
-        scaler=scaler, world=world, rdrop_alpha=t.rdrop_alpha,
+        net,
+        batches,
+        n_tokens,
+        label_smoothing=t.label_smoothing,
+        precision=precision,
+        scaler=scaler,
+        world=world,
+        rdrop_alpha=t.rdrop_alpha,
     )
     all_sum(loss_sum, nll_sum, world=world)  # before the finiteness test, so every rank takes the same decision
     scaler.unscale_(optimizer)
