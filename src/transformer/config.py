@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from transformer.errors import UserError
+
+T = TypeVar("T")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("auto", "true", "false")
@@ -248,6 +250,16 @@ def config_dir() -> str:
     if packaged.is_dir():
         return str(packaged)
     return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def typed(cfg: Any, schema: type[T]) -> T:
+    """The composed config as its dataclasses (``OmegaConf.to_object``): the one boundary
+    between Hydra's nodes and the code, crossed once by each entry point."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, schema):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import sacrebleu
-from omegaconf import OmegaConf
 
-from transformer.config import DataConfig, DecodeConfig
+from transformer.config import DataConfig, DecodeConfig, TrainConfig, typed
 from transformer.data.corpus import load_files, load_split
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
@@ -99,13 +98,14 @@ def train_and_test(cfg: Any) -> dict:
     """transformer-train's recipe: train (train/loop.py), then score the test split with the
     best or averaged checkpoint and ``cfg.decode`` (skipped with evaluate_test=false)."""
 
+    cfg = typed(cfg, TrainConfig)
+
     def test(final: Path, device: Any) -> dict:
-        decode = DecodeConfig(**OmegaConf.to_container(cfg.decode))
         return evaluate(
             str(final),
             data=cfg.data,
             split="test",
-            decode=decode,
+            decode=cfg.decode,
             output=str(Path(cfg.run_dir) / TEST_HYPOTHESES),
             device=str(device),
         )

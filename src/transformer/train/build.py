@@ -5,15 +5,14 @@ Every setting that can be wrong is checked here, before any data loads."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from transformer.config import DecodeConfig, ModelConfig, setting, validate
+from transformer.config import ModelConfig, setting, validate
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import check_decode_config
 from transformer.errors import UserError
@@ -49,7 +48,7 @@ def setup_runtime(cfg: Any) -> Runtime:
         setting(t.onednn_linear, "trainer.onednn_linear"),
     )
     autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading
-    check_decode_config(DecodeConfig(**OmegaConf.to_container(cfg.decode)))
+    check_decode_config(cfg.decode)
     if not dist.main:
         logging.getLogger("transformer").setLevel(logging.WARNING)  # one rank tells the story
     cfg.run_dir = share(cfg.run_dir, dist)  # Hydra names run directories by the clock: take rank 0's
@@ -66,7 +65,7 @@ def setup_model(
     """(model config, model, what the loop calls, optimizer, scaler); the same initial weights
     on every rank: random, or trainer.init_from's (``init``)."""
     t = cfg.trainer
-    model_cfg = OmegaConf.to_object(cfg.model) if OmegaConf.is_config(cfg.model) else ModelConfig(**cfg.model)
+    model_cfg = replace(cfg.model)  # the vocabulary sizes are filled in on a copy
     model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
     torch.manual_seed(t.seed)
     model = build_model(model_cfg).to(rt.device)

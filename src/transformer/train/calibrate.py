@@ -7,8 +7,6 @@ import itertools
 import logging
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from transformer.config import DecodeConfig
 from transformer.data.batching import chunked
 from transformer.decode.translator import translate_ids
@@ -40,7 +38,7 @@ def plan_budget(trainer: Any, started: float) -> dict:
             list(itertools.islice(chunked(data.epoch_batches(0), t.update_freq), 13)),
             lambda: valid_loss(model, data.valid_examples, cfg.data.max_tokens, trainer.device, trainer.precision),
             lambda: search(eval_decode_config(cfg)),
-            lambda: search(DecodeConfig(**OmegaConf.to_container(cfg.decode))),
+            lambda: search(cfg.decode),
             scale=len(data.valid_source_ids) / max(len(sample), 1),
         )
     plan = budget.plan_schedule(t, t.time_budget_minutes, costs).to_dict() if trainer.dist.main else None

@@ -52,14 +52,14 @@ def apply_init_from(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[P
     for key in given:
         if key in REGULARISATION or key not in saved:
             continue
-        if cfg.model[key] != saved[key]:
+        if getattr(cfg.model, key) != saved[key]:
             raise UserError(
-                f"model.{key}={cfg.model[key]} contradicts trainer.init_from={target}, whose model has {key}={saved[key]} "
+                f"model.{key}={getattr(cfg.model, key)} contradicts trainer.init_from={target}, whose model has {key}={saved[key]} "
                 "(the model config comes from the checkpoint: drop the override)"
             )
     for key, value in saved.items():
         if key not in given or key not in REGULARISATION:
-            cfg.model[key] = value
+            setattr(cfg.model, key, value)
     return path, ckpt
 
 

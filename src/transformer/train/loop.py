@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from transformer.checkpoint import CHECKPOINT_DIR
+from transformer.config import TrainConfig, typed
 from transformer.data.batching import Example, chunked, collate
 from transformer.errors import UserError
 from transformer.hardware import detect
@@ -49,8 +50,8 @@ TestFn = Callable[[Path, torch.device], dict]  # scores the final checkpoint on 
 class Trainer:
     """State of one run: the model, optimizer, data and where it stands."""
 
-    def __init__(self, cfg: Any, started: float | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig | Any, started: float | None = None):
+        self.cfg = cfg = typed(cfg, TrainConfig)  # a no-op for train()'s, which is typed already
         started = budget.clock() if started is None else started
         rt = setup_runtime(cfg)
         self.dist, self.device, self.precision = rt.dist, rt.device, rt.precision
@@ -229,9 +230,10 @@ class Trainer:
         return {}
 
 
-def train(cfg: Any, test: TestFn | None = None) -> dict:
-    """Train with a composed config (``TrainConfig`` node); returns the run's metrics, with
-    ``test``'s scores of the final checkpoint (``transformer.train`` passes evaluate's)."""
+def train(cfg: TrainConfig | Any, test: TestFn | None = None) -> dict:
+    """Train with a composed config (a ``TrainConfig``, or Hydra's node of one); returns the run's
+    metrics, with ``test``'s scores of the final checkpoint (``transformer.train`` passes evaluate's)."""
+    cfg = typed(cfg, TrainConfig)
     if not cfg.run_dir:
         raise UserError("run_dir must be set (the CLI sets it to Hydra's output directory)")
     if cfg.trainer.resume and Path(cfg.trainer.resume).is_dir():

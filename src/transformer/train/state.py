@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from transformer.checkpoint import (
     CHECKPOINT_DIR,
     FORMAT,
@@ -24,6 +22,7 @@ from transformer.checkpoint import (
     newest_valid_checkpoint,
     resolve_checkpoint,
 )
+from transformer.config import to_dict
 from transformer.errors import UserError, first_line
 from transformer.train.distributed import Dist, rng_state, set_rng_state
 
@@ -83,7 +82,7 @@ def training_checkpoint(
         "progress": vars(progress).copy(),
         "rng": rngs,
         "world_size": len(rngs),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": to_dict(cfg),
     }
 
 

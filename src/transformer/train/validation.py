@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import sacrebleu
 import torch
-from omegaconf import OmegaConf
 
 from transformer.config import DecodeConfig
 from transformer.data.batching import Example, collate, token_batches
@@ -45,14 +45,7 @@ def valid_loss(
 
 def eval_decode_config(cfg: Any) -> DecodeConfig:
     """The search of validation BLEU: cfg.decode with trainer.eval_beam_size, one hypothesis."""
-    return DecodeConfig(
-        **{
-            **OmegaConf.to_container(cfg.decode),
-            "beam_size": cfg.trainer.eval_beam_size,
-            "n_best": 1,
-            "sampling": False,
-        }
-    )
+    return replace(cfg.decode, beam_size=cfg.trainer.eval_beam_size, n_best=1, sampling=False)
 
 
 def valid_bleu(
