@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -240,3 +243,33 @@ def test_results_name_the_hardware_and_precision(tmp_path: Path, monkeypatch: py
     saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert metrics["precision"] == saved["precision"] == "fp32"
     assert saved["hardware"]["cpu_class"] in ("avx2", "avx512", "avx512_bf16", "amx", "x86_64", "aarch64", "arm64")
+
+
+def test_allocator_env_preloads_mimalloc_once() -> None:
+    from transformer.runtime import allocator_env
+
+    lib = "/x/libmimalloc.so"
+    assert allocator_env({}, lib)["LD_PRELOAD"] == lib
+    assert allocator_env({"LD_PRELOAD": "/y/other.so"}, lib)["LD_PRELOAD"] == f"{lib} /y/other.so"
+    assert allocator_env({"LD_PRELOAD": lib}, lib) is None  # already running under it: no loop
+    assert allocator_env({"TRANSFORMER_ALLOCATOR": "system"}, lib) is None
+    assert allocator_env({}, None) is None  # not installed: the system allocator, silently
+    with pytest.raises(UserError, match="TRANSFORMER_ALLOCATOR=mimalloc but it is not installed"):
+        allocator_env({"TRANSFORMER_ALLOCATOR": "mimalloc"}, None)
+    with pytest.raises(UserError, match="TRANSFORMER_ALLOCATOR='jemalloc': expected one of auto, mimalloc, system"):
+        allocator_env({"TRANSFORMER_ALLOCATOR": "jemalloc"}, lib)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_use_fast_allocator_reruns_the_process_under_mimalloc() -> None:
+    from transformer.runtime import mimalloc_library
+
+    if mimalloc_library() is None:
+        pytest.skip("cmeel-mimalloc is not installed")
+    code = "from transformer.runtime import use_fast_allocator, active_allocator; use_fast_allocator(); print(active_allocator())"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TRANSFORMER_ALLOCATOR")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["mimalloc"], run.stderr
+    env["TRANSFORMER_ALLOCATOR"] = "system"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["system"], run.stderr

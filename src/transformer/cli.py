@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformer.commands import quiet_logging, run_plain_command
 from transformer.config import DecodeConfig, config_dir, register_configs
 from transformer.errors import UserError
+from transformer.runtime import use_fast_allocator
 
 
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
@@ -64,6 +65,7 @@ def _train(cfg: DictConfig) -> float:
 
 
 def train_cli() -> None:
+    use_fast_allocator()
     hydra_entry("train", _train)
 
 
@@ -157,6 +159,7 @@ def decode_cli() -> None:
 
 
 def serve_cli() -> None:
+    use_fast_allocator()
     from transformer.serve.server import serve
     from transformer.serve.settings import USAGE, ServeRunConfig
 

@@ -1,8 +1,14 @@
-"""Device choice and process-wide settings shared by training and decoding."""
+"""Device choice and process-wide settings shared by training and decoding: the device, the
+memory allocator, autocast."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -41,6 +47,60 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+ALLOCATOR_ENV = "TRANSFORMER_ALLOCATOR"  # auto (mimalloc where installed) | mimalloc | system
+ALLOCATORS = ("auto", "mimalloc", "system")
+
+
+def mimalloc_library() -> str | None:
+    """libmimalloc.so of the ``cmeel-mimalloc`` wheel (a dependency on Linux), if installed."""
+    try:
+        files = importlib.metadata.files("cmeel-mimalloc") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [f.locate() for f in files if f.name == "libmimalloc.so"]
+    return str(found[0]) if found and Path(found[0]).is_file() else None
+
+
+def allocator_env(env: Mapping[str, str], library: str | None) -> dict[str, str] | None:
+    """The environment to run this process again in, with mimalloc preloaded; None to go on.
+
+    glibc's malloc fragments under training's stream of differently sized large tensors: the
+    Multi30k recipe's resident size grew past 4.5 GB within minutes (BENCHMARKS.md, soak).
+    mimalloc, preloaded (no root: the library comes from a wheel), holds it near 1 GB."""
+    choice = env.get(ALLOCATOR_ENV, "auto")
+    if choice not in ALLOCATORS:
+        raise UserError(f"{ALLOCATOR_ENV}={choice!r}: expected one of {', '.join(ALLOCATORS)}")
+    preloaded = env.get("LD_PRELOAD", "")
+    if choice == "system" or "mimalloc" in preloaded:
+        return None
+    if library is None:
+        if choice == "mimalloc":
+            raise UserError(f"{ALLOCATOR_ENV}=mimalloc but it is not installed (pip install cmeel-mimalloc)")
+        return None
+    return {**env, "LD_PRELOAD": f"{library} {preloaded}".strip()}
+
+
+def use_fast_allocator() -> None:
+    """Run this command again at once with mimalloc preloaded (same pid, arguments and
+    streams), unless it already is, TRANSFORMER_ALLOCATOR=system, or mimalloc is missing.
+    Long-running commands (training, serving) call it before anything else."""
+    if not sys.platform.startswith("linux"):
+        return
+    env = allocator_env(os.environ, mimalloc_library())
+    if env is not None:
+        sys.stdout.flush()
+        os.execve(sys.executable, sys.orig_argv, env)
+
+
+def active_allocator() -> str:
+    """ "mimalloc" when it is mapped into this process, else "system"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "mimalloc" if "libmimalloc" in maps else "system"
 
 
 def autocast(device: torch.device, precision: str, key: str = "trainer.precision"):

@@ -20,7 +20,7 @@ from transformer.hardware import resolve_precision
 from transformer.model import Transformer, build_model
 from transformer.model.kernels import onednn_shapes
 from transformer.model.onednn_linear import train_linears_on_onednn
-from transformer.runtime import autocast, keep_freed_memory
+from transformer.runtime import active_allocator, autocast, keep_freed_memory
 from transformer.train.distributed import Dist, setup_distributed, share
 from transformer.train.init import load_init_weights
 from transformer.train.optim import build_optimizer
@@ -54,7 +54,7 @@ def setup_runtime(cfg: Any) -> Runtime:
     cfg.run_dir = share(cfg.run_dir, dist)  # Hydra names run directories by the clock: take rank 0's
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    if t.keep_freed_memory and device.type == "cpu":
+    if t.keep_freed_memory and device.type == "cpu" and active_allocator() == "system":
         keep_freed_memory()
     return rt
 

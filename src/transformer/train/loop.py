@@ -24,6 +24,7 @@ from transformer.data.batching import Example, chunked, collate
 from transformer.errors import UserError
 from transformer.hardware import detect
 from transformer.rundir import write_results
+from transformer.runtime import active_allocator
 from transformer.train import budget
 from transformer.train.build import setup_model, setup_runtime
 from transformer.train.calibrate import plan_budget
@@ -90,24 +91,17 @@ class Trainer:
         size = "streamed" if self.data.streaming else f"{len(self.data.train_examples)}"
         n_params, n_valid = f"{self.model.num_parameters():,}", len(self.data.valid_examples)
         log.info("model: %s parameters; %s training pairs, %d validation", n_params, size, n_valid)
-        log.info("hardware: %s; training in %s", detect().describe(), self.precision)
+        log.info("hardware: %s; training in %s; allocator %s", detect().describe(), self.precision, active_allocator())
 
     # the loop ----------------------------------------------------------------------
 
     def train_step(self, group: list[list[Example]]) -> dict:
         """One optimizer update over ``group`` (update_freq batches); see step.update."""
         batches = [collate(examples, self.model_cfg.pad_id).to(self.device) for examples in group]
+        parts = (self.net, self.model, self.optimizer, self.scaler)
+        step, d_model, world = self.progress.step + 1, self.model_cfg.d_model, self.dist.world
         return update(
-            self.net,
-            self.model,
-            self.optimizer,
-            self.scaler,
-            batches,
-            t=self.cfg.trainer,
-            precision=self.precision,
-            step=self.progress.step + 1,
-            d_model=self.model_cfg.d_model,
-            world=self.dist.world,
+            *parts, batches, t=self.cfg.trainer, precision=self.precision, step=step, d_model=d_model, world=world
         )
 
     def run(self) -> dict:
@@ -242,7 +236,8 @@ def train(cfg: TrainConfig | Any, test: TestFn | None = None) -> dict:
     trainer = Trainer(cfg, budget.clock())
     metrics = trainer.run()
     metrics.update(trainer.finish(test))
-    metrics.update(run_dir=str(trainer.run_dir), precision=trainer.precision, hardware=detect().to_dict())
+    metrics.update(run_dir=str(trainer.run_dir), precision=trainer.precision, allocator=active_allocator())
+    metrics["hardware"] = detect().to_dict()
     if trainer.progress.plan:
         metrics["budget_plan"] = trainer.progress.plan
     if trainer.dist.main:
