@@ -4,7 +4,7 @@
     tgt ids -> scaled embedding + positions -> decoder layers (causal self, cross, FFN) -> logits
 
 ``encode`` and ``decode`` are separate so search can encode once and decode step by step
-with a key/value cache (``start_cache`` / ``select_cache``).
+with a key/value cache (``start_cache`` / ``select_cache``, a ``cache.DecoderCache``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformer.config import CHOICES, ModelConfig, validate_section
 from transformer.errors import UserError
 from transformer.model.attention import CrossAttention, SelfAttention
+from transformer.model.cache import DecoderCache, LayerCache
 from transformer.vocab import PAD, Specials
 
 POSITIONAL = CHOICES["model"]["positional"]
@@ -165,11 +166,28 @@ class DecoderLayer(nn.Module):
         self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
 
     def forward(
-        self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: dict | None = None, groups: int = 1
-    ) -> Tensor:
+        self,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor],
+        src_mask: Tensor,
+        cache: LayerCache | None = None,
+        groups: int = 1,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, T, D) -> (B, T, D); ``need_weights``: and the cross-attention probabilities
+        (B, H, T, S), which leave the output unchanged (attention pictures, alignments)."""
+        weights = []
+
+        def cross(h: Tensor) -> Tensor:
+            if not need_weights:
+                return self.cross_attn(h, kv, src_mask, groups=groups)
+            out, w = self.cross_attn(h, kv, src_mask, need_weights=True, groups=groups)
+            weights.append(w)
+            return out
+
         x = self.self_sub(x, lambda h: self.self_attn(h, cache=cache))
-        x = self.cross_sub(x, lambda h: self.cross_attn(h, kv, src_mask, groups=groups))
-        return self.ffn_sub(x, self.ffn)
+        x = self.ffn_sub(self.cross_sub(x, cross), self.ffn)
+        return (x, weights[0]) if need_weights else x
 
 
 class Transformer(nn.Module):
@@ -232,84 +250,75 @@ class Transformer(nn.Module):
 
     # Incremental decoding -------------------------------------------------------------
 
-    def start_cache(self, memory: Tensor, src_mask: Tensor) -> dict:
+    def start_cache(self, memory: Tensor, src_mask: Tensor, align_layer: int | None = None) -> DecoderCache:
         """Decoder state for step-by-step search: cross-attention K/V computed once per
-        sentence, an empty self-attention cache per layer. ``groups`` rows (beams) share
-        each sentence's memory."""
-        return {
-            "memory_kv": [layer.cross_attn.memory_kv(memory) for layer in self.decoder],
-            "self": [{} for _ in self.decoder],
-            "mask": src_mask,
-            "groups": 1,
-            "pos": 0,
-        }
+        sentence, an empty self-attention cache per layer. ``align_layer`` (negative counts
+        from the end): ``decode_step`` also keeps that layer's cross-attention, averaged
+        over heads, in ``cache.alignment`` (N, S); None computes nothing extra."""
+        n_layers = len(self.decoder)
+        if align_layer is not None and not -n_layers <= align_layer < n_layers:
+            raise UserError(f"alignment layer {align_layer}: the model has {n_layers} decoder layers")
+        return DecoderCache(
+            memory_kv=[layer.cross_attn.memory_kv(memory) for layer in self.decoder],
+            layers=[LayerCache() for _ in self.decoder],
+            mask=src_mask,
+            align_layer=None if align_layer is None else align_layer % n_layers,
+        )
 
-    def decode_step(self, tokens: Tensor, cache: dict) -> Tensor:
-        """tokens (N, 1): the newest token of each row -> hidden state (N, D); appends to cache."""
-        x = self.tgt_embed(tokens, start=cache["pos"])
-        for layer, kv, self_cache in zip(self.decoder, cache["memory_kv"], cache["self"]):
-            x = layer(x, kv, cache["mask"], cache=self_cache, groups=cache["groups"])
-        cache["pos"] += tokens.size(1)
+    def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
+        """tokens (N, T), usually T = 1: the newest token of each row -> hidden state (N, D)
+        of the last one; appends to cache. With ``cache.align_layer`` set, cache.alignment
+        becomes that layer's cross-attention probabilities for the last position, averaged
+        over heads: (N, S), rows summing to one, zero at padded source positions."""
+        x = self.tgt_embed(tokens, start=cache.pos)
+        for i, (layer, kv, layer_cache) in enumerate(zip(self.decoder, cache.memory_kv, cache.layers)):
+            if i == cache.align_layer:
+                x, weights = layer(x, kv, cache.mask, layer_cache, cache.groups, need_weights=True)
+                cache.alignment = weights[:, :, -1].mean(dim=1)
+            else:
+                x = layer(x, kv, cache.mask, layer_cache, cache.groups)
+        cache.pos += tokens.size(1)
         return self.decoder_norm(x)[:, -1]
 
     @staticmethod
-    def select_cache(cache: dict, index: Tensor) -> dict:
+    def select_cache(cache: DecoderCache, index: Tensor) -> DecoderCache:
         """The cache rows at ``index`` (N,): beam expansion, reordering, dropping rows.
 
         Memory is kept once per sentence while every sentence owns an equal, contiguous run
         of rows (as beam and greedy search keep them); reordering beams inside a sentence
         then touches only the self-attention cache, whose rows are picked lazily, during
         the next step's append. Any other selection falls back to one memory row per
-        decoder row."""
-        sentence = torch.div(index, cache["groups"], rounding_mode="floor")  # old sentence of each new row
+        decoder row. The last step's alignment rows are picked too."""
+        sentence = torch.div(index, cache.groups, rounding_mode="floor")  # old sentence of each new row
         kept = torch.unique_consecutive(sentence)
         groups = index.numel() // max(kept.numel(), 1)
         if groups * kept.numel() != index.numel() or not torch.equal(kept.repeat_interleave(groups), sentence):
             kept, groups = sentence, 1
-        same = kept.numel() == cache["mask"].size(0) and torch.equal(
-            kept, torch.arange(kept.numel(), device=kept.device)
-        )
+        same = kept.numel() == cache.mask.size(0) and torch.equal(kept, torch.arange(kept.numel(), device=kept.device))
         pick = (lambda t: t) if same else (lambda t: t.index_select(0, kept))
-        return {
-            "memory_kv": [(pick(k), pick(v)) for k, v in cache["memory_kv"]],
-            "self": [reorder_later(c, index) for c in cache["self"]],
-            "mask": pick(cache["mask"]),
-            "groups": groups,
-            "pos": cache["pos"],
-        }
+        return DecoderCache(
+            memory_kv=[(pick(k), pick(v)) for k, v in cache.memory_kv],
+            layers=[c.reordered(index) for c in cache.layers],
+            mask=pick(cache.mask),
+            groups=groups,
+            pos=cache.pos,
+            align_layer=cache.align_layer,
+            alignment=None if cache.alignment is None else cache.alignment.index_select(0, index),
+        )
 
     def cross_attention(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Cross-attention probabilities (L, B, H, T, S) of every decoder layer for a forced
-        target, for attention pictures."""
+        target, for attention pictures: the decoder layers' own forward, asked for weights."""
         memory, mask = self.encode(src)
         x = self.tgt_embed(tgt)
         weights = []
         for layer in self.decoder:
-            kv = layer.cross_attn.memory_kv(memory)
-            x = layer.self_sub(x, layer.self_attn)
-            captured = []
-
-            def cross(h, layer=layer, kv=kv, captured=captured):
-                out, w = layer.cross_attn(h, kv, mask, need_weights=True)
-                captured.append(w)
-                return out
-
-            x = layer.cross_sub(x, cross)
-            x = layer.ffn_sub(x, layer.ffn)
-            weights.append(captured[0])
+            x, w = layer(x, layer.cross_attn.memory_kv(memory), mask, need_weights=True)
+            weights.append(w)
         return torch.stack(weights)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
-
-def reorder_later(cache: dict, index: Tensor) -> dict:
-    """A self-attention cache whose rows are ``index`` of ``cache``'s, left for
-    ``attention.extend`` to apply while it appends the next position."""
-    if "k" not in cache:
-        return {}
-    pending = cache.get("index")
-    return {"k": cache["k"], "v": cache["v"], "index": index if pending is None else pending[index]}
 
 
 def build_model(cfg: ModelConfig) -> Transformer:
