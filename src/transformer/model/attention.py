@@ -77,6 +77,27 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return scores.softmax(-1)
 
 
+def rotary_table(n_positions: int, head_dim: int) -> Tensor:
+    """Rotary position embedding (RoFormer, Su et al. 2021): cos and sin of the angles
+    position x 10000^(-2i/Dh), each repeated for both halves of a head, (2, n_positions, Dh)."""
+    if head_dim % 2:
+        raise UserError(f"model.positional=rope needs an even head width (model.d_model / model.n_heads = {head_dim})")
+    freqs = torch.pow(10000.0, -torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * freqs[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()]).float()
+
+
+def rotate(x: Tensor, table: Tensor) -> Tensor:
+    """Queries or keys x (B, H, T, Dh) turned by their positions' angles ``table`` (2, T, Dh):
+    each pair (x_i, x_{i+Dh/2}) is rotated, so q_m . k_n depends on m - n only. In fp32."""
+    cos, sin = table
+    y = x.float()
+    half = y.size(-1) // 2
+    turned = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
+    return (y * cos + turned * sin).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     """Self-attention; ``causal`` for the decoder, which may also keep a K/V cache."""
 
@@ -88,11 +109,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, cache: LayerCache | None = None, rotary: Tensor | None = None
+    ) -> Tensor:
         """x (B, T, D). mask (B, 1, 1, T) for padded keys. With ``cache``, x holds only the
         newest positions and their K/V are appended to cache.k, cache.v, after picking the
-        cached rows at cache.index when a reordering is pending."""
+        cached rows at cache.index when a reordering is pending. ``rotary`` (2, T, Dh): the
+        rotary table of x's positions (model.positional=rope); keys are cached rotated."""
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
         causal = self.causal
         if cache is not None:
             if cache.k is not None:
