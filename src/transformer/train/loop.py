@@ -29,6 +29,7 @@ from transformer.train import budget
 from transformer.train.build import setup_model, setup_runtime
 from transformer.train.calibrate import plan_budget
 from transformer.train.distributed import all_rng_states, finish_distributed, seed_everything, share
+from transformer.train.ema import EMA, averaged
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from
 from transformer.train.runlog import RunLog, train_record
@@ -81,8 +82,9 @@ class Trainer:
         self.interrupted = False
         self.bad_steps = BadSteps(t.max_bad_steps)
         seed_everything(t.seed + self.dist.rank)  # dropout streams differ across ranks
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay else None
         if resume is not None:
-            parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+            parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "ema": self.ema}
             self.progress = restore_training(*resume, **parts, tokenizer=self.tokenizer, dist=self.dist)
         if t.time_budget_minutes:
             if self.progress.plan is None:
@@ -120,13 +122,9 @@ class Trainer:
                 else:
                     stop = self.end_epoch()
         self.runlog.close()
-        return {
-            "step": self.progress.step,
-            "best_valid_bleu": self.progress.best_bleu,
-            "best_step": self.progress.best_step,
-            "minutes": (time.time() - start) / 60,
-            "interrupted": self.interrupted,
-        }
+        p, minutes = self.progress, (time.time() - start) / 60
+        summary = {"step": p.step, "best_valid_bleu": p.best_bleu, "best_step": p.best_step, "minutes": minutes}
+        return summary | {"interrupted": self.interrupted}
 
     def on_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -134,6 +132,8 @@ class Trainer:
     def after_update(self, stats: dict, start: float) -> str:
         """Count the update, log, then validate and save when due; why to stop ("" to go on)."""
         t = self.cfg.trainer
+        if self.ema is not None:
+            self.ema.update()  # trainer.ema_decay: the average after every optimizer step
         self.progress.step += 1
         self.progress.elapsed = time.time() - start
         self.window["tokens"] += stats["tokens"]
@@ -194,7 +194,8 @@ class Trainer:
         """Validation NLL and BLEU on rank 0; returns whether this is the best BLEU so far
         (the same answer on every rank)."""
         if self.dist.main:
-            validate(self.model, self.data, self.cfg, self.progress, self.runlog, self.device, self.precision)
+            with averaged(self.model, self.ema):  # the EMA's weights are the ones validated
+                validate(self.model, self.data, self.cfg, self.progress, self.runlog, self.device, self.precision)
         self.progress = Progress(**share(vars(self.progress), self.dist))
         return self.progress.best_step == self.progress.step and self.progress.evals_without_gain == 0
 
@@ -209,6 +210,7 @@ class Trainer:
             progress=self.progress,
             rngs=all_rng_states(self.dist),
             cfg=self.cfg,
+            ema=self.ema,
         )
         if self.dist.main:
             write_checkpoints(ckpt, self.ckpt_dir, self.progress.step, best, self.cfg.trainer)
