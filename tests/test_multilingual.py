@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -275,3 +276,14 @@ def test_corpora_overrides_parse_back() -> None:
 
     value = [{"src_lang": "en", "tgt_lang": "de"}, {"preset": "multi30k", "reverse": True}]
     assert OverridesParser.create().parse_override(f"data.corpora={hydra_value(value)}").value() == value
+
+
+def test_card_evaluate_command_scores_each_pair_as_training_did(both_ways_run: Path, cli, tmp_path: Path) -> None:
+    card = (both_ways_run / "README.md").read_text(encoding="utf-8")
+    command = next(line for line in card.splitlines() if line.startswith("transformer-evaluate "))
+    out = tmp_path / "hyp.txt"
+    result = cli("evaluate", *shlex.split(command)[1:], "device=cpu", f"output={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    test = json.loads((both_ways_run / "results.json").read_text(encoding="utf-8"))["test"]
+    assert {p: s["bleu"] for p, s in scored["pairs"].items()} == {p: s["bleu"] for p, s in test["pairs"].items()}

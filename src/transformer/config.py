@@ -128,7 +128,6 @@ class DataConfig:
     tgt_lang_tag: bool = False  # prepend the target-language tag (<2de>) to every source; BPE keeps the tags whole
     # data.corpora: corpus i is drawn with probability p_i ~ n_i^(1/T) (1: as its size; larger: flatter)
     sampling_temperature: float = 1.0
-    reverse: bool = False  # train the corpus target -> source (tgt_lang -> src_lang), e.g. the built-in one de -> en
 
 
 @dataclass
@@ -136,6 +135,7 @@ class CorpusConfig(DataConfig):
     """One entry of data.corpora: a data config's keys on top of ``preset``'s."""
 
     preset: str | None = None  # start from this data config (configs/data: builtin, files, hub, multi30k)
+    reverse: bool = False  # train the corpus target -> source (tgt_lang -> src_lang), e.g. the built-in one de -> en
 
 
 @dataclass
