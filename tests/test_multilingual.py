@@ -172,6 +172,24 @@ def test_corpora_are_tagged_and_validation_is_grouped_by_pair(tmp_path: Path) ->
     assert data.valid_sources[5] == data.valid_refs[0]  # the same sentences, read reversed
 
 
+def test_one_corpus_with_tags_is_tagged_alone(tmp_path: Path) -> None:
+    data = RunData(
+        compose_config("train", ["experiment=tiny", "data.tgt_lang_tag=true", f"run_dir={tmp_path}"]), Dist(), None
+    )
+    assert data.tokenizer.languages == ["de"] and len(data.sizes) == 1
+    assert {e.src[0] for e in data.train_examples} == {data.tokenizer.tags["de"]}
+    assert data.valid_groups == {"en-de": list(range(len(data.valid_sources)))}
+
+
+def test_a_tokenizer_without_the_tags_is_refused(tmp_path: Path) -> None:
+    cfg = compose_config("train", ["experiment=tiny", BOTH_WAYS, "data.tgt_lang_tag=true", f"run_dir={tmp_path}"])
+    build_tokenizer(PAIRS, 200, True, 1000).save(tmp_path)  # as a run directory holding an untagged spm.model
+    with pytest.raises(
+        UserError, match=r"^data.tgt_lang_tag: the run's tokenizer has no tag <2de> for en-de \(it has none"
+    ):
+        RunData(cfg, Dist(), None)
+
+
 def test_two_corpora_resume_exactly(tmp_path: Path) -> None:
     common = [
         "experiment=tiny",

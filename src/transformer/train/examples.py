@@ -20,7 +20,6 @@ from transformer.data.multilingual import (
     corpus_pairs,
     encode_corpus,
     epoch_indices,
-    tag_prefix,
     target_languages,
 )
 from transformer.data.source import read_train_pairs, train_examples, train_tokenizer
@@ -80,7 +79,12 @@ class RunData:
         """The tag ids opening the corpus's sources ([] without data.tgt_lang_tag)."""
         if not self.cfg.data.tgt_lang_tag:
             return []
-        return tag_prefix(self.tokenizer, corpus.tgt, key=f"data.tgt_lang_tag (the tokenizer's tags, {corpus.pair})")
+        if corpus.tgt not in self.tokenizer.tags:
+            raise UserError(
+                f"data.tgt_lang_tag: the run's tokenizer has no tag <2{corpus.tgt}> for {corpus.pair} (it has "
+                f"{', '.join(self.tokenizer.languages) or 'none'}; trainer.init_from and resume bring their own)"
+            )
+        return [self.tokenizer.tags[corpus.tgt]]
 
     def setup_valid(self, parts: Sequence[tuple[str, str, list[int], list[Pair]]]) -> None:
         """Validation sentences of each (corpus name, pair, tag ids, pairs) part, one part after
