@@ -129,6 +129,21 @@ class DataConfig:
     max_len: int = 256  # longer pairs (in subwords) are dropped from training, with a count
     max_tokens: int = 4096  # token budget per batch (padded source or target, whichever is larger)
     valid_max_sentences: int = 0  # cap on validation sentences used for BLEU during training (0: all)
+    # multilingual (README "Multilingual training")
+    # several corpora in one run: a list of CorpusConfig entries (a data config's keys, each with its
+    # src_lang and tgt_lang); empty: this config is the one corpus. Tokenizer and batching keys stay here.
+    corpora: list[Any] = field(default_factory=list)
+    tgt_lang_tag: bool = False  # prepend the target-language tag (<2de>) to every source; BPE keeps the tags whole
+    # data.corpora: corpus i is drawn with probability p_i ~ n_i^(1/T) (1: as its size; larger: flatter)
+    sampling_temperature: float = 1.0
+
+
+@dataclass
+class CorpusConfig(DataConfig):
+    """One entry of data.corpora: a data config's keys on top of ``preset``'s."""
+
+    preset: str | None = None  # start from this data config (configs/data: builtin, files, hub, multi30k)
+    reverse: bool = False  # train the corpus target -> source (tgt_lang -> src_lang), e.g. the built-in one de -> en
 
 
 @dataclass
@@ -200,6 +215,7 @@ class DecodeConfig:
     temperature: float = 1.0  # sampling: logits are divided by it
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)
     top_p: float = 1.0  # sampling: keep the smallest set holding this probability mass (1.0: all)
+    tgt_lang: str | None = None  # models trained with data.tgt_lang_tag: the language to translate into (e.g. de)
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any
 import sacrebleu
 
 from transformer.config import DataConfig, DecodeConfig, TrainConfig, typed
-from transformer.data.corpus import load_files, load_split
+from transformer.data.corpus import load_files
+from transformer.data.multilingual import split_parts
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.rundir import TEST_HYPOTHESES
@@ -42,6 +43,16 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     }
 
 
+def pair_scores(parts: Sequence[tuple[str, str | None, list]], hypotheses: Sequence[str]) -> dict:
+    """score() of each language pair's sentences (split_parts order; a pair may span corpora)."""
+    hyps, refs, start = {}, {}, 0
+    for pair, _, pairs in parts:
+        hyps.setdefault(pair, []).extend(hypotheses[start : start + len(pairs)])
+        refs.setdefault(pair, []).extend(t for _, t in pairs)
+        start += len(pairs)
+    return {pair: score(hyps[pair], refs[pair]) for pair in hyps}
+
+
 def evaluate(
     checkpoint: str,
     *,
@@ -64,15 +75,22 @@ def evaluate(
         if not ref_file:
             raise UserError("ref_file is required with src_file")
         sources, references = load_files(src_file, ref_file)
+        parts: list[tuple[str, str | None, list[tuple[str, str]]]] = [("", None, list(zip(sources, references)))]
         name = Path(src_file).name
     else:
         if data is None:
             raise UserError("give a data config (data=...) or src_file= and ref_file=")
-        pairs = load_split(data, split)
-        sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+        parts = split_parts(data, split)  # (pair, tgt_lang, pairs) per corpus; one ("", None, pairs) for one corpus
         name = f"{data.name}.{split}"
-    hypotheses = translator.translate(sources)
-    result = score(hypotheses, references)  # type: ignore[arg-type]
+    references = [t for _, _, pairs in parts for _, t in pairs]
+    hypotheses = [
+        h
+        for _, lang, pairs in parts
+        for h in translator.translate([s for s, _ in pairs], tgt_lang=lang or translator.config.tgt_lang)
+    ]
+    result = score(hypotheses, references)
+    if parts[0][0]:  # several corpora: each language pair scored alone too
+        result["pairs"] = pair_scores(parts, hypotheses)
     cfg = translator.config
     result.update(
         checkpoint=str(checkpoint),

@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, config_dir, to_dict
+from transformer.data.multilingual import corpora
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
@@ -55,6 +56,8 @@ SPLIT_KEYS = {
     ),
 }
 
+
+MULTILINGUAL_KEYS = ("corpora", "tgt_lang_tag", "sampling_temperature")  # added to SPLIT_KEYS when set
 
 # curves -----------------------------------------------------------------------------
 
@@ -97,6 +100,10 @@ def hydra_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, list):  # data.corpora
+        return "[" + ",".join(map(hydra_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str) and (
         not re.fullmatch(r"[A-Za-z_/.~][\w./:+~-]*", value) or value in ("true", "false", "null")
     ):
@@ -118,20 +125,33 @@ def shell(tokens: list[str]) -> str:
     return " ".join(shlex.quote(t) for t in tokens)
 
 
-def use_commands(run_dir: str, cfg: dict) -> list[str]:
-    """Shell commands that score the run's test split as training did and translate with it."""
+def use_commands(run_dir: str, cfg: dict, languages: list[str]) -> list[str]:
+    """Shell commands that score the run's test split as training did and translate with it
+    (a multilingual model into the first of its ``languages``)."""
     configs = Path(config_dir())
     data, source = cfg["data"], cfg["data"]["source"]
     decode = changed_overrides("decode", cfg["decode"], configs / "decode" / "beam.yaml", DecodeConfig)
-    data_opts = changed_overrides("data", data, configs / "data" / f"{source}.yaml", DataConfig, SPLIT_KEYS[source])
+    keys = (*SPLIT_KEYS[source], *(k for k in MULTILINGUAL_KEYS if k in data))  # older runs lack them
+    data_opts = changed_overrides("data", data, configs / "data" / f"{source}.yaml", DataConfig, keys)
+    tgt = [f"decode.tgt_lang={hydra_value(languages[0])}"] if languages and not cfg["decode"].get("tgt_lang") else []
     return [
         shell(["transformer-evaluate", f"checkpoint={run_dir}", f"data={source}", *data_opts, *decode]),
-        shell(["transformer-decode", f"checkpoint={run_dir}", *decode, "input=source.txt", "output=translations.txt"]),
         shell(
             [
                 "transformer-decode",
                 f"checkpoint={run_dir}",
                 *decode,
+                *tgt,
+                "input=source.txt",
+                "output=translations.txt",
+            ]
+        ),
+        shell(
+            [
+                "transformer-decode",
+                f"checkpoint={run_dir}",
+                *decode,
+                *tgt,
                 "sentence=a sentence to translate",
                 "plot_attention=attention.png",
             ]
@@ -139,7 +159,24 @@ def use_commands(run_dir: str, cfg: dict) -> list[str]:
     ]
 
 
+def corpora_lines(data: dict, test: dict | None) -> list[str]:
+    """One line per corpus of a multilingual run: its pair, where it comes from, its test BLEU."""
+    runs = corpora(DataConfig(**data))
+    tags = ", sources tagged <2xx>" if data["tgt_lang_tag"] else ""
+    lines = [
+        f"- name `{data['name']}`: {len(runs)} corpora, sampling temperature {data['sampling_temperature']:g}{tags}"
+    ]
+    pairs = (test or {}).get("pairs", {})
+    for c in runs:
+        origin = c.cfg.hub_name if c.cfg.source == "hub" else c.cfg.source
+        scored = f": test BLEU **{pairs[c.pair]['bleu']:.2f}**" if c.pair in pairs else ""
+        lines.append(f"  - {c.pair} (`{c.cfg.name}`, {origin}{', read reversed' if c.reverse else ''}){scored}")
+    return lines
+
+
 def data_lines(data: dict, test: dict | None) -> list[str]:
+    if data.get("corpora") or data.get("tgt_lang_tag"):
+        return [*corpora_lines(data, test), *tokenizer_lines(data, test)]
     lines = [f"- name `{data['name']}`, source `{data['source']}`, {data['src_lang']} -> {data['tgt_lang']}"]
     if data["source"] == "builtin":
         lines.append(
@@ -155,6 +192,11 @@ def data_lines(data: dict, test: dict | None) -> list[str]:
                 [data[f"{split}_file"]] if data["format"] != "text" else [data[f"{split}_src"], data[f"{split}_tgt"]]
             )
             lines.append(f"- {split}: " + ", ".join(f"`{f}`" for f in files))
+    return lines + tokenizer_lines(data, test)
+
+
+def tokenizer_lines(data: dict, test: dict | None) -> list[str]:
+    lines = []
     if data["valid_max_sentences"]:
         lines.append(f"- validation BLEU on the first {data['valid_max_sentences']} sentences")
     if test:
@@ -194,6 +236,27 @@ def minutes_text(minutes: float) -> str:
     if minutes < 1:
         return f"{minutes * 60:.0f} s"
     return f"{minutes:.1f} min" if minutes < 60 else f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+def use_lines(run_dir: str | Path, cfg: dict, languages: list[str]) -> list[str]:
+    """The card's "Use it": shell commands and the Python API (into the first of a multilingual
+    model's ``languages``)."""
+    lang = f", tgt_lang={json.dumps(languages[0])}" if languages else ""
+    out = ["## Use it", ""]
+    if not Path(run_dir).is_absolute():
+        out += ["From the directory training ran in:", ""]
+    return out + [
+        "```sh",
+        *use_commands(str(run_dir), cfg, languages),
+        "```",
+        "",
+        "```python",
+        "from transformer import Translator",
+        "",
+        f"translator = Translator.from_checkpoint({json.dumps(str(run_dir))})",
+        f'print(translator.translate(["a sentence to translate"]{lang}))',
+        "```",
+    ]
 
 
 def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True) -> str:
@@ -262,21 +325,7 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         ]
     else:
         out += ["Resolved config:", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip(), "```", ""]
-    out += ["## Use it", ""]
-    if not run.is_absolute():
-        out += ["From the directory training ran in:", ""]
-    out += [
-        "```sh",
-        *use_commands(str(run_dir), cfg),
-        "```",
-        "",
-        "```python",
-        "from transformer import Translator",
-        "",
-        f"translator = Translator.from_checkpoint({json.dumps(str(run_dir))})",
-        'print(translator.translate(["a sentence to translate"]))',
-        "```",
-    ]
+    out += use_lines(run_dir, cfg, tokenizer.languages)
     return "\n".join(out) + "\n"
 
 

@@ -201,6 +201,11 @@ def log_duplicates(keep: np.ndarray, name: str) -> None:
     log.info("%s: dropped %d of %d pairs repeating an earlier pair (data.dedup)", name, dropped, len(keep))
 
 
+def reversed_pairs(pairs: Iterable[Pair]) -> list[Pair]:
+    """Each pair target -> source (BiT epochs, a corpus entry's ``reverse``)."""
+    return [(t, s) for s, t in pairs]
+
+
 def load_train_pairs(cfg: DataConfig) -> list[Pair]:
     """Clean training pairs in memory, without repeats when data.dedup is set."""
     pairs = load_split(cfg, "train")

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,12 +20,21 @@ import sentencepiece as spm
 from transformer.vocab import BOS, EOS, PAD, UNK
 
 log = logging.getLogger(__name__)
+TAG = re.compile(r"<2([^<>\s]+)>")  # a target-language tag, <2de> (data.tgt_lang_tag)
 
 
-def train_sentencepiece(sentences: Iterable[str], vocab_size: int, max_sentences: int) -> bytes:
+def language_tag(lang: str) -> str:
+    return f"<2{lang}>"
+
+
+def train_sentencepiece(
+    sentences: Iterable[str], vocab_size: int, max_sentences: int, user_symbols: Sequence[str] = ()
+) -> bytes:
     """A BPE model proto trained on ``sentences``; the vocabulary may come out smaller
-    than asked when the corpus is tiny (hard_vocab_limit off)."""
+    than asked when the corpus is tiny (hard_vocab_limit off). ``user_symbols`` (the
+    language tags) are whole pieces, right after the four specials, never split."""
     proto = io.BytesIO()
+    extra = {"user_defined_symbols": list(user_symbols)} if user_symbols else {}
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=proto,
@@ -44,8 +54,19 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, max_sentences
         eos_piece="</s>",
         num_threads=2,
         minloglevel=2,
+        **extra,
     )
     return proto.getvalue()
+
+
+def tag_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
+    """language -> id of its tag piece: the run of ``<2xx>`` pieces that training puts right
+    after the specials (a model trained without tags has none)."""
+    tags, i = {}, EOS + 1
+    while i < sp.get_piece_size() and (m := TAG.fullmatch(sp.id_to_piece(i))):
+        tags[m.group(1)] = i
+        i += 1
+    return tags
 
 
 class Tokenizer:
@@ -55,6 +76,13 @@ class Tokenizer:
         self.src_proto, self.tgt_proto = src_proto, tgt_proto if tgt_proto is not None else src_proto
         self.src = spm.SentencePieceProcessor(model_proto=self.src_proto)
         self.tgt = spm.SentencePieceProcessor(model_proto=self.tgt_proto) if tgt_proto is not None else self.src
+        self.tags = tag_ids(self.src)  # target-language tags of a multilingual model (README "Multilingual training")
+        self.tgt_tags = set(tag_ids(self.tgt).values())  # dropped from decoded text
+
+    @property
+    def languages(self) -> list[str]:
+        """The target languages the model's tags name (empty without data.tgt_lang_tag)."""
+        return sorted(self.tags)
 
     @property
     def joint(self) -> bool:
@@ -79,8 +107,8 @@ class Tokenizer:
         return self.encode_src([s for s, _ in pairs]), self.encode_tgt([t for _, t in pairs])
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        """Detokenized text; special ids are dropped."""
-        return [self.tgt.decode([i for i in seq if i > EOS]) for seq in ids]
+        """Detokenized text; special ids and language tags are dropped."""
+        return [self.tgt.decode([i for i in seq if i > EOS and i not in self.tgt_tags]) for seq in ids]
 
     def src_pieces(self, sentence: str) -> list[str]:
         return self.src.encode(sentence, out_type=str) + ["</s>"]
@@ -146,6 +174,7 @@ class MappedTokenizer(Tokenizer):
         tgt_prefix: Sequence[int] = (),
     ):
         super().__init__(src_proto, tgt_proto)
+        self.tags, self.tgt_tags = {}, set()  # ids here are vocabulary positions: no <2xx> tags
         self.src_vocab, self.tgt_vocab = list(src_vocab), None if tgt_vocab is None else list(tgt_vocab)
         self.ids = dict(unk=unk, eos=eos, bos=bos, pad=pad)
         self.special, self.src_prefix, self.tgt_prefix = sorted(set(special)), list(src_prefix), list(tgt_prefix)
@@ -271,9 +300,13 @@ def sample_pairs(pairs: Iterable[tuple[str, str]], k: int, seed: int = BPE_SAMPL
     return [pair for _, pair in sorted(reservoir, key=lambda item: item[0])]
 
 
-def build_tokenizer(pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool, max_sentences: int) -> Tokenizer:
+def build_tokenizer(
+    pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool, max_sentences: int, languages: Sequence[str] = ()
+) -> Tokenizer:
     """Train BPE on the training pairs, or on a reproducible sample of ``max_sentences``
-    of them (data.tokenizer_sample): one model over both sides, or one per side."""
+    of them (data.tokenizer_sample): one model over both sides, or one per side. Each of
+    ``languages`` gets its tag piece in the (source) model."""
+    tags = [language_tag(lang) for lang in languages]
     pairs = sample_pairs(pairs, max_sentences)
     log.info(
         "training SentencePiece BPE (vocab %d, %s) on %d pairs",
@@ -282,7 +315,7 @@ def build_tokenizer(pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bo
         len(pairs),
     )
     if joint:
-        return Tokenizer(train_sentencepiece((s for pair in pairs for s in pair), vocab_size, 2 * max_sentences))
-    src = train_sentencepiece((s for s, _ in pairs), vocab_size, max_sentences)
+        return Tokenizer(train_sentencepiece((s for pair in pairs for s in pair), vocab_size, 2 * max_sentences, tags))
+    src = train_sentencepiece((s for s, _ in pairs), vocab_size, max_sentences, tags)
     tgt = train_sentencepiece((t for _, t in pairs), vocab_size, max_sentences)
     return Tokenizer(src, tgt)

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformer.checkpoint import load_model, model_from_checkpoint
 from transformer.config import DecodeConfig, setting, validate_section
 from transformer.data.batching import pad, token_batches
+from transformer.data.multilingual import tag_prefix
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
 from transformer.errors import UserError
@@ -253,7 +254,8 @@ class Translator:
         """n-best Translations per sentence, best first; with ``attention``, each carries its
         cross-attention of decoder ``attention_layer`` and ``attention_head`` (-1: the mean)."""
         cfg = self.options(**overrides)
-        src_ids = self.tokenizer.encode_src(sentences)
+        prefix = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
+        src_ids = [prefix + ids for ids in self.tokenizer.encode_src(sentences)]
         results = translate_ids(self.search_models(cfg), src_ids, cfg, first_line=first_line)
         out = []
         for ids, hyps in zip(src_ids, results):

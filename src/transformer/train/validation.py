@@ -61,6 +61,14 @@ def valid_bleu(
     return sacrebleu.corpus_bleu(texts, [list(references)]).score, texts
 
 
+def pair_bleu(texts: Sequence[str], references: Sequence[str], groups: dict[str, list[int]]) -> dict[str, float]:
+    """``valid_bleu_<pair>``: the BLEU of each language pair's sentences (multilingual runs)."""
+    return {
+        f"valid_bleu_{pair}": sacrebleu.corpus_bleu([texts[i] for i in idx], [[references[i] for i in idx]]).score
+        for pair, idx in groups.items()
+    }
+
+
 def valid_record(step: int, minutes: float, nll: float, bleu: float) -> dict:
     return {
         "step": step,
@@ -88,7 +96,9 @@ def validate(
     precision: str,
 ) -> None:
     """Validation NLL and BLEU of ``model`` on ``data``: ``progress`` records the best BLEU and
-    the evaluations without gain, ``runlog`` gets the record."""
+    the evaluations without gain, ``runlog`` gets the record. In a multilingual run the
+    record also holds each pair's BLEU; the overall one (all pairs' sentences together) is
+    what best checkpoints and early stopping follow."""
     p, tokenizer = progress, data.tokenizer
     nll = valid_loss(model, data.valid_examples, cfg.data.max_tokens, device, precision)
     bleu, texts = valid_bleu(model, tokenizer, data.valid_source_ids, data.valid_refs, eval_decode_config(cfg))
@@ -96,9 +106,11 @@ def validate(
         p.best_bleu, p.best_step, p.evals_without_gain = bleu, p.step, 0
     else:
         p.evals_without_gain += 1
-    record = valid_record(p.step, p.elapsed / 60, nll, bleu)
+    pairs = pair_bleu(texts, data.valid_refs, data.valid_groups)
+    record = valid_record(p.step, p.elapsed / 60, nll, bleu) | pairs
     runlog.log("valid", record, samples_text(data.valid_sources, data.valid_refs, texts))
     log.info(
-        "step %d: valid nll %.4f ppl %.2f BLEU %.2f (best %.2f at step %d)",
+        "step %d: valid nll %.4f ppl %.2f BLEU %.2f (best %.2f at step %d)%s",
         *(p.step, nll, record["valid_ppl"], bleu, p.best_bleu, p.best_step),
+        "".join(f"; {key.removeprefix('valid_bleu_')} {value:.2f}" for key, value in pairs.items()),
     )
