@@ -295,6 +295,135 @@ def sample(
 # ------------------------------------------------------------------------- beam search
 
 
+@dataclass
+class _Beams:
+    """What a beam search carries between steps. Rows N = B' * width: row r belongs to running
+    sentence r // width (width is 1 before the first step has chosen `beam` tokens, then beam)."""
+
+    sentences: Tensor  # (B',) input index of each running sentence
+    max_len: Tensor  # (B',)
+    tokens: Tensor  # (N, t+1) BOS and the tokens so far
+    token_lps: Tensor  # (N, t)
+    scores: Tensor  # (N,) running log-probs
+    best_finished: Tensor  # (B', n_best) best finished scores so far, sorted, -inf padded
+    n_finished: Tensor  # (B',) hypotheses finished so far
+    state: Any  # the scorer's
+
+    @property
+    def width(self) -> int:
+        return self.tokens.size(0) // self.sentences.numel()
+
+
+@dataclass
+class _Candidates:
+    """A step's best extensions of every running sentence, best first: (B', C) each."""
+
+    score: Tensor  # running log-prob after the token
+    row: Tensor  # the extended row (in N)
+    token: Tensor
+    token_lp: Tensor  # log-prob of the token alone
+
+
+def _start_beams(scorer: Scorer, src: Tensor, n_best: int, max_len: Tensor, bos: int) -> _Beams:
+    """One row per sentence holding BOS: all of a sentence's beams would be the same prefix."""
+    batch, device = src.size(0), src.device
+    return _Beams(
+        sentences=torch.arange(batch, device=device),
+        max_len=max_len,
+        tokens=torch.full((batch, 1), bos, dtype=torch.long, device=device),
+        token_lps=torch.zeros(batch, 0, device=device),
+        scores=torch.zeros(batch, device=device),
+        best_finished=torch.full((batch, n_best), NEG_INF, dtype=torch.float64, device=device),
+        n_finished=torch.zeros(batch, dtype=torch.long, device=device),
+        state=scorer.start(src),
+    )
+
+
+def _widen(scorer: Scorer, beams: _Beams, log_probs: Tensor, k: int) -> Tensor:
+    """At the first step over a vocabulary under 2k: k copies of each row, all but one dead,
+    so that ranking always finds k live candidates. Returns the copies' log-probs."""
+    if beams.width >= k or log_probs.size(1) >= 2 * k:
+        return log_probs
+    running, device = beams.sentences.numel(), log_probs.device
+    copies = torch.arange(beams.tokens.size(0), device=device).repeat_interleave(k)
+    beams.tokens, beams.token_lps = beams.tokens[copies], beams.token_lps[copies]
+    beams.state = scorer.select(beams.state, copies)
+    scores = torch.full((running, k), NEG_INF, device=device)
+    scores[:, 0] = 0.0
+    beams.scores = scores.view(-1)
+    return log_probs[copies]
+
+
+def _rank(beams: _Beams, log_probs: Tensor, k: int) -> _Candidates:
+    """Each sentence's best 2k extensions by running log-prob, without a pass over all
+    width * V of them: a sentence's best 2k are among the best 2k tokens of each of its rows."""
+    running, width = beams.sentences.numel(), beams.width
+    row_top, row_token = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
+    token_lp = row_top.view(running, -1)  # (B', width * c)
+    per_row = row_top.size(1)
+    candidates = beams.scores.view(running, width).repeat_interleave(per_row, dim=1) + token_lp
+    top, flat = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (B', 2k)
+    row = flat // per_row + torch.arange(running, device=top.device)[:, None] * width
+    return _Candidates(top, row, row_token.view(running, -1).gather(1, flat), token_lp.gather(1, flat))
+
+
+def _finish(
+    beams: _Beams,
+    cands: _Candidates,
+    t: int,
+    k: int,
+    penalty: Callable[[int], float],
+    eos: int,
+    finished: list[list[Hypothesis]],
+) -> None:
+    """Finalisation: EOS among a sentence's first k candidates, with a finite log-prob, is a
+    finished hypothesis scored log_prob / penalty(t + 1) (fairseq's rule)."""
+    top = cands.score[:, :k]
+    new_finished = (cands.token[:, :k] == eos) & torch.isfinite(top)  # (B', k)
+    if not bool(new_finished.any()):
+        return
+    new_scores = top.double() / penalty(t + 1)  # (B', k)
+    which, rank = new_finished.nonzero().unbind(1)
+    rows = cands.row[which, rank]
+    prefixes, prefix_lps = beams.tokens[rows, 1:].tolist(), beams.token_lps[rows].tolist()
+    for i, j, toks, lps in zip(which.tolist(), rank.tolist(), prefixes, prefix_lps):
+        finished[int(beams.sentences[i])].append(
+            Hypothesis(
+                tokens=toks + [eos],
+                score=float(new_scores[i, j]),
+                log_prob=float(top[i, j]),
+                token_log_probs=lps + [float(cands.token_lp[i, j])],
+            )
+        )
+    entering = new_scores.masked_fill(~new_finished, NEG_INF)
+    beams.best_finished = (
+        torch.cat([beams.best_finished, entering], dim=1).topk(beams.best_finished.size(1), dim=1).values
+    )
+    beams.n_finished = beams.n_finished + new_finished.sum(dim=1)
+
+
+def _advance(beams: _Beams, cands: _Candidates, live: Tensor) -> Tensor:
+    """Expansion: the candidates at columns `live` (B', k) become the next beams. Returns the
+    row (in the old N) each new row extends, for the scorer's state."""
+    source_row = cands.row.gather(1, live).view(-1)  # (N,)
+    token = cands.token.gather(1, live).view(-1, 1)  # (N, 1)
+    beams.tokens = torch.cat([beams.tokens[source_row], token], dim=1)  # (N, t+2)
+    beams.token_lps = torch.cat([beams.token_lps[source_row], cands.token_lp.gather(1, live).view(-1, 1)], dim=1)
+    beams.scores = cands.score.gather(1, live).view(-1)
+    return source_row
+
+
+def _keep_running(scorer: Scorer, beams: _Beams, done: Tensor, source_row: Tensor) -> None:
+    """Drop the sentences that are `done` (B',) and move the scorer's state to the new rows."""
+    keep_rows = (~done).repeat_interleave(beams.width)  # (N,)
+    beams.sentences, beams.max_len = beams.sentences[~done], beams.max_len[~done]
+    beams.best_finished, beams.n_finished = beams.best_finished[~done], beams.n_finished[~done]
+    beams.tokens, beams.token_lps = beams.tokens[keep_rows], beams.token_lps[keep_rows]
+    beams.scores = beams.scores[keep_rows]
+    if beams.sentences.numel() > 0:
+        beams.state = scorer.select(beams.state, source_row[keep_rows])
+
+
 def _first_live(is_eos: Tensor, beam: int) -> Tensor:
     """Column indices of the first `beam` non-EOS candidates of each row, in rank order.
 
@@ -305,26 +434,24 @@ def _first_live(is_eos: Tensor, beam: int) -> Tensor:
     return key.argsort(dim=1)[:, :beam]
 
 
-def _sentences_done(
-    live_log_probs: Tensor,
-    best_finished: Tensor,
-    n_finished: Tensor,
-    length: int,
-    max_len: Tensor,
-    beam: int,
-    alpha: float,
-    style: str,
-    early_stop: str,
-) -> Tensor:
-    """Which running sentences can stop (B',); see `beam_search` for the rule.
+def _sentences_done(beams: _Beams, length: int, k: int, alpha: float, style: str, early_stop: str) -> Tensor:
+    """Which running sentences can stop (B',), their live beams holding `length` tokens.
 
-    live_log_probs (B', beam) of the live beams, which hold `length` tokens;
-    best_finished (B', n_best) the best finished scores so far, sorted, -inf padded;
-    n_finished (B',) how many hypotheses each sentence has finished.
+    * A sentence always stops after the step at its maximum length (EOS was forced on every
+      live beam) or when no beam has a finite log-prob left;
+    * otherwise it needs at least `k` finished hypotheses (fairseq's rule), and with
+      ``early_stop="exact"`` also that no live beam can still enter the n-best: log-probs
+      only decrease, so a live beam's best reachable score is its log-prob divided by the
+      largest penalty reachable for lengths up to the maximum (penalties are monotone in
+      length, so that is one of the two ends of the range); the sentence stops once this
+      bound is <= the n_best-th best finished score. ``early_stop="fairseq"`` skips that
+      check: cheaper, and identical whenever the penalty does not grow with length (style
+      "none", or alpha <= 0).
     """
+    live_log_probs, best_finished, max_len = beams.scores.view(-1, k), beams.best_finished, beams.max_len
     best_live = live_log_probs.max(dim=1).values.double()  # (B',)
     done = (max_len <= length) | (best_live == NEG_INF)  # EOS was forced everywhere, or nothing is alive
-    enough = n_finished >= beam
+    enough = beams.n_finished >= k
     if early_stop == "fairseq":
         return done | enough
     # Over lengths length+1 .. max_len the penalty is monotone, so x / lp(L) peaks at an end.
@@ -350,28 +477,14 @@ def beam_search(
     """Beam search over all sentences at once; `n_best` hypotheses each, best first.
 
     Each step every sentence ranks its beam * V extensions by running log-prob and keeps
-    the best 2 * beam: among the first `beam` of them, those ending in EOS become
-    finished hypotheses with score log_prob / length_penalty(len incl. EOS) (the rule
-    fairseq uses); the first `beam` not ending in EOS are the next beams. Taking 2 * beam
-    guarantees `beam` live candidates, as at most one EOS comes from each beam. They are
-    found without a pass over all beam * V values: each row's best 2 * beam tokens first
-    (a sentence's best candidates are among them), then the best of those. The first step
-    runs one row per sentence (all its beams would be the same BOS prefix) and then
-    expands to `beam` rows; a vocabulary smaller than 2 * beam instead starts with `beam`
-    copies of which all but one hold -inf.
-
-    Stopping rule per sentence (finished sentences are dropped from the batch):
-
-    * it always stops after the step at its maximum length (EOS was forced on every
-      live beam) or when no beam has a finite log-prob left;
-    * otherwise it needs at least `beam` finished hypotheses (fairseq's rule), and with
-      ``early_stop="exact"`` (the default) also that no live beam can still enter the
-      n-best: log-probs only decrease, so a live beam's best reachable score is its
-      log-prob divided by the largest penalty reachable for lengths up to the maximum
-      (penalties are monotone in length, so that is one of the two ends of the range);
-      the sentence stops once this bound is <= the n_best-th best finished score.
-      ``early_stop="fairseq"`` skips that check: cheaper, and identical whenever the
-      penalty does not grow with length (style "none", or alpha <= 0).
+    the best 2 * beam (`_rank`): among the first `beam` of them, those ending in EOS become
+    finished hypotheses with score log_prob / length_penalty(len incl. EOS) (`_finish`, the
+    rule fairseq uses); the first `beam` not ending in EOS are the next beams (`_advance`).
+    Taking 2 * beam guarantees `beam` live candidates, as at most one EOS comes from each
+    beam. The first step runs one row per sentence (all its beams would be the same BOS
+    prefix) and then expands to `beam` rows; a vocabulary smaller than 2 * beam instead
+    starts with `beam` copies of which all but one hold -inf (`_widen`). Sentences stop by
+    the rule of `_sentences_done` and leave the batch.
 
     With beam_size=1 and ``early_stop="fairseq"``, or with a non-growing penalty, this is
     greedy search. With a growing penalty the exact rule can keep a beam running after a
@@ -385,77 +498,18 @@ def beam_search(
     if early_stop not in ("exact", "fairseq"):
         raise ValueError(f"unknown early_stop {early_stop!r} (exact | fairseq)")
     alpha, style, k = length_penalty, lp_style, beam_size
-    batch, device = src.size(0), src.device
-    sentences = torch.arange(batch, device=device)  # (B',) input index of each running sentence
-    max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)  # (B',)
-    state = scorer.start(src)  # one row per sentence until the first step has chosen k tokens
-    tokens = torch.full((batch, 1), specials.bos, dtype=torch.long, device=device)  # (N, t+1), N = B' * width
-    token_lps = torch.zeros(batch, 0, device=device)  # (N, t)
-    scores = torch.zeros(batch, device=device)  # (N,) running log-probs
-    best_finished = torch.full((batch, n_best), NEG_INF, dtype=torch.float64, device=device)  # (B', n_best) sorted
-    n_finished = torch.zeros(batch, dtype=torch.long, device=device)  # (B',)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)  # (B,)
+    beams = _start_beams(scorer, src, n_best, max_len, specials.bos)
+    finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     t = 0
-    while sentences.numel() > 0:
-        running = sentences.numel()
-        width = tokens.size(0) // running  # rows per sentence: 1 at the first step, then k
-        log_probs, state = scorer.step(state, tokens)
-        if width < k and log_probs.size(1) < 2 * k:  # a vocabulary under 2k: k copies, all but one dead
-            copies = torch.arange(tokens.size(0), device=device).repeat_interleave(k)
-            log_probs, tokens, token_lps = log_probs[copies], tokens[copies], token_lps[copies]
-            state, width = scorer.select(state, copies), k
-            scores = torch.full((running, k), NEG_INF, device=device)
-            scores[:, 0] = 0.0
-            scores = scores.view(-1)
-        log_probs = _constrain(log_probs, t, min_len, max_len.repeat_interleave(width), specials)  # (N, V)
-        # A sentence's best 2k extensions are among the best 2k of each of its rows.
-        row_top, row_token = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
-        token_lp = row_top.view(running, -1)  # (B', width * c) log-prob of the token
-        per_row = row_top.size(1)
-        candidates = scores.view(running, width).repeat_interleave(per_row, dim=1) + token_lp  # (B', width * c)
-        top, flat = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (B', 2k)
-        source_row = flat // per_row + torch.arange(running, device=device)[:, None] * width  # (B', 2k) row in N
-        token = row_token.view(running, -1).gather(1, flat)  # (B', 2k)
-        token_lp = token_lp.gather(1, flat)  # (B', 2k)
-        is_eos = token == specials.eos
-
-        # Finished: EOS among the first k candidates, with a finite log-prob.
-        new_finished = is_eos[:, :k] & torch.isfinite(top[:, :k])  # (B', k)
-        new_scores = top[:, :k].double() / _penalty(t + 1, alpha, style)  # (B', k)
-        if bool(new_finished.any()):
-            which, rank = new_finished.nonzero().unbind(1)
-            rows = source_row[which, rank]
-            prefixes, prefix_lps = tokens[rows, 1:].tolist(), token_lps[rows].tolist()
-            for i, j, toks, lps in zip(which.tolist(), rank.tolist(), prefixes, prefix_lps):
-                finished[int(sentences[i])].append(
-                    Hypothesis(
-                        tokens=toks + [specials.eos],
-                        score=float(new_scores[i, j]),
-                        log_prob=float(top[i, j]),
-                        token_log_probs=lps + [float(token_lp[i, j])],
-                    )
-                )
-            entering = new_scores.masked_fill(~new_finished, NEG_INF)
-            best_finished = torch.cat([best_finished, entering], dim=1).topk(n_best, dim=1).values
-            n_finished = n_finished + new_finished.sum(dim=1)
-
-        # Continue: the first k non-EOS candidates.
-        live = _first_live(is_eos, k)  # (B', k)
-        source_row = source_row.gather(1, live).view(-1)  # (N,)
-        token = token.gather(1, live).view(-1)  # (N,)
-        scores = top.gather(1, live).view(-1)  # (N,)
-        tokens = torch.cat([tokens[source_row], token[:, None]], dim=1)  # (N, t+2)
-        token_lps = torch.cat([token_lps[source_row], token_lp.gather(1, live).view(-1, 1)], dim=1)
-
-        done = _sentences_done(
-            scores.view(running, k), best_finished, n_finished, t + 1, max_len, k, alpha, style, early_stop
-        )
-        keep_rows = (~done).repeat_interleave(k)  # (N,)
-        sentences, max_len = sentences[~done], max_len[~done]
-        best_finished, n_finished = best_finished[~done], n_finished[~done]
-        tokens, token_lps, scores = tokens[keep_rows], token_lps[keep_rows], scores[keep_rows]
-        if sentences.numel() > 0:
-            state = scorer.select(state, source_row[keep_rows])
+    while beams.sentences.numel() > 0:
+        log_probs, beams.state = scorer.step(beams.state, beams.tokens)
+        log_probs = _widen(scorer, beams, log_probs, k)
+        log_probs = _constrain(log_probs, t, min_len, beams.max_len.repeat_interleave(beams.width), specials)  # (N, V)
+        cands = _rank(beams, log_probs, k)
+        _finish(beams, cands, t, k, lambda n: _penalty(n, alpha, style), specials.eos, finished)
+        source_row = _advance(beams, cands, _first_live(cands.token == specials.eos, k))
+        done = _sentences_done(beams, t + 1, k, alpha, style, early_stop)
+        _keep_running(scorer, beams, done, source_row)
         t += 1
-
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
