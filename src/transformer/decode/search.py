@@ -17,6 +17,17 @@ Conventions shared by all searches:
   in M2M100, only PAD). The ids come from ``specials`` (``transformer.vocab.Specials``);
   ``specials.forced_bos`` >= 0 is the only possible first token, at log-prob 0 (HF's
   ``forced_bos_token_id``: M2M100's target language).
+* ``prefix`` (per sentence a list of target ids, possibly empty) forces the first tokens
+  of every output of that sentence; each forced token keeps the model's log-prob, so it
+  counts in the score, and search continues after it. A prefix must leave room for EOS
+  within the maximum length (ValueError otherwise). A prefix counts towards ``min_len``.
+* ``constraints`` (beam search only) gives each sentence phrases (target id lists) its
+  outputs must contain, in any order (`transformer.decode.constraints`): a row may emit EOS
+  only once it has met them all, and beams are chosen by dynamic beam allocation
+  (`_next_beams`). At the length limit EOS is forced regardless; such hypotheses carry
+  ``constraints_met=False`` and rank after every hypothesis that met its constraints, so
+  the best unmet one is returned only when none met them. No constraints (None, or only
+  empty lists) is plain beam search exactly.
 * Impossible choices carry ``float('-inf')``, never a large negative constant, so a
   hypothesis that would need one is recognised as dead rather than merely unlikely.
 """
@@ -31,6 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from transformer.decode.constraints import Progress, allocate
 from transformer.vocab import BOS, EOS, PAD, Specials  # noqa: F401 (BOS, EOS, PAD: the defaults, imported from here by callers)
 
 NEG_INF = float("-inf")
@@ -86,6 +98,7 @@ class Hypothesis:
     score: float  # the ranking score (log-prob after length penalty)
     log_prob: float  # sum of token log-probs (including EOS)
     token_log_probs: list[float]
+    constraints_met: bool = True  # False: the length limit ended it before all its constraints appeared
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -146,6 +159,38 @@ def _constrain(log_probs: Tensor, t: int, min_len: int, max_len: Tensor, special
     return log_probs
 
 
+def _prefixes(prefix: Sequence[Sequence[int]] | None, max_len: Tensor) -> tuple[Tensor, Tensor]:
+    """Forced prefixes as ids (B, P), PAD after each one's end, and lengths (B,).
+
+    Every prefix must leave room for EOS within its sentence's maximum length."""
+    batch, device = max_len.numel(), max_len.device
+    rows = [list(r) for r in prefix] if prefix is not None else [[] for _ in range(batch)]
+    if len(rows) != batch:
+        raise ValueError(f"{len(rows)} prefixes for {batch} sentences")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+    for i in (lengths >= max_len).nonzero().flatten().tolist():
+        raise ValueError(
+            f"sentence {i}: its prefix of {len(rows[i])} tokens leaves no room for EOS in {int(max_len[i])}"
+        )
+    width = int(lengths.max()) if batch else 0
+    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return ids.view(batch, width), lengths
+
+
+def _force_prefix(log_probs: Tensor, t: int, prefix: Tensor, lengths: Tensor) -> Tensor:
+    """Rows still inside their prefix (N, P) may only take its next token, at that token's own
+    log-prob (so forced tokens count in the score, as CTranslate2's target_prefix does)."""
+    if t >= prefix.size(1):
+        return log_probs
+    forced = (t < lengths).nonzero().flatten()
+    if forced.numel() > 0:
+        token = prefix[forced, t]
+        kept = log_probs[forced, token]
+        log_probs[forced] = NEG_INF
+        log_probs[forced, token] = kept
+    return log_probs
+
+
 # ------------------------------------------------------------------ greedy and sampling
 
 
@@ -159,6 +204,7 @@ def _decode_rows(
     max_len_limit: int,
     min_len: int,
     specials: Specials,
+    prefix: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Left-to-right decoding with one row per output; `choose` picks each row's next token.
 
@@ -168,37 +214,47 @@ def _decode_rows(
     at log-prob -inf.
     """
     batch, device = src.size(0), src.device
-    rows = torch.arange(batch * copies, device=device)  # (N,) output slot: sentence * copies + k
     max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)
-    max_len = max_len.repeat_interleave(copies)  # (N,)
+    forced, forced_len = _prefixes(prefix, max_len)
+    run = {  # per row: output slot sentence * copies + k, its limits, and what it has generated
+        "slot": torch.arange(batch * copies, device=device),
+        "max_len": max_len.repeat_interleave(copies),
+        "prefix": forced.repeat_interleave(copies, dim=0),
+        "prefix_len": forced_len.repeat_interleave(copies),
+        "tokens": torch.full((batch * copies, 1), specials.bos, dtype=torch.long, device=device),  # (N, t+1)
+        "token_lps": torch.zeros(batch * copies, 0, device=device),  # (N, t)
+    }
     state = scorer.start(src)
     if copies > 1:
         state = scorer.select(state, torch.arange(batch, device=device).repeat_interleave(copies))
-    tokens = torch.full((batch * copies, 1), specials.bos, dtype=torch.long, device=device)  # (N, t+1)
-    token_lps = torch.zeros(batch * copies, 0, device=device)  # (N, t)
     results: list[Hypothesis | None] = [None] * (batch * copies)
     t = 0
-    while rows.numel() > 0:
-        log_probs, state = scorer.step(state, tokens)
-        log_probs = _constrain(log_probs, t, min_len, max_len, specials)  # (N, V)
+    while run["slot"].numel() > 0:
+        log_probs, state = scorer.step(state, run["tokens"])
+        log_probs = _constrain(log_probs, t, min_len, run["max_len"], specials)  # (N, V)
+        log_probs = _force_prefix(log_probs, t, run["prefix"], run["prefix_len"])
         dead = ~torch.isfinite(log_probs).any(dim=1)  # (N,) nothing possible: finish now
         choice = torch.where(dead, specials.eos, choose(log_probs.masked_fill(dead[:, None], 0.0)))  # (N,)
-        chosen_lp = log_probs.gather(1, choice[:, None])  # (N, 1)
-        tokens = torch.cat([tokens, choice[:, None]], dim=1)
-        token_lps = torch.cat([token_lps, chosen_lp], dim=1)
+        run["tokens"] = torch.cat([run["tokens"], choice[:, None]], dim=1)
+        run["token_lps"] = torch.cat([run["token_lps"], log_probs.gather(1, choice[:, None])], dim=1)
         done = choice == specials.eos  # (N,)
         if bool(done.any()):
-            ended = done.nonzero().flatten()
-            ended_tokens, ended_lps = tokens[ended, 1:].tolist(), token_lps[ended].tolist()
-            totals = token_lps[ended].double().sum(dim=1).tolist()
-            for slot, toks, lps, total in zip(rows[ended].tolist(), ended_tokens, ended_lps, totals):
-                results[slot] = Hypothesis(toks, score=total, log_prob=total, token_log_probs=lps)
+            _finish_rows(run, done, results)
             keep = (~done).nonzero().flatten()  # (N',)
-            rows, max_len, tokens, token_lps = rows[keep], max_len[keep], tokens[keep], token_lps[keep]
+            run = {name: rows[keep] for name, rows in run.items()}
             if keep.numel() > 0:
                 state = scorer.select(state, keep)
         t += 1
     return [[h for h in results[s * copies : (s + 1) * copies] if h is not None] for s in range(batch)]
+
+
+def _finish_rows(run: dict[str, Tensor], done: Tensor, results: list[Hypothesis | None]) -> None:
+    """The rows that just emitted EOS (`done` (N,)) become hypotheses in their output slots."""
+    ended = done.nonzero().flatten()
+    ended_tokens, ended_lps = run["tokens"][ended, 1:].tolist(), run["token_lps"][ended].tolist()
+    totals = run["token_lps"][ended].double().sum(dim=1).tolist()
+    for slot, toks, lps, total in zip(run["slot"][ended].tolist(), ended_tokens, ended_lps, totals):
+        results[slot] = Hypothesis(toks, score=total, log_prob=total, token_log_probs=lps)
 
 
 def greedy_search(
@@ -210,6 +266,7 @@ def greedy_search(
     max_len_limit: int = 1024,
     min_len: int = 0,
     specials: Specials = Specials(),
+    prefix: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """The most probable next token at every step; one hypothesis per sentence.
 
@@ -217,7 +274,7 @@ def greedy_search(
     that beam search stops at its first finished hypothesis (see `beam_search`).
     """
     return _decode_rows(
-        scorer, src, 1, lambda lp: lp.argmax(dim=1), max_len_a, max_len_b, max_len_limit, min_len, specials
+        scorer, src, 1, lambda lp: lp.argmax(dim=1), max_len_a, max_len_b, max_len_limit, min_len, specials, prefix
     )
 
 
@@ -278,6 +335,7 @@ def sample(
     max_len_limit: int = 1024,
     min_len: int = 0,
     specials: Specials = Specials(),
+    prefix: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """`n` independent samples per sentence (e.g. for back-translation).
 
@@ -289,7 +347,7 @@ def sample(
     def choose(log_probs: Tensor) -> Tensor:
         return draw(filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=1), generator)  # (N,)
 
-    return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len, specials)
+    return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len, specials, prefix)
 
 
 # ------------------------------------------------------------------------- beam search
@@ -308,6 +366,9 @@ class _Beams:
     best_finished: Tensor  # (B', n_best) best finished scores so far, sorted, -inf padded
     n_finished: Tensor  # (B',) hypotheses finished so far
     state: Any  # the scorer's
+    prefix: Tensor  # (B', P) forced prefix of each sentence, PAD after its end
+    prefix_len: Tensor  # (B',)
+    progress: list[Progress] | None  # (N,) each row's lexical constraints; None: no sentence has any
 
     @property
     def width(self) -> int:
@@ -324,9 +385,21 @@ class _Candidates:
     token_lp: Tensor  # log-prob of the token alone
 
 
-def _start_beams(scorer: Scorer, src: Tensor, n_best: int, max_len: Tensor, bos: int) -> _Beams:
+def _start_beams(
+    scorer: Scorer,
+    src: Tensor,
+    n_best: int,
+    max_len: Tensor,
+    bos: int,
+    prefix: Sequence[Sequence[int]] | None,
+    constraints: Sequence[Sequence[Sequence[int]]] | None,
+) -> _Beams:
     """One row per sentence holding BOS: all of a sentence's beams would be the same prefix."""
     batch, device = src.size(0), src.device
+    progress = [Progress.start(c) for c in constraints] if constraints is not None else []
+    if constraints is not None and len(progress) != batch:
+        raise ValueError(f"{len(progress)} constraint lists for {batch} sentences")
+    forced, forced_len = _prefixes(prefix, max_len)
     return _Beams(
         sentences=torch.arange(batch, device=device),
         max_len=max_len,
@@ -336,6 +409,9 @@ def _start_beams(scorer: Scorer, src: Tensor, n_best: int, max_len: Tensor, bos:
         best_finished=torch.full((batch, n_best), NEG_INF, dtype=torch.float64, device=device),
         n_finished=torch.zeros(batch, dtype=torch.long, device=device),
         state=scorer.start(src),
+        prefix=forced,
+        prefix_len=forced_len,
+        progress=progress if any(p.phrases for p in progress) else None,
     )
 
 
@@ -348,6 +424,8 @@ def _widen(scorer: Scorer, beams: _Beams, log_probs: Tensor, k: int) -> Tensor:
     copies = torch.arange(beams.tokens.size(0), device=device).repeat_interleave(k)
     beams.tokens, beams.token_lps = beams.tokens[copies], beams.token_lps[copies]
     beams.state = scorer.select(beams.state, copies)
+    if beams.progress is not None:
+        beams.progress = [beams.progress[i] for i in copies.tolist()]
     scores = torch.full((running, k), NEG_INF, device=device)
     scores[:, 0] = 0.0
     beams.scores = scores.view(-1)
@@ -365,6 +443,21 @@ def _rank(beams: _Beams, log_probs: Tensor, k: int) -> _Candidates:
     top, flat = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (B', 2k)
     row = flat // per_row + torch.arange(running, device=top.device)[:, None] * width
     return _Candidates(top, row, row_token.view(running, -1).gather(1, flat), token_lp.gather(1, flat))
+
+
+def _beam_rules(beams: _Beams, log_probs: Tensor, t: int, min_len: int, specials: Specials) -> Tensor:
+    """This step's log-probs (N, V) under the search's rules, in place: lengths (`_constrain`),
+    forced prefixes, and EOS held back from rows whose constraints are not all met until
+    the length limit forces it."""
+    width = beams.width
+    max_len = beams.max_len.repeat_interleave(width)  # (N,)
+    log_probs = _constrain(log_probs, t, min_len, max_len, specials)
+    prefix, prefix_len = beams.prefix.repeat_interleave(width, dim=0), beams.prefix_len.repeat_interleave(width)
+    log_probs = _force_prefix(log_probs, t, prefix, prefix_len)
+    if beams.progress is not None:
+        unmet = torch.tensor([not p.done for p in beams.progress], device=log_probs.device)
+        log_probs[unmet & (t + 1 < max_len), specials.eos] = NEG_INF
+    return log_probs
 
 
 def _finish(
@@ -386,13 +479,14 @@ def _finish(
     which, rank = new_finished.nonzero().unbind(1)
     rows = cands.row[which, rank]
     prefixes, prefix_lps = beams.tokens[rows, 1:].tolist(), beams.token_lps[rows].tolist()
-    for i, j, toks, lps in zip(which.tolist(), rank.tolist(), prefixes, prefix_lps):
+    for i, j, row, toks, lps in zip(which.tolist(), rank.tolist(), rows.tolist(), prefixes, prefix_lps):
         finished[int(beams.sentences[i])].append(
             Hypothesis(
                 tokens=toks + [eos],
                 score=float(new_scores[i, j]),
                 log_prob=float(top[i, j]),
                 token_log_probs=lps + [float(cands.token_lp[i, j])],
+                constraints_met=beams.progress is None or beams.progress[row].done,
             )
         )
     entering = new_scores.masked_fill(~new_finished, NEG_INF)
@@ -400,6 +494,52 @@ def _finish(
         torch.cat([beams.best_finished, entering], dim=1).topk(beams.best_finished.size(1), dim=1).values
     )
     beams.n_finished = beams.n_finished + new_finished.sum(dim=1)
+
+
+def _options(
+    beams: _Beams, cands: _Candidates, log_probs: Tensor, i: int, best_token: list[int], eos: int
+) -> list[tuple[float, int, int, float]]:
+    """Running sentence i's extensions to choose from under constraints, each (row, token) once,
+    as (running log-prob, row, token, token log-prob): its ranked non-EOS candidates, and for
+    each live row the tokens that advance its constraints and its best token."""
+    found = {}
+    columns = (cands.score[i], cands.row[i], cands.token[i], cands.token_lp[i])
+    for score, row, token, lp in zip(*(c.tolist() for c in columns)):
+        if token != eos and score > NEG_INF:
+            found[(row, token)] = (score, lp)
+    for row in range(i * beams.width, (i + 1) * beams.width):
+        wanted = sorted((beams.progress[row].next_tokens() | {best_token[row]}) - {eos})  # type: ignore[index]
+        lps = log_probs[row, wanted]
+        for token, score, lp in zip(wanted, (beams.scores[row] + lps).tolist(), lps.tolist()):
+            if score > NEG_INF:
+                found.setdefault((row, token), (score, lp))
+    return [(score, row, token, lp) for (row, token), (score, lp) in found.items()]
+
+
+def _next_beams(
+    beams: _Beams, cands: _Candidates, log_probs: Tensor, k: int, specials: Specials
+) -> tuple[_Candidates, Tensor]:
+    """Selection: the candidates to continue and their columns (B', k).
+
+    Without constraints, and for sentences that have none, the first k non-EOS candidates.
+    Sentences with constraints choose by dynamic beam allocation (`constraints.allocate`)
+    among their `_options`, banked by the constraint tokens each would have met; places
+    left empty hold a dead (-inf) row."""
+    live = _first_live(cands.token == specials.eos, k)
+    if beams.progress is None:
+        return cands, live
+    progress, width = beams.progress, beams.width
+    chosen = _Candidates(*(c.gather(1, live) for c in (cands.score, cands.row, cands.token, cands.token_lp)))
+    best_token = log_probs.argmax(dim=1).tolist()
+    for i in range(beams.sentences.numel()):
+        if progress[i * width].total == 0:
+            continue
+        options = _options(beams, cands, log_probs, i, best_token, specials.eos)
+        keep = allocate([o[0] for o in options], [progress[o[1]].advance(o[2]).count for o in options], k)
+        picks = [options[j] for j in keep] + [(NEG_INF, i * width, specials.pad, NEG_INF)] * (k - len(keep))
+        for column, values in zip((chosen.score, chosen.row, chosen.token, chosen.token_lp), zip(*picks)):
+            column[i] = torch.tensor(values, dtype=column.dtype)
+    return chosen, torch.arange(k, device=live.device).expand_as(live)
 
 
 def _advance(beams: _Beams, cands: _Candidates, live: Tensor) -> Tensor:
@@ -410,6 +550,8 @@ def _advance(beams: _Beams, cands: _Candidates, live: Tensor) -> Tensor:
     beams.tokens = torch.cat([beams.tokens[source_row], token], dim=1)  # (N, t+2)
     beams.token_lps = torch.cat([beams.token_lps[source_row], cands.token_lp.gather(1, live).view(-1, 1)], dim=1)
     beams.scores = cands.score.gather(1, live).view(-1)
+    if beams.progress is not None:
+        beams.progress = [beams.progress[r].advance(x) for r, x in zip(source_row.tolist(), token.view(-1).tolist())]
     return source_row
 
 
@@ -420,6 +562,9 @@ def _keep_running(scorer: Scorer, beams: _Beams, done: Tensor, source_row: Tenso
     beams.best_finished, beams.n_finished = beams.best_finished[~done], beams.n_finished[~done]
     beams.tokens, beams.token_lps = beams.tokens[keep_rows], beams.token_lps[keep_rows]
     beams.scores = beams.scores[keep_rows]
+    beams.prefix, beams.prefix_len = beams.prefix[~done], beams.prefix_len[~done]
+    if beams.progress is not None:
+        beams.progress = [p for p, keep in zip(beams.progress, keep_rows.tolist()) if keep]
     if beams.sentences.numel() > 0:
         beams.state = scorer.select(beams.state, source_row[keep_rows])
 
@@ -473,6 +618,8 @@ def beam_search(
     min_len: int = 0,
     early_stop: str = "exact",
     specials: Specials = Specials(),
+    prefix: Sequence[Sequence[int]] | None = None,
+    constraints: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search over all sentences at once; `n_best` hypotheses each, best first.
 
@@ -490,8 +637,10 @@ def beam_search(
     greedy search. With a growing penalty the exact rule can keep a beam running after a
     finished hypothesis and so may find a better-scoring output than greedy.
 
+    ``constraints``: phrases each sentence's outputs must contain (see the module notes).
+
     A sentence returns fewer than `n_best` hypotheses only if fewer sequences have a
-    nonzero probability under the constraints.
+    nonzero probability under the rules.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({beam_size})")
@@ -499,17 +648,17 @@ def beam_search(
         raise ValueError(f"unknown early_stop {early_stop!r} (exact | fairseq)")
     alpha, style, k = length_penalty, lp_style, beam_size
     max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)  # (B,)
-    beams = _start_beams(scorer, src, n_best, max_len, specials.bos)
+    beams = _start_beams(scorer, src, n_best, max_len, specials.bos, prefix, constraints)
     finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     t = 0
     while beams.sentences.numel() > 0:
         log_probs, beams.state = scorer.step(beams.state, beams.tokens)
         log_probs = _widen(scorer, beams, log_probs, k)
-        log_probs = _constrain(log_probs, t, min_len, beams.max_len.repeat_interleave(beams.width), specials)  # (N, V)
+        log_probs = _beam_rules(beams, log_probs, t, min_len, specials)  # (N, V)
         cands = _rank(beams, log_probs, k)
         _finish(beams, cands, t, k, lambda n: _penalty(n, alpha, style), specials.eos, finished)
-        source_row = _advance(beams, cands, _first_live(cands.token == specials.eos, k))
+        source_row = _advance(beams, *_next_beams(beams, cands, log_probs, k, specials))
         done = _sentences_done(beams, t + 1, k, alpha, style, early_stop)
         _keep_running(scorer, beams, done, source_row)
         t += 1
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
+    return [sorted(hyps, key=lambda h: (h.constraints_met, h.score), reverse=True)[:n_best] for hyps in finished]
