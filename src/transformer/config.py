@@ -186,6 +186,10 @@ class DecodeConfig:
     temperature: float = 1.0  # sampling: logits are divided by it
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)
     top_p: float = 1.0  # sampling: keep the smallest set holding this probability mass (1.0: all)
+    prefix: str | None = None  # target text every output starts with (forced; its log-probs count in the score)
+    prefix_file: str | None = None  # transformer-decode: one forced target prefix per input line (empty line: none)
+    # transformer-decode: per input line, tab-separated target phrases every output must contain (empty line: none)
+    constraints_file: str | None = None
 
 
 @dataclass
