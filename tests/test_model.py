@@ -186,6 +186,40 @@ def test_incremental_decoding_equals_teacher_forcing() -> None:
     torch.testing.assert_close(out, full[[0, 0], 3])
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, -1])
+def test_step_alignment_equals_forced_cross_attention(layer: int) -> None:
+    """decode_step's alignment (N, S) is the chosen layer's cross-attention for the newest
+    position, averaged over heads, as cross_attention gives it for the whole target; asking
+    for it leaves the hidden states unchanged, and it survives beam-style selections."""
+    model = tiny_model(norm_first=True)
+    src = random_ids(2, 6, 1)
+    src[1, 4:] = PAD
+    tgt = torch.cat([torch.full((2, 1), BOS), random_ids(2, 4, 2)], dim=1)
+    forced = model.cross_attention(src, tgt)[layer].mean(dim=1)  # (B, T, S)
+    memory, mask = model.encode(src)
+    plain, aligned = model.start_cache(memory, mask), model.start_cache(memory, mask, align_layer=layer)
+    assert plain.alignment is None
+    for t in range(tgt.size(1)):
+        hidden = model.decode_step(tgt[:, t : t + 1], aligned)
+        assert torch.equal(hidden, model.decode_step(tgt[:, t : t + 1], plain))
+        torch.testing.assert_close(aligned.alignment, forced[:, t])
+        assert plain.alignment is None
+    assert torch.all(aligned.alignment[1, 4:] == 0)
+    # beams: each sentence's row twice (groups=2), then reordered inside the sentences
+    beams = model.select_cache(model.start_cache(memory, mask, align_layer=layer), torch.tensor([0, 0, 1, 1]))
+    for t in range(2):
+        model.decode_step(tgt[[0, 0, 1, 1], t : t + 1], beams)
+    assert beams.groups == 2
+    torch.testing.assert_close(beams.alignment, forced[[0, 0, 1, 1], 1])
+    beams = model.select_cache(beams, torch.tensor([1, 0, 3, 3]))
+    torch.testing.assert_close(beams.alignment, forced[[0, 0, 1, 1], 1])
+    model.decode_step(tgt[[0, 0, 1, 1], 2:3], beams)
+    torch.testing.assert_close(beams.alignment, forced[[0, 0, 1, 1], 2])
+    with pytest.raises(ValueError, match="alignment layer 2: the model has 2 decoder layers"):
+        model.start_cache(memory, mask, align_layer=2)
+
+
 def test_overfits_one_batch() -> None:
     """A copy task on four sentences: the model must be able to drive the loss to ~0."""
     torch.manual_seed(0)
@@ -219,7 +253,7 @@ def test_over_long_input_names_max_positions() -> None:
         model.encode(random_ids(1, 33, 1))
     memory, mask = model.encode(random_ids(1, 4, 1))
     cache = model.start_cache(memory, mask)
-    cache["pos"] = 32
+    cache.pos = 32
     with pytest.raises(ValueError, match="max_positions"):
         model.decode_step(torch.tensor([[BOS]]), cache)
 

@@ -20,7 +20,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("auto", "true", "false")
 # every enumerated key, checked by ``validate`` when a command starts
 CHOICES = {
-    "model": {"activation": ("relu", "gelu", "silu"), "positional": ("sinusoidal", "sinusoidal_fairseq", "learned")},
+    "model": {
+        "activation": ("relu", "gelu", "silu", "swiglu", "geglu"),
+        "positional": ("sinusoidal", "sinusoidal_fairseq", "learned", "rope"),
+        "norm": ("layernorm", "rmsnorm"),
+    },
     "data": {"source": ("builtin", "files", "hub"), "format": ("text", "tsv", "jsonl")},
     "trainer": {
         "schedule": ("inverse_sqrt", "cosine", "noam", "constant"),
@@ -50,9 +54,15 @@ class ModelConfig:
     activation_dropout: float = 0.0  # inside the feed-forward block
     src_word_dropout: float = 0.0  # whole source token embeddings zeroed in training (Marian's --dropout-src)
     tgt_word_dropout: float = 0.0  # whole decoder-input token embeddings zeroed in training (--dropout-trg)
-    activation: str = "relu"  # relu | gelu | silu (x * sigmoid(x): OPUS-MT's swish)
+    # relu | gelu | silu (x * sigmoid(x): OPUS-MT's swish) | swiglu | geglu: gated, silu(x W1) * (x W3) W2 (geglu:
+    # gelu), W1 and W3 both d_ff wide as given (1.5x the parameters of relu; for equal ones set d_ff to 2/3 of it)
+    activation: str = "relu"
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
-    # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned
+    norm: str = (
+        "layernorm"  # layernorm | rmsnorm (x / rms(x) * weight, no bias, no mean), in every block and final norm
+    )
+    # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned | rope (rotary:
+    # queries and keys of self-attention rotated by their position, nothing added to the embeddings)
     positional: str = "sinusoidal"
     max_positions: int = 1024  # longest sequence (in subwords, with BOS/EOS) the model accepts
     share_embeddings: bool = True  # one embedding for source and target (needs a joint vocabulary)
@@ -145,6 +155,9 @@ class TrainerConfig:
     label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy (0: plain NLL)
     rdrop_alpha: float = 0.0  # R-Drop: each batch twice through dropout, + alpha x their symmetric KL (the paper's loss, halved; 0: off; 2x compute)
     clip_norm: float = 1.0  # 0 disables gradient clipping
+    # EMA of the weights (fp32), updated after every optimizer step: ema = decay * ema + (1 - decay) * weights; used
+    # for validation and saved as the checkpoints' "model" (what decoding loads), the raw weights as "train_model"
+    ema_decay: float = 0.0  # e.g. 0.999; 0: off
     eval_every: int = 1000  # steps between validation loss + BLEU (each also saves a checkpoint)
     save_every: int = 0  # extra checkpoints between evaluations (0: only at evaluations)
     log_every: int = 50  # steps between training log lines

@@ -5,10 +5,10 @@ translation model, and CTranslate2 is the fastest CPU runtime for it. Nothing is
 approximated: a post-norm model *is* a ``MarianMTModel`` and a pre-norm model with
 fairseq positions *is* an ``M2M100ForConditionalGeneration`` once the fused Q/K/V
 matrices are split, so the export gives the same logits (to float rounding) and the
-same greedy and beam outputs. Combinations neither class can express (learned
-positions; post-norm with fairseq positions; pre-norm with paper positions or with
-separate source/target embeddings) are refused with a ``UserError`` that says what to
-train instead.
+same greedy and beam outputs. Combinations neither class can express (learned or rotary
+positions, RMSNorm, gated feed-forward blocks; post-norm with fairseq positions; pre-norm
+with paper positions or with separate source/target embeddings) are refused with a
+``UserError`` that says what to train instead.
 
     transformer-export checkpoint=runs/multi30k output=export/multi30k [ct2=export/multi30k-ct2 quantization=int8]
 """
@@ -33,9 +33,20 @@ from transformer.hf_layout import M2M100, MARIAN, embedding_names, weight_names
 from transformer.model import Transformer
 from transformer.vocab import EOS, PAD, UNK, Specials
 
+# model options MarianMTModel and M2M100 have no counterpart for: (key, value, what the classes use instead)
+NOT_IN_HF = (
+    ("norm", "rmsnorm", "LayerNorm"),
+    ("activation", "swiglu", "an ungated feed-forward block (relu, gelu or silu)"),
+    ("activation", "geglu", "an ungated feed-forward block (relu, gelu or silu)"),
+    ("positional", "rope", "sinusoids added to the embeddings, no rotary attention"),
+)
+
 
 def hf_family(cfg: ModelConfig) -> str:
     """The Hugging Face architecture that computes exactly what ``cfg`` does, or a UserError."""
+    for key, value, instead in NOT_IN_HF:
+        if getattr(cfg, key) == value:
+            raise UserError(f"model.{key}={value} cannot be exported: MarianMTModel and M2M100 use {instead}")
     if cfg.positional == "learned":
         raise UserError(
             "model.positional=learned cannot be exported: Marian and M2M100 use fixed sinusoids "

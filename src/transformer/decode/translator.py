@@ -28,6 +28,7 @@ from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search,
 from transformer.errors import UserError
 from transformer.hardware import resolve_precision
 from transformer.model import Transformer
+from transformer.model.cache import DecoderCache
 from transformer.model.kernels import onednn_shapes
 from transformer.model.prepack import packed_for_cpu
 from transformer.runtime import autocast, resolve_device
@@ -42,18 +43,18 @@ class ModelScorer:
     def __init__(self, model: Transformer, cached: bool = True):
         self.model, self.cached = model, cached
 
-    def start(self, src: Tensor) -> dict:
+    def start(self, src: Tensor) -> DecoderCache | dict:
         memory, mask = self.model.encode(src)
         if self.cached:
             return self.model.start_cache(memory, mask)
         return {"memory": memory, "mask": mask}
 
-    def select(self, state: dict, index: Tensor) -> dict:
+    def select(self, state: DecoderCache | dict, index: Tensor) -> DecoderCache | dict:
         if self.cached:
             return self.model.select_cache(state, index)
         return {"memory": state["memory"].index_select(0, index), "mask": state["mask"].index_select(0, index)}
 
-    def step(self, state: dict, prefix: Tensor) -> tuple[Tensor, dict]:
+    def step(self, state: DecoderCache | dict, prefix: Tensor) -> tuple[Tensor, DecoderCache | dict]:
         if self.cached:
             hidden = self.model.decode_step(prefix[:, -1:], state)  # (N, D)
         else:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from transformer.errors import UserError
+from transformer.model.cache import LayerCache
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -76,6 +77,27 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return scores.softmax(-1)
 
 
+def rotary_table(n_positions: int, head_dim: int) -> Tensor:
+    """Rotary position embedding (RoFormer, Su et al. 2021): cos and sin of the angles
+    position x 10000^(-2i/Dh), each repeated for both halves of a head, (2, n_positions, Dh)."""
+    if head_dim % 2:
+        raise UserError(f"model.positional=rope needs an even head width (model.d_model / model.n_heads = {head_dim})")
+    freqs = torch.pow(10000.0, -torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * freqs[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()]).float()
+
+
+def rotate(x: Tensor, table: Tensor) -> Tensor:
+    """Queries or keys x (B, H, T, Dh) turned by their positions' angles ``table`` (2, T, Dh):
+    each pair (x_i, x_{i+Dh/2}) is rotated, so q_m . k_n depends on m - n only. In fp32."""
+    cos, sin = table
+    y = x.float()
+    half = y.size(-1) // 2
+    turned = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
+    return (y * cos + turned * sin).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     """Self-attention; ``causal`` for the decoder, which may also keep a K/V cache."""
 
@@ -87,18 +109,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, cache: LayerCache | None = None, rotary: Tensor | None = None
+    ) -> Tensor:
         """x (B, T, D). mask (B, 1, 1, T) for padded keys. With ``cache``, x holds only the
-        newest positions and their K/V are appended to cache['k'], cache['v'], after picking
-        the cached rows at cache['index'] when a reordering is pending."""
+        newest positions and their K/V are appended to cache.k, cache.v, after picking the
+        cached rows at cache.index when a reordering is pending. ``rotary`` (2, T, Dh): the
+        rotary table of x's positions (model.positional=rope); keys are cached rotated."""
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
         causal = self.causal
         if cache is not None:
-            if "k" in cache:
-                index = cache.pop("index", None)
-                k, v = extend(cache["k"], k, index), extend(cache["v"], v, index)
+            if cache.k is not None:
+                k, v = extend(cache.k, k, cache.index), extend(cache.v, v, cache.index)
                 causal = causal and q.size(2) > 1
-            cache["k"], cache["v"] = k, v
+            cache.k, cache.v, cache.index = k, v, None
         if causal and q.size(2) != k.size(2):
             raise ValueError("causal attention over a cache takes one new position at a time")
         y = sdpa(q, k, v, mask, causal and mask is None, self.dropout if self.training else 0.0)
@@ -120,21 +146,27 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, need_weights: bool = False, groups: int = 1):
-        """x (B, T, D); mask (B, 1, 1, S) True for real source tokens.
+    def forward(
+        self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, need_weights: bool = False, groups: int = 1
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, T, D); mask (B, 1, 1, S) True for real source tokens. ``need_weights``: also
+        the attention probabilities (B, H, T, S), spelled out beside SDPA's output, so asking
+        for them leaves the output unchanged.
 
         ``groups`` > 1 (search, T = 1): x holds ``groups`` consecutive rows per source
         sentence (its beams) and kv/mask one row per sentence; the beams become query
         positions of one attention over their sentence, so memory is never copied per beam."""
+        k, v = kv
         if groups > 1:
             n, _, d = x.shape
             q = self.q(x).view(n // groups, groups, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, G, Dh)
-            y = sdpa(q, *kv, mask)  # (B, H, G, Dh)
-            return self.out(y.transpose(1, 2).reshape(n, 1, d))
-        q = split_heads(self.q(x), self.n_heads)
-        k, v = kv
-        y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
-        out = self.out(merge_heads(y))
-        if need_weights:
-            return out, attention_weights(q, k, mask)  # (B, H, T, S)
-        return out
+            out = self.out(sdpa(q, k, v, mask).transpose(1, 2).reshape(n, 1, d))
+        else:
+            q = split_heads(self.q(x), self.n_heads)
+            out = self.out(merge_heads(sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0)))
+        if not need_weights:
+            return out
+        weights = attention_weights(q, k, mask)  # (B, H, T, S), or (B, H, G, S) for groups
+        if groups > 1:
+            weights = weights.transpose(1, 2).reshape(x.size(0), self.n_heads, 1, -1)
+        return out, weights

@@ -3,8 +3,11 @@
     src ids -> scaled embedding + positions -> encoder layers -> memory
     tgt ids -> scaled embedding + positions -> decoder layers (causal self, cross, FFN) -> logits
 
+(With model.positional=rope nothing is added to the embeddings: self-attention rotates its
+queries and keys by their positions instead.)
+
 ``encode`` and ``decode`` are separate so search can encode once and decode step by step
-with a key/value cache (``start_cache`` / ``select_cache``).
+with a key/value cache (``start_cache`` / ``select_cache``, a ``cache.DecoderCache``).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from torch import Tensor, nn
 
 from transformer.config import CHOICES, ModelConfig, validate_section
 from transformer.errors import UserError
-from transformer.model.attention import CrossAttention, SelfAttention
+from transformer.model.attention import CrossAttention, SelfAttention, rotary_table
+from transformer.model.cache import DecoderCache, LayerCache
 from transformer.vocab import PAD, Specials
 
 POSITIONAL = CHOICES["model"]["positional"]
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # CHOICES["model"]["activation"]; silu: OPUS-MT's swish
+GATED = {"swiglu": F.silu, "geglu": F.gelu}  # the gated feed-forward activations (Shazeer 2020)
 
 
 def sinusoid_table(n_positions: int, d_model: int, style: str = "sinusoidal", pad_id: int = PAD) -> Tensor:
@@ -88,13 +93,11 @@ class Embedding(nn.Module):
         self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.max_positions = cfg.max_positions
-        if cfg.positional == "learned":
-            self.positions = nn.Embedding(cfg.max_positions, cfg.d_model)
-        else:
-            self.register_buffer(
-                "table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional, cfg.pad_id), persistent=False
-            )
-            self.positions = None
+        self.positions = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.positional == "learned" else None
+        table = None  # learned, or rope: self-attention turns queries and keys instead
+        if cfg.positional in ("sinusoidal", "sinusoidal_fairseq"):
+            table = sinusoid_table(cfg.max_positions, cfg.d_model, cfg.positional, cfg.pad_id)
+        self.register_buffer("table", table, persistent=False)
         self.dropout = Dropout(cfg.dropout)
         self.word_dropout = Dropout(word_dropout, whole_vectors=True)
 
@@ -108,32 +111,59 @@ class Embedding(nn.Module):
             )
         if self.positions is not None:
             pos = self.positions.weight[start:end]
-        else:
+        elif self.table is not None:
             pos = self.table[start:end]
+        else:
+            return self.dropout(self.word_dropout(self.tokens(ids) * self.scale))
         return self.dropout(self.word_dropout(self.tokens(ids) * self.scale) + pos.to(self.tokens.weight.dtype))
 
 
 class FeedForward(nn.Module):
+    """fc2(act(fc1 x)); gated (swiglu, geglu): fc2(act(fc1 x) * gate x), gate as wide as fc1."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.activation = ACTIVATIONS[cfg.activation]
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff) if cfg.activation in GATED else None
+        self.activation = GATED[cfg.activation] if self.gate is not None else ACTIVATIONS[cfg.activation]
         self.dropout = Dropout(cfg.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+        h = self.activation(self.fc1(x))
+        if self.gate is not None:
+            h = h * self.gate(x)
+        return self.fc2(self.dropout(h))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang and Sennrich 2019): LayerNorm without the
+    mean and the bias; eps as LayerNorm's. Computed in fp32, returned in x's dtype."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The normalisation of model.norm, d_model wide."""
+    return RMSNorm(cfg.d_model) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.d_model)
 
 
 class Sublayer(nn.Module):
-    """Residual connection around one block, with the LayerNorm before it (pre-norm) or
-    after the sum (post-norm, as in the paper)."""
+    """Residual connection around one block, with the norm before it (pre-norm) or after
+    the sum (post-norm, as in the paper)."""
 
-    def __init__(self, d_model: int, dropout: float, norm_first: bool):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
-        self.norm_first = norm_first
+        self.norm = make_norm(cfg)
+        self.dropout = Dropout(cfg.dropout)
+        self.norm_first = cfg.norm_first
 
     def forward(self, x: Tensor, block) -> Tensor:
         if self.norm_first:
@@ -146,11 +176,11 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, causal=False)
         self.ffn = FeedForward(cfg)
-        self.attn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
-        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.attn_sub = Sublayer(cfg)
+        self.ffn_sub = Sublayer(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.attn_sub(x, lambda h: self.self_attn(h, mask))
+    def forward(self, x: Tensor, mask: Tensor, rotary: Tensor | None = None) -> Tensor:
+        x = self.attn_sub(x, lambda h: self.self_attn(h, mask, rotary=rotary))
         return self.ffn_sub(x, self.ffn)
 
 
@@ -160,16 +190,35 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, causal=True)
         self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.ffn = FeedForward(cfg)
-        self.self_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
-        self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
-        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.self_sub = Sublayer(cfg)
+        self.cross_sub = Sublayer(cfg)
+        self.ffn_sub = Sublayer(cfg)
 
     def forward(
-        self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: dict | None = None, groups: int = 1
-    ) -> Tensor:
-        x = self.self_sub(x, lambda h: self.self_attn(h, cache=cache))
-        x = self.cross_sub(x, lambda h: self.cross_attn(h, kv, src_mask, groups=groups))
-        return self.ffn_sub(x, self.ffn)
+        self,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor],
+        src_mask: Tensor,
+        cache: LayerCache | None = None,
+        groups: int = 1,
+        need_weights: bool = False,
+        rotary: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, T, D) -> (B, T, D); ``need_weights``: and the cross-attention probabilities
+        (B, H, T, S), which leave the output unchanged (attention pictures, alignments).
+        ``rotary``: x's rows of the rotary table (model.positional=rope)."""
+        weights = []
+
+        def cross(h: Tensor) -> Tensor:
+            if not need_weights:
+                return self.cross_attn(h, kv, src_mask, groups=groups)
+            out, w = self.cross_attn(h, kv, src_mask, need_weights=True, groups=groups)
+            weights.append(w)
+            return out
+
+        x = self.self_sub(x, lambda h: self.self_attn(h, cache=cache, rotary=rotary))
+        x = self.ffn_sub(self.cross_sub(x, cross), self.ffn)
+        return (x, weights[0]) if need_weights else x
 
 
 class Transformer(nn.Module):
@@ -185,9 +234,11 @@ class Transformer(nn.Module):
         self.src_embed = Embedding(cfg.src_vocab_size, cfg, tokens=shared, word_dropout=cfg.src_word_dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
-        # Pre-norm stacks end with a LayerNorm; post-norm layers are already normalised.
-        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        # Pre-norm stacks end with a norm; post-norm layers are already normalised.
+        self.encoder_norm = make_norm(cfg) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = make_norm(cfg) if cfg.norm_first else nn.Identity()
+        rotary = rotary_table(cfg.max_positions, cfg.d_model // cfg.n_heads) if cfg.positional == "rope" else None
+        self.register_buffer("rotary", rotary, persistent=False)  # (2, max_positions, Dh)
         self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.final_logits_bias)
         self.reset_parameters()
         if cfg.tie_output:
@@ -207,20 +258,26 @@ class Transformer(nn.Module):
                     with torch.no_grad():
                         module.weight[module.padding_idx].zero_()
 
+    def rotary_rows(self, start: int, length: int) -> Tensor | None:
+        """The rotary table (2, length, Dh) of positions start.. (model.positional=rope), else None."""
+        return None if self.rotary is None else self.rotary[:, start : start + length]
+
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, D) and its key mask (B, 1, 1, S)."""
         mask = padding_mask(src, self.cfg.pad_id)
         x = self.src_embed(src)
+        rotary = self.rotary_rows(0, src.size(1))
         for layer in self.encoder:
-            x = layer(x, mask)
+            x = layer(x, mask, rotary)
         return self.encoder_norm(x), mask
 
     def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
         """Teacher-forced decoder: tgt (B, T) starting with BOS -> hidden states (B, T, D).
         Right padding needs no target mask: the causal mask already hides later positions."""
         x = self.tgt_embed(tgt)
+        rotary = self.rotary_rows(0, tgt.size(1))
         for layer in self.decoder:
-            x = layer(x, layer.cross_attn.memory_kv(memory), src_mask)
+            x = layer(x, layer.cross_attn.memory_kv(memory), src_mask, rotary=rotary)
         return self.decoder_norm(x)
 
     def forward(self, src: Tensor, tgt: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -232,84 +289,77 @@ class Transformer(nn.Module):
 
     # Incremental decoding -------------------------------------------------------------
 
-    def start_cache(self, memory: Tensor, src_mask: Tensor) -> dict:
+    def start_cache(self, memory: Tensor, src_mask: Tensor, align_layer: int | None = None) -> DecoderCache:
         """Decoder state for step-by-step search: cross-attention K/V computed once per
-        sentence, an empty self-attention cache per layer. ``groups`` rows (beams) share
-        each sentence's memory."""
-        return {
-            "memory_kv": [layer.cross_attn.memory_kv(memory) for layer in self.decoder],
-            "self": [{} for _ in self.decoder],
-            "mask": src_mask,
-            "groups": 1,
-            "pos": 0,
-        }
+        sentence, an empty self-attention cache per layer. ``align_layer`` (negative counts
+        from the end): ``decode_step`` also keeps that layer's cross-attention, averaged
+        over heads, in ``cache.alignment`` (N, S); None computes nothing extra."""
+        n_layers = len(self.decoder)
+        if align_layer is not None and not -n_layers <= align_layer < n_layers:
+            raise UserError(f"alignment layer {align_layer}: the model has {n_layers} decoder layers")
+        return DecoderCache(
+            memory_kv=[layer.cross_attn.memory_kv(memory) for layer in self.decoder],
+            layers=[LayerCache() for _ in self.decoder],
+            mask=src_mask,
+            align_layer=None if align_layer is None else align_layer % n_layers,
+        )
 
-    def decode_step(self, tokens: Tensor, cache: dict) -> Tensor:
-        """tokens (N, 1): the newest token of each row -> hidden state (N, D); appends to cache."""
-        x = self.tgt_embed(tokens, start=cache["pos"])
-        for layer, kv, self_cache in zip(self.decoder, cache["memory_kv"], cache["self"]):
-            x = layer(x, kv, cache["mask"], cache=self_cache, groups=cache["groups"])
-        cache["pos"] += tokens.size(1)
+    def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
+        """tokens (N, T), usually T = 1: the newest token of each row -> hidden state (N, D)
+        of the last one; appends to cache. With ``cache.align_layer`` set, cache.alignment
+        becomes that layer's cross-attention probabilities for the last position, averaged
+        over heads: (N, S), rows summing to one, zero at padded source positions."""
+        x = self.tgt_embed(tokens, start=cache.pos)
+        rotary = self.rotary_rows(cache.pos, tokens.size(1))
+        for i, (layer, kv, layer_cache) in enumerate(zip(self.decoder, cache.memory_kv, cache.layers)):
+            if i == cache.align_layer:
+                x, weights = layer(x, kv, cache.mask, layer_cache, cache.groups, need_weights=True, rotary=rotary)
+                cache.alignment = weights[:, :, -1].mean(dim=1)
+            else:
+                x = layer(x, kv, cache.mask, layer_cache, cache.groups, rotary=rotary)
+        cache.pos += tokens.size(1)
         return self.decoder_norm(x)[:, -1]
 
     @staticmethod
-    def select_cache(cache: dict, index: Tensor) -> dict:
+    def select_cache(cache: DecoderCache, index: Tensor) -> DecoderCache:
         """The cache rows at ``index`` (N,): beam expansion, reordering, dropping rows.
 
         Memory is kept once per sentence while every sentence owns an equal, contiguous run
         of rows (as beam and greedy search keep them); reordering beams inside a sentence
         then touches only the self-attention cache, whose rows are picked lazily, during
         the next step's append. Any other selection falls back to one memory row per
-        decoder row."""
-        sentence = torch.div(index, cache["groups"], rounding_mode="floor")  # old sentence of each new row
+        decoder row. The last step's alignment rows are picked too."""
+        sentence = torch.div(index, cache.groups, rounding_mode="floor")  # old sentence of each new row
         kept = torch.unique_consecutive(sentence)
         groups = index.numel() // max(kept.numel(), 1)
         if groups * kept.numel() != index.numel() or not torch.equal(kept.repeat_interleave(groups), sentence):
             kept, groups = sentence, 1
-        same = kept.numel() == cache["mask"].size(0) and torch.equal(
-            kept, torch.arange(kept.numel(), device=kept.device)
-        )
+        same = kept.numel() == cache.mask.size(0) and torch.equal(kept, torch.arange(kept.numel(), device=kept.device))
         pick = (lambda t: t) if same else (lambda t: t.index_select(0, kept))
-        return {
-            "memory_kv": [(pick(k), pick(v)) for k, v in cache["memory_kv"]],
-            "self": [reorder_later(c, index) for c in cache["self"]],
-            "mask": pick(cache["mask"]),
-            "groups": groups,
-            "pos": cache["pos"],
-        }
+        return DecoderCache(
+            memory_kv=[(pick(k), pick(v)) for k, v in cache.memory_kv],
+            layers=[c.reordered(index) for c in cache.layers],
+            mask=pick(cache.mask),
+            groups=groups,
+            pos=cache.pos,
+            align_layer=cache.align_layer,
+            alignment=None if cache.alignment is None else cache.alignment.index_select(0, index),
+        )
 
     def cross_attention(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Cross-attention probabilities (L, B, H, T, S) of every decoder layer for a forced
-        target, for attention pictures."""
+        target, for attention pictures: the decoder layers' own forward, asked for weights."""
         memory, mask = self.encode(src)
         x = self.tgt_embed(tgt)
+        rotary = self.rotary_rows(0, tgt.size(1))
         weights = []
         for layer in self.decoder:
-            kv = layer.cross_attn.memory_kv(memory)
-            x = layer.self_sub(x, layer.self_attn)
-            captured = []
-
-            def cross(h, layer=layer, kv=kv, captured=captured):
-                out, w = layer.cross_attn(h, kv, mask, need_weights=True)
-                captured.append(w)
-                return out
-
-            x = layer.cross_sub(x, cross)
-            x = layer.ffn_sub(x, layer.ffn)
-            weights.append(captured[0])
+            x, w = layer(x, layer.cross_attn.memory_kv(memory), mask, need_weights=True, rotary=rotary)
+            weights.append(w)
         return torch.stack(weights)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
-
-def reorder_later(cache: dict, index: Tensor) -> dict:
-    """A self-attention cache whose rows are ``index`` of ``cache``'s, left for
-    ``attention.extend`` to apply while it appends the next position."""
-    if "k" not in cache:
-        return {}
-    pending = cache.get("index")
-    return {"k": cache["k"], "v": cache["v"], "index": index if pending is None else pending[index]}
 
 
 def build_model(cfg: ModelConfig) -> Transformer:

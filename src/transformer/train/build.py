@@ -40,6 +40,8 @@ def setup_runtime(cfg: Any) -> Runtime:
     t = cfg.trainer
     if t.time_budget_minutes < 0:
         raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
+    if not 0 <= t.ema_decay < 1:
+        raise UserError(f"trainer.ema_decay={t.ema_decay} must be in [0, 1) (0: off)")
     validate(cfg)  # every enumerated key, before anything runs
     dist, device = setup_distributed(t.device)
     rt = Runtime(

@@ -27,6 +27,7 @@ from transformer.train import budget
 from transformer.train.build import setup_model, setup_runtime
 from transformer.train.calibrate import plan_budget
 from transformer.train.distributed import all_rng_states, finish_distributed, seed_everything, share
+from transformer.train.ema import EMA, averaged
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from
 from transformer.train.runlog import RunLog, train_record
@@ -79,8 +80,9 @@ class Trainer:
         self.interrupted = False
         self.bad_steps = BadSteps(t.max_bad_steps)
         seed_everything(t.seed + self.dist.rank)  # dropout streams differ across ranks
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay else None
         if resume is not None:
-            parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+            parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "ema": self.ema}
             self.progress = restore_training(*resume, **parts, tokenizer=self.tokenizer, dist=self.dist)
         if t.time_budget_minutes:
             if self.progress.plan is None:
@@ -139,6 +141,8 @@ class Trainer:
     def after_update(self, stats: dict, start: float) -> str:
         """Count the update, log, then validate and save when due; why to stop ("" to go on)."""
         t = self.cfg.trainer
+        if self.ema is not None:
+            self.ema.update()  # trainer.ema_decay: the average after every optimizer step
         self.progress.step += 1
         self.progress.elapsed = time.time() - start
         self.window["tokens"] += stats["tokens"]
@@ -199,7 +203,8 @@ class Trainer:
         """Validation NLL and BLEU on rank 0; returns whether this is the best BLEU so far
         (the same answer on every rank)."""
         if self.dist.main:
-            validate(self.model, self.data, self.cfg, self.progress, self.runlog, self.device, self.precision)
+            with averaged(self.model, self.ema):  # the EMA's weights are the ones validated
+                validate(self.model, self.data, self.cfg, self.progress, self.runlog, self.device, self.precision)
         self.progress = Progress(**share(vars(self.progress), self.dist))
         return self.progress.best_step == self.progress.step and self.progress.evals_without_gain == 0
 
@@ -214,6 +219,7 @@ class Trainer:
             progress=self.progress,
             rngs=all_rng_states(self.dist),
             cfg=self.cfg,
+            ema=self.ema,
         )
         if self.dist.main:
             write_checkpoints(ckpt, self.ckpt_dir, self.progress.step, best, self.cfg.trainer)

@@ -26,6 +26,7 @@ from transformer.checkpoint import (
 )
 from transformer.errors import UserError, first_line
 from transformer.train.distributed import Dist, rng_state, set_rng_state
+from transformer.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,16 @@ def training_checkpoint(
     progress: Progress,
     rngs: list[dict],
     cfg: Any,
+    ema: EMA | None = None,
 ) -> dict:
-    """Everything a resumed run needs, and what decoding needs (model, its config, tokenizer)."""
+    """Everything a resumed run needs, and what decoding needs (model, its config, tokenizer).
+    With an ``ema``, "model" holds its averages (what decoding loads) and "train_model" the
+    trained weights (what a resumed run continues from)."""
+    trained = {} if ema is None else {"train_model": model.state_dict()}
     return {
         "format": FORMAT,
-        "model": model.state_dict(),
+        "model": model.state_dict() if ema is None else ema.state_dict(model),
+        **trained,
         "model_config": vars(model_cfg).copy(),
         "tokenizer": tokenizer.to_state(),
         "optimizer": optimizer.state_dict(),
@@ -101,15 +107,27 @@ def write_checkpoints(ckpt: dict, ckpt_dir: Path, step: int, best: bool, t: Any)
 
 
 def restore_training(
-    path: Path, ckpt: dict, *, model: Any, optimizer: Any, scaler: Any, tokenizer: Any, dist: Dist
+    path: Path,
+    ckpt: dict,
+    *,
+    model: Any,
+    optimizer: Any,
+    scaler: Any,
+    tokenizer: Any,
+    dist: Dist,
+    ema: EMA | None = None,
 ) -> Progress:
-    """Load weights, optimizer, scaler and this rank's RNG state from ``ckpt``; returns its progress."""
+    """Load weights, optimizer, scaler, this rank's RNG state and the ``ema``'s averages from
+    ``ckpt``; returns its progress. A checkpoint saved without an EMA starts the averages
+    from its weights."""
     if ckpt["tokenizer"] != tokenizer.to_state():
         raise UserError(f"{path}: checkpoint vocabulary differs from the run's tokenizer")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit model config ({first_line(e)})") from None
+    if ema is not None:
+        ema.load(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     progress = Progress(**ckpt["progress"])
