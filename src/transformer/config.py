@@ -203,6 +203,9 @@ class DecodeConfig:
     prefix_file: str | None = None  # transformer-decode: one forced target prefix per input line (empty line: none)
     # transformer-decode: per input line, tab-separated target phrases every output must contain (empty line: none)
     constraints_file: str | None = None
+    alignment: bool = False  # Pharaoh word alignments (source-target) from cross-attention, with each output
+    # decoder layer giving alignments (mean over heads; negative counts from the end, clamped to the first layer)
+    alignment_layer: int = -2
 
 
 @dataclass

@@ -28,6 +28,9 @@ Conventions shared by all searches:
   ``constraints_met=False`` and rank after every hypothesis that met its constraints, so
   the best unmet one is returned only when none met them. No constraints (None, or only
   empty lists) is plain beam search exactly.
+* ``alignment=True`` asks the scorer for each step's cross-attention (``Scorer.attention``)
+  and gives every hypothesis, per token, the source position attended most (PAD and EOS
+  excluded); the positions travel with their hypothesis through beam reordering.
 * Impossible choices carry ``float('-inf')``, never a large negative constant, so a
   hypothesis that would need one is recognised as dead rather than merely unlikely.
 """
@@ -66,6 +69,10 @@ class Scorer(Protocol):
         uncached one reruns the whole prefix. After `select`, the state corresponds to the
         selected rows' prefixes."""
 
+    def attention(self, state: Any) -> Tensor:
+        """Cross-attention (N, S) of the newest step, rows summing to one: asked for only when
+        a search wants alignments (scorers that cannot tell may leave it out)."""
+
 
 class Ensemble:
     """Several scorers over one vocabulary acting as one: the mean of their probabilities.
@@ -91,6 +98,9 @@ class Ensemble:
         log_probs = torch.logsumexp(stacked, dim=0) - math.log(len(self.scorers))  # (N, V)
         return log_probs, [st for _, st in outputs]
 
+    def attention(self, state: list[Any]) -> Tensor:
+        return torch.stack([s.attention(st) for s, st in zip(self.scorers, state)]).mean(dim=0)
+
 
 @dataclass
 class Hypothesis:
@@ -99,6 +109,7 @@ class Hypothesis:
     log_prob: float  # sum of token log-probs (including EOS)
     token_log_probs: list[float]
     constraints_met: bool = True  # False: the length limit ended it before all its constraints appeared
+    alignment: list[int] | None = None  # per token (EOS too): the source position its step attended most
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,6 +170,18 @@ def _constrain(log_probs: Tensor, t: int, min_len: int, max_len: Tensor, special
     return log_probs
 
 
+def _attended(scorer: Scorer, state: Any, src_real: Tensor) -> Tensor:
+    """Per row (N,), the source position of the newest step's largest cross-attention among
+    the real source tokens `src_real` (N, S) (not PAD or EOS, as fairseq's hard alignments)."""
+    return scorer.attention(state).float().masked_fill(~src_real, -1.0).argmax(dim=1)
+
+
+def _real_tokens(src: Tensor, specials: Specials) -> Tensor:
+    """(B, S): source positions an alignment may point to; all of them for a source with none."""
+    real = (src != specials.pad) & (src != specials.eos)
+    return real | ~real.any(dim=1, keepdim=True)
+
+
 def _prefixes(prefix: Sequence[Sequence[int]] | None, max_len: Tensor) -> tuple[Tensor, Tensor]:
     """Forced prefixes as ids (B, P), PAD after each one's end, and lengths (B,).
 
@@ -205,6 +228,7 @@ def _decode_rows(
     min_len: int,
     specials: Specials,
     prefix: Sequence[Sequence[int]] | None = None,
+    alignment: bool = False,
 ) -> list[list[Hypothesis]]:
     """Left-to-right decoding with one row per output; `choose` picks each row's next token.
 
@@ -224,6 +248,9 @@ def _decode_rows(
         "tokens": torch.full((batch * copies, 1), specials.bos, dtype=torch.long, device=device),  # (N, t+1)
         "token_lps": torch.zeros(batch * copies, 0, device=device),  # (N, t)
     }
+    if alignment:
+        run["src_real"] = _real_tokens(src, specials).repeat_interleave(copies, dim=0)  # (N, S)
+        run["links"] = torch.zeros(batch * copies, 0, dtype=torch.long, device=device)  # (N, t)
     state = scorer.start(src)
     if copies > 1:
         state = scorer.select(state, torch.arange(batch, device=device).repeat_interleave(copies))
@@ -231,6 +258,8 @@ def _decode_rows(
     t = 0
     while run["slot"].numel() > 0:
         log_probs, state = scorer.step(state, run["tokens"])
+        if alignment:
+            run["links"] = torch.cat([run["links"], _attended(scorer, state, run["src_real"])[:, None]], dim=1)
         log_probs = _constrain(log_probs, t, min_len, run["max_len"], specials)  # (N, V)
         log_probs = _force_prefix(log_probs, t, run["prefix"], run["prefix_len"])
         dead = ~torch.isfinite(log_probs).any(dim=1)  # (N,) nothing possible: finish now
@@ -253,8 +282,9 @@ def _finish_rows(run: dict[str, Tensor], done: Tensor, results: list[Hypothesis 
     ended = done.nonzero().flatten()
     ended_tokens, ended_lps = run["tokens"][ended, 1:].tolist(), run["token_lps"][ended].tolist()
     totals = run["token_lps"][ended].double().sum(dim=1).tolist()
-    for slot, toks, lps, total in zip(run["slot"][ended].tolist(), ended_tokens, ended_lps, totals):
-        results[slot] = Hypothesis(toks, score=total, log_prob=total, token_log_probs=lps)
+    links = run["links"][ended].tolist() if "links" in run else [None] * len(totals)
+    for slot, toks, lps, total, link in zip(run["slot"][ended].tolist(), ended_tokens, ended_lps, totals, links):
+        results[slot] = Hypothesis(toks, score=total, log_prob=total, token_log_probs=lps, alignment=link)
 
 
 def greedy_search(
@@ -267,14 +297,16 @@ def greedy_search(
     min_len: int = 0,
     specials: Specials = Specials(),
     prefix: Sequence[Sequence[int]] | None = None,
+    alignment: bool = False,
 ) -> list[list[Hypothesis]]:
     """The most probable next token at every step; one hypothesis per sentence.
 
     Scores are plain log-probs. Equals `beam_search(beam_size=1)` token for token whenever
     that beam search stops at its first finished hypothesis (see `beam_search`).
     """
+    choose = lambda lp: lp.argmax(dim=1)  # noqa: E731
     return _decode_rows(
-        scorer, src, 1, lambda lp: lp.argmax(dim=1), max_len_a, max_len_b, max_len_limit, min_len, specials, prefix
+        scorer, src, 1, choose, max_len_a, max_len_b, max_len_limit, min_len, specials, prefix, alignment
     )
 
 
@@ -336,6 +368,7 @@ def sample(
     min_len: int = 0,
     specials: Specials = Specials(),
     prefix: Sequence[Sequence[int]] | None = None,
+    alignment: bool = False,
 ) -> list[list[Hypothesis]]:
     """`n` independent samples per sentence (e.g. for back-translation).
 
@@ -347,7 +380,9 @@ def sample(
     def choose(log_probs: Tensor) -> Tensor:
         return draw(filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=1), generator)  # (N,)
 
-    return _decode_rows(scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len, specials, prefix)
+    return _decode_rows(
+        scorer, src, n, choose, max_len_a, max_len_b, max_len_limit, min_len, specials, prefix, alignment
+    )
 
 
 # ------------------------------------------------------------------------- beam search
@@ -369,6 +404,9 @@ class _Beams:
     prefix: Tensor  # (B', P) forced prefix of each sentence, PAD after its end
     prefix_len: Tensor  # (B',)
     progress: list[Progress] | None  # (N,) each row's lexical constraints; None: no sentence has any
+    src_real: Tensor | None = None  # (B', S) source positions alignments may point to; None: no alignments
+    links: Tensor | None = None  # (N, t) per token so far, the source position its step attended most
+    attended: Tensor | None = None  # (N,) the same for this step's next token, one per row
 
     @property
     def width(self) -> int:
@@ -390,9 +428,10 @@ def _start_beams(
     src: Tensor,
     n_best: int,
     max_len: Tensor,
-    bos: int,
     prefix: Sequence[Sequence[int]] | None,
     constraints: Sequence[Sequence[Sequence[int]]] | None,
+    alignment: bool,
+    specials: Specials,
 ) -> _Beams:
     """One row per sentence holding BOS: all of a sentence's beams would be the same prefix."""
     batch, device = src.size(0), src.device
@@ -403,7 +442,7 @@ def _start_beams(
     return _Beams(
         sentences=torch.arange(batch, device=device),
         max_len=max_len,
-        tokens=torch.full((batch, 1), bos, dtype=torch.long, device=device),
+        tokens=torch.full((batch, 1), specials.bos, dtype=torch.long, device=device),
         token_lps=torch.zeros(batch, 0, device=device),
         scores=torch.zeros(batch, device=device),
         best_finished=torch.full((batch, n_best), NEG_INF, dtype=torch.float64, device=device),
@@ -412,6 +451,8 @@ def _start_beams(
         prefix=forced,
         prefix_len=forced_len,
         progress=progress if any(p.phrases for p in progress) else None,
+        src_real=_real_tokens(src, specials) if alignment else None,
+        links=torch.zeros(batch, 0, dtype=torch.long, device=device) if alignment else None,
     )
 
 
@@ -426,6 +467,8 @@ def _widen(scorer: Scorer, beams: _Beams, log_probs: Tensor, k: int) -> Tensor:
     beams.state = scorer.select(beams.state, copies)
     if beams.progress is not None:
         beams.progress = [beams.progress[i] for i in copies.tolist()]
+    if beams.links is not None:
+        beams.links, beams.attended = beams.links[copies], beams.attended[copies]  # type: ignore[index]
     scores = torch.full((running, k), NEG_INF, device=device)
     scores[:, 0] = 0.0
     beams.scores = scores.view(-1)
@@ -479,7 +522,10 @@ def _finish(
     which, rank = new_finished.nonzero().unbind(1)
     rows = cands.row[which, rank]
     prefixes, prefix_lps = beams.tokens[rows, 1:].tolist(), beams.token_lps[rows].tolist()
-    for i, j, row, toks, lps in zip(which.tolist(), rank.tolist(), rows.tolist(), prefixes, prefix_lps):
+    links = [None] * rows.numel()
+    if beams.links is not None:
+        links = torch.cat([beams.links[rows], beams.attended[rows, None]], dim=1).tolist()  # type: ignore[index]
+    for i, j, row, toks, lps, link in zip(which.tolist(), rank.tolist(), rows.tolist(), prefixes, prefix_lps, links):
         finished[int(beams.sentences[i])].append(
             Hypothesis(
                 tokens=toks + [eos],
@@ -487,6 +533,7 @@ def _finish(
                 log_prob=float(top[i, j]),
                 token_log_probs=lps + [float(cands.token_lp[i, j])],
                 constraints_met=beams.progress is None or beams.progress[row].done,
+                alignment=link,
             )
         )
     entering = new_scores.masked_fill(~new_finished, NEG_INF)
@@ -552,6 +599,8 @@ def _advance(beams: _Beams, cands: _Candidates, live: Tensor) -> Tensor:
     beams.scores = cands.score.gather(1, live).view(-1)
     if beams.progress is not None:
         beams.progress = [beams.progress[r].advance(x) for r, x in zip(source_row.tolist(), token.view(-1).tolist())]
+    if beams.links is not None:
+        beams.links = torch.cat([beams.links[source_row], beams.attended[source_row, None]], dim=1)  # type: ignore[index]
     return source_row
 
 
@@ -565,6 +614,8 @@ def _keep_running(scorer: Scorer, beams: _Beams, done: Tensor, source_row: Tenso
     beams.prefix, beams.prefix_len = beams.prefix[~done], beams.prefix_len[~done]
     if beams.progress is not None:
         beams.progress = [p for p, keep in zip(beams.progress, keep_rows.tolist()) if keep]
+    if beams.links is not None:
+        beams.links, beams.src_real = beams.links[keep_rows], beams.src_real[~done]  # type: ignore[index]
     if beams.sentences.numel() > 0:
         beams.state = scorer.select(beams.state, source_row[keep_rows])
 
@@ -620,6 +671,7 @@ def beam_search(
     specials: Specials = Specials(),
     prefix: Sequence[Sequence[int]] | None = None,
     constraints: Sequence[Sequence[Sequence[int]]] | None = None,
+    alignment: bool = False,
 ) -> list[list[Hypothesis]]:
     """Beam search over all sentences at once; `n_best` hypotheses each, best first.
 
@@ -637,10 +689,8 @@ def beam_search(
     greedy search. With a growing penalty the exact rule can keep a beam running after a
     finished hypothesis and so may find a better-scoring output than greedy.
 
-    ``constraints``: phrases each sentence's outputs must contain (see the module notes).
-
-    A sentence returns fewer than `n_best` hypotheses only if fewer sequences have a
-    nonzero probability under the rules.
+    ``constraints`` and ``alignment``: see the module notes. A sentence returns fewer than
+    `n_best` hypotheses only if fewer sequences have a nonzero probability under the rules.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({beam_size})")
@@ -648,11 +698,13 @@ def beam_search(
         raise ValueError(f"unknown early_stop {early_stop!r} (exact | fairseq)")
     alpha, style, k = length_penalty, lp_style, beam_size
     max_len = max_lengths(_src_lengths(src, specials), max_len_a, max_len_b, max_len_limit)  # (B,)
-    beams = _start_beams(scorer, src, n_best, max_len, specials.bos, prefix, constraints)
+    beams = _start_beams(scorer, src, n_best, max_len, prefix, constraints, alignment, specials)
     finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     t = 0
     while beams.sentences.numel() > 0:
         log_probs, beams.state = scorer.step(beams.state, beams.tokens)
+        if beams.src_real is not None:
+            beams.attended = _attended(scorer, beams.state, beams.src_real.repeat_interleave(beams.width, dim=0))
         log_probs = _widen(scorer, beams, log_probs, k)
         log_probs = _beam_rules(beams, log_probs, t, min_len, specials)  # (N, V)
         cands = _rank(beams, log_probs, k)

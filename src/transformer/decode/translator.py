@@ -24,6 +24,7 @@ from transformer.config import DecodeConfig, setting, validate_section
 from transformer.data.batching import pad, token_batches
 from transformer.data.corpus import open_text
 from transformer.data.tokenizer import Tokenizer
+from transformer.decode.alignment import word_indices, word_pairs
 from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, max_lengths, sample
 from transformer.errors import UserError
 from transformer.hardware import resolve_precision
@@ -38,15 +39,17 @@ log = logging.getLogger(__name__)
 
 
 class ModelScorer:
-    """One model as a search scorer."""
+    """One model as a search scorer; with ``align_layer``, cached steps also keep that decoder
+    layer's cross-attention for alignments (negative counts from the end, clamped to the first)."""
 
-    def __init__(self, model: Transformer, cached: bool = True):
+    def __init__(self, model: Transformer, cached: bool = True, align_layer: int | None = None):
         self.model, self.cached = model, cached
+        self.align_layer = align_layer if align_layer is None else max(align_layer, -model.cfg.n_decoder_layers)
 
     def start(self, src: Tensor) -> DecoderCache | dict:
         memory, mask = self.model.encode(src)
         if self.cached:
-            return self.model.start_cache(memory, mask)
+            return self.model.start_cache(memory, mask, self.align_layer)
         return {"memory": memory, "mask": mask}
 
     def select(self, state: DecoderCache | dict, index: Tensor) -> DecoderCache | dict:
@@ -61,9 +64,14 @@ class ModelScorer:
             hidden = self.model.decode(prefix, state["memory"], state["mask"])[:, -1]
         return F.log_softmax(self.model.output(hidden).float(), dim=-1), state
 
+    def attention(self, state: DecoderCache | dict) -> Tensor:
+        if not isinstance(state, DecoderCache) or state.alignment is None:
+            raise ValueError("alignments need a cached ModelScorer made with align_layer")
+        return state.alignment
 
-def make_scorer(models: Sequence[Transformer], cached: bool = True) -> Scorer:
-    scorers = [ModelScorer(m, cached) for m in models]
+
+def make_scorer(models: Sequence[Transformer], cached: bool = True, align_layer: int | None = None) -> Scorer:
+    scorers = [ModelScorer(m, cached, align_layer) for m in models]
     return scorers[0] if len(scorers) == 1 else Ensemble(scorers)
 
 
@@ -105,6 +113,7 @@ def search(
         min_len=cfg.min_len,
         specials=specials,
         prefix=prefix,
+        alignment=cfg.alignment,
     )
     if cfg.sampling:
         return sample(
@@ -204,9 +213,12 @@ def translate_ids(
     limit, specials = model.cfg.max_positions, model.specials
     src_ids = [fit_source(ids, limit, first_line + i, specials.eos) for i, ids in enumerate(src_ids)]
     check_guides(src_ids, prefixes, constraints, cfg, limit, first_line)
+    if cfg.alignment and cfg.alignment_layer >= model.cfg.n_decoder_layers:
+        layers = model.cfg.n_decoder_layers
+        raise UserError(f"decode.alignment_layer={cfg.alignment_layer}: the model has {layers} decoder layers")
     if packs_weights(cfg, device):
         models = pack_models(models, cfg)
-    scorer = make_scorer(models, cached)
+    scorer = make_scorer(models, cached, cfg.alignment_layer if cfg.alignment else None)
     results: list[list[Hypothesis] | None] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
         for batch in token_batches([len(s) for s in src_ids], cfg.batch_tokens, 0, 0, shuffle=False):
@@ -254,6 +266,7 @@ class Translation:
     log_prob: float
     tokens: list[str]
     attention: Tensor | None = None
+    alignment: list[tuple[int, int]] | None = None  # decode.alignment: (source word, target word) pairs
 
 
 class Translator:
@@ -345,8 +358,9 @@ class Translator:
             self.search_models(cfg), src_ids, cfg, first_line=first_line, prefixes=prefixes, constraints=phrases
         )
         out = []
-        for ids, hyps in zip(src_ids, results):
+        for sentence, ids, hyps in zip(sentences, src_ids, results):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+            source_words = self.source_words(sentence) if cfg.alignment else []
             out.append(
                 [
                     Translation(
@@ -355,11 +369,23 @@ class Translator:
                         h.log_prob,
                         self.tokenizer.tgt_pieces(h.tokens),
                         self.attention(ids, h.tokens, attention_layer, attention_head) if attention else None,
+                        None if h.alignment is None else word_pairs(h.alignment, source_words, self.target_words(h)),
                     )
                     for text, h in zip(texts, hyps)
                 ]
             )
         return out
+
+    def source_words(self, sentence: str) -> list[int | None]:
+        """Word index of each source subword (language tags and EOS: None)."""
+        pieces = self.tokenizer.src_pieces(sentence)
+        return word_indices(pieces, len(self.tokenizer.encode_src([""])[0]) - 1, len(pieces) - 1)
+
+    def target_words(self, hypothesis: Hypothesis) -> list[int | None]:
+        """Word index of each generated subword (language tag and EOS: None)."""
+        tokens, eos = hypothesis.tokens, self.models[0].specials.eos
+        end = len(tokens) - (1 if tokens and tokens[-1] == eos else 0)
+        return word_indices(self.tokenizer.tgt_pieces(tokens), len(self.tokenizer.encode_tgt([""])[0]) - 2, end)
 
     def translate(self, sentences: Sequence[str] | str, **overrides: Any) -> list[str] | str:
         """Best translation of each sentence (a string for a string)."""
