@@ -11,6 +11,7 @@ import torch
 from test_search import SOURCES, A, B, Scripted, TinyModel, brute_force, random_dist, same, src_of, table_dist
 from transformer.decode.constraints import Progress, allocate
 from transformer.decode.search import EOS, PAD, beam_search, greedy_search, length_penalty, sample
+from transformer.vocab import UNK
 
 # Unforced, "A EOS" is best; forced to start with B, the search must go on to "B A EOS".
 AFTER_B = table_dist(
@@ -170,3 +171,21 @@ def test_constraints_with_prefix_and_cache_equal_uncached() -> None:
         same(u, c)
         assert all(contains(h.tokens, p) for h in c for p in phrases)
         assert all(h.tokens[: len(prefix)] == prefix for h in c)
+
+
+def dist_b_ends(key: tuple[int, ...]) -> dict[int, float]:
+    """B once is cheap to finish after, yet every step the unmet A/UNK rows score higher."""
+    generated = key[1:]
+    if B in generated:
+        return {EOS: 1.0}
+    return {A: 0.45, UNK: 0.45, B: 0.1}
+
+
+def test_a_hypothesis_that_met_its_constraints_finishes_in_its_bank() -> None:
+    # The met "B EOS" (p .1) ranks below two unmet continuations at every step; it must still
+    # finish at once, because ranking is by bank, not by score alone.
+    hyp = beam_search(Scripted(dist_b_ends), src_of(0), beam_size=2, length_penalty=0.0, constraints=[[[B]]], **LIMITS)[
+        0
+    ][0]
+    assert hyp.tokens == [B, EOS]
+    assert hyp.log_prob == pytest.approx(math.log(0.1))

@@ -23,8 +23,8 @@ Conventions shared by all searches:
   within the maximum length (ValueError otherwise). A prefix counts towards ``min_len``.
 * ``constraints`` (beam search only) gives each sentence phrases (target id lists) its
   outputs must contain, in any order (`transformer.decode.constraints`): a row may emit EOS
-  only once it has met them all, and beams are chosen by dynamic beam allocation
-  (`_next_beams`). At the length limit EOS is forced regardless; such hypotheses carry
+  only once it has met them all, and candidates are ranked by dynamic beam allocation
+  (`_allocate`). At the length limit EOS is forced regardless; such hypotheses carry
   ``constraints_met=False`` and rank after every hypothesis that met its constraints, so
   the best unmet one is returned only when none met them. No constraints (None, or only
   empty lists) is plain beam search exactly.
@@ -475,9 +475,10 @@ def _widen(scorer: Scorer, beams: _Beams, log_probs: Tensor, k: int) -> Tensor:
     return log_probs[copies]
 
 
-def _rank(beams: _Beams, log_probs: Tensor, k: int) -> _Candidates:
+def _rank(beams: _Beams, log_probs: Tensor, k: int, specials: Specials) -> _Candidates:
     """Each sentence's best 2k extensions by running log-prob, without a pass over all
-    width * V of them: a sentence's best 2k are among the best 2k tokens of each of its rows."""
+    width * V of them: a sentence's best 2k are among the best 2k tokens of each of its rows.
+    Under constraints they are ranked again by `_allocate`."""
     running, width = beams.sentences.numel(), beams.width
     row_top, row_token = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
     token_lp = row_top.view(running, -1)  # (B', width * c)
@@ -485,7 +486,8 @@ def _rank(beams: _Beams, log_probs: Tensor, k: int) -> _Candidates:
     candidates = beams.scores.view(running, width).repeat_interleave(per_row, dim=1) + token_lp
     top, flat = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (B', 2k)
     row = flat // per_row + torch.arange(running, device=top.device)[:, None] * width
-    return _Candidates(top, row, row_token.view(running, -1).gather(1, flat), token_lp.gather(1, flat))
+    cands = _Candidates(top, row, row_token.view(running, -1).gather(1, flat), token_lp.gather(1, flat))
+    return cands if beams.progress is None else _allocate(beams, cands, log_probs, k, specials)
 
 
 def _beam_rules(beams: _Beams, log_probs: Tensor, t: int, min_len: int, specials: Specials) -> Tensor:
@@ -546,16 +548,17 @@ def _finish(
 def _options(
     beams: _Beams, cands: _Candidates, log_probs: Tensor, i: int, best_token: list[int], eos: int
 ) -> list[tuple[float, int, int, float]]:
-    """Running sentence i's extensions to choose from under constraints, each (row, token) once,
-    as (running log-prob, row, token, token log-prob): its ranked non-EOS candidates, and for
-    each live row the tokens that advance its constraints and its best token."""
+    """Running sentence i's extensions to rank under constraints, each (row, token) once, as
+    (running log-prob, row, token, token log-prob): its plain candidates, and for each live
+    row the tokens that advance its constraints, its best token and EOS (possible only once
+    its constraints are met, see `_beam_rules`)."""
     found = {}
     columns = (cands.score[i], cands.row[i], cands.token[i], cands.token_lp[i])
     for score, row, token, lp in zip(*(c.tolist() for c in columns)):
-        if token != eos and score > NEG_INF:
+        if score > NEG_INF:
             found[(row, token)] = (score, lp)
     for row in range(i * beams.width, (i + 1) * beams.width):
-        wanted = sorted((beams.progress[row].next_tokens() | {best_token[row]}) - {eos})  # type: ignore[index]
+        wanted = sorted(beams.progress[row].next_tokens() | {best_token[row], eos})  # type: ignore[index]
         lps = log_probs[row, wanted]
         for token, score, lp in zip(wanted, (beams.scores[row] + lps).tolist(), lps.tolist()):
             if score > NEG_INF:
@@ -563,30 +566,29 @@ def _options(
     return [(score, row, token, lp) for (row, token), (score, lp) in found.items()]
 
 
-def _next_beams(
-    beams: _Beams, cands: _Candidates, log_probs: Tensor, k: int, specials: Specials
-) -> tuple[_Candidates, Tensor]:
-    """Selection: the candidates to continue and their columns (B', k).
-
-    Without constraints, and for sentences that have none, the first k non-EOS candidates.
-    Sentences with constraints choose by dynamic beam allocation (`constraints.allocate`)
-    among their `_options`, banked by the constraint tokens each would have met; places
-    left empty hold a dead (-inf) row."""
-    live = _first_live(cands.token == specials.eos, k)
-    if beams.progress is None:
-        return cands, live
+def _allocate(beams: _Beams, cands: _Candidates, log_probs: Tensor, k: int, specials: Specials) -> _Candidates:
+    """Ranking under constraints (B', C): every sentence with constraints ranks its `_options`
+    by dynamic beam allocation (`constraints.allocate`), banked by the constraint tokens
+    each would have met, so that `_finish` (EOS among the first k) and `_first_live` read
+    the new order as they read plain ranks (as fairseq's constrained search). Sentences
+    without constraints keep their plain ranks. Rows end with k dead (-inf) candidates, so
+    that k live ones always exist."""
     progress, width = beams.progress, beams.width
-    chosen = _Candidates(*(c.gather(1, live) for c in (cands.score, cands.row, cands.token, cands.token_lp)))
+    plain = [c.tolist() for c in (cands.score, cands.row, cands.token, cands.token_lp)]
     best_token = log_probs.argmax(dim=1).tolist()
+    ranked = []
     for i in range(beams.sentences.numel()):
-        if progress[i * width].total == 0:
+        if progress[i * width].total == 0:  # type: ignore[index]
+            ranked.append(list(zip(*(c[i] for c in plain))))
             continue
         options = _options(beams, cands, log_probs, i, best_token, specials.eos)
-        keep = allocate([o[0] for o in options], [progress[o[1]].advance(o[2]).count for o in options], k)
-        picks = [options[j] for j in keep] + [(NEG_INF, i * width, specials.pad, NEG_INF)] * (k - len(keep))
-        for column, values in zip((chosen.score, chosen.row, chosen.token, chosen.token_lp), zip(*picks)):
-            column[i] = torch.tensor(values, dtype=column.dtype)
-    return chosen, torch.arange(k, device=live.device).expand_as(live)
+        banks = [progress[row].advance(token).count for _, row, token, _ in options]  # type: ignore[index]
+        ranked.append([options[j] for j in allocate([o[0] for o in options], banks, len(options))])
+    columns = max(len(r) for r in ranked) + k
+    rows = [r + [(NEG_INF, i * width, specials.pad, NEG_INF)] * (columns - len(r)) for i, r in enumerate(ranked)]
+    fields = [[[option[f] for option in r] for r in rows] for f in range(4)]  # per field: (B', C)
+    dtypes = (cands.score.dtype, torch.long, torch.long, cands.token_lp.dtype)
+    return _Candidates(*(torch.tensor(f, dtype=d, device=cands.score.device) for f, d in zip(fields, dtypes)))
 
 
 def _advance(beams: _Beams, cands: _Candidates, live: Tensor) -> Tensor:
@@ -675,8 +677,8 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """Beam search over all sentences at once; `n_best` hypotheses each, best first.
 
-    Each step every sentence ranks its beam * V extensions by running log-prob and keeps
-    the best 2 * beam (`_rank`): among the first `beam` of them, those ending in EOS become
+    Each step every sentence ranks its beam * V extensions by running log-prob (by banks
+    under constraints) and keeps the best 2 * beam (`_rank`): among the first `beam` of them, those ending in EOS become
     finished hypotheses with score log_prob / length_penalty(len incl. EOS) (`_finish`, the
     rule fairseq uses); the first `beam` not ending in EOS are the next beams (`_advance`).
     Taking 2 * beam guarantees `beam` live candidates, as at most one EOS comes from each
@@ -707,9 +709,9 @@ def beam_search(
             beams.attended = _attended(scorer, beams.state, beams.src_real.repeat_interleave(beams.width, dim=0))
         log_probs = _widen(scorer, beams, log_probs, k)
         log_probs = _beam_rules(beams, log_probs, t, min_len, specials)  # (N, V)
-        cands = _rank(beams, log_probs, k)
+        cands = _rank(beams, log_probs, k, specials)
         _finish(beams, cands, t, k, lambda n: _penalty(n, alpha, style), specials.eos, finished)
-        source_row = _advance(beams, *_next_beams(beams, cands, log_probs, k, specials))
+        source_row = _advance(beams, cands, _first_live(cands.token == specials.eos, k))
         done = _sentences_done(beams, t + 1, k, alpha, style, early_stop)
         _keep_running(scorer, beams, done, source_row)
         t += 1
