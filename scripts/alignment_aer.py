@@ -102,7 +102,7 @@ def main() -> None:
     run = args.run
     if run is None:
         run = "runs/aer"
-        if not Path(run, "best.pt").exists():
+        if not Path(run, "checkpoints", "best.pt").exists():
             train_run(run, args.steps, args.minutes)
     translator = Translator.from_checkpoint(run, device="cpu")
     gold = gold_set(args.pairs, args.seed)
