@@ -360,7 +360,7 @@ class Translator:
         out = []
         for sentence, ids, hyps in zip(sentences, src_ids, results):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
-            source_words = self.source_words(sentence) if cfg.alignment else []
+            source_words = self.source_words(sentence, ids) if cfg.alignment else []
             out.append(
                 [
                     Translation(
@@ -376,10 +376,12 @@ class Translator:
             )
         return out
 
-    def source_words(self, sentence: str) -> list[int | None]:
-        """Word index of each source subword (language tags and EOS: None)."""
+    def source_words(self, sentence: str, ids: list[int]) -> list[int | None]:
+        """Word index of each of the source ``ids`` of ``sentence`` (language tags, also ones
+        put before the tokenizer's ids, and EOS: None)."""
         pieces = self.tokenizer.src_pieces(sentence)
-        return word_indices(pieces, len(self.tokenizer.encode_src([""])[0]) - 1, len(pieces) - 1)
+        tags = [None] * (len(ids) - len(pieces))
+        return tags + word_indices(pieces, len(self.tokenizer.encode_src([""])[0]) - 1, len(pieces) - 1)
 
     def target_words(self, hypothesis: Hypothesis) -> list[int | None]:
         """Word index of each generated subword (language tag and EOS: None)."""
