@@ -304,10 +304,13 @@ def greedy_search(
     Scores are plain log-probs. Equals `beam_search(beam_size=1)` token for token whenever
     that beam search stops at its first finished hypothesis (see `beam_search`).
     """
-    choose = lambda lp: lp.argmax(dim=1)  # noqa: E731
     return _decode_rows(
-        scorer, src, 1, choose, max_len_a, max_len_b, max_len_limit, min_len, specials, prefix, alignment
+        scorer, src, 1, _argmax, max_len_a, max_len_b, max_len_limit, min_len, specials, prefix, alignment
     )
+
+
+def _argmax(log_probs: Tensor) -> Tensor:
+    return log_probs.argmax(dim=1)
 
 
 def _outside_nucleus(probs: Tensor, ranked: tuple[Tensor, Tensor], top_p: float) -> Tensor:
