@@ -170,6 +170,7 @@ def test_ema_after_k_steps_is_the_hand_computed_average() -> None:
 
 
 def test_export_refuses_each_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Hugging Face and CTranslate2 export alike: one line naming the key, nothing written."""
     pytest.importorskip("transformers")
     from transformer.export import main
 
@@ -180,11 +181,11 @@ def test_export_refuses_each_option(tmp_path: Path, capsys: pytest.CaptureFixtur
         state = {"model": model.state_dict(), "model_config": asdict(model.cfg), "tokenizer": tokenizer.to_state()}
         torch.save({"format": FORMAT, **state}, checkpoint)
         with pytest.raises(SystemExit) as exit_info:
-            main([f"checkpoint={checkpoint}", f"output={tmp_path / value}"])
+            main([f"checkpoint={checkpoint}", f"output={tmp_path / value}", f"ct2={tmp_path / 'ct2'}"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1
         assert f"model.{key}={value} cannot be exported" in err
-        assert not (tmp_path / value).exists()
+        assert not (tmp_path / value).exists() and not (tmp_path / "ct2").exists()
 
 
 def checkpoint_weights(run_dir: Path, name: str, key: str = "model") -> dict[str, torch.Tensor]:

@@ -58,9 +58,7 @@ class ModelConfig:
     # gelu), W1 and W3 both d_ff wide as given (1.5x the parameters of relu; for equal ones set d_ff to 2/3 of it)
     activation: str = "relu"
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
-    norm: str = (
-        "layernorm"  # layernorm | rmsnorm (x / rms(x) * weight, no bias, no mean), in every block and final norm
-    )
+    norm: str = "layernorm"  # layernorm | rmsnorm (x / rms(x) * weight: no mean, no bias), every block and final norm
     # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned | rope (rotary:
     # queries and keys of self-attention rotated by their position, nothing added to the embeddings)
     positional: str = "sinusoidal"

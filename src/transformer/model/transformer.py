@@ -109,13 +109,12 @@ class Embedding(nn.Module):
                 f"sequence of {end} subwords exceeds model.max_positions={self.max_positions}; "
                 "shorten the input or train with a larger model.max_positions"
             )
+        x = self.word_dropout(self.tokens(ids) * self.scale)
         if self.positions is not None:
-            pos = self.positions.weight[start:end]
+            x = x + self.positions.weight[start:end].to(self.tokens.weight.dtype)
         elif self.table is not None:
-            pos = self.table[start:end]
-        else:
-            return self.dropout(self.word_dropout(self.tokens(ids) * self.scale))
-        return self.dropout(self.word_dropout(self.tokens(ids) * self.scale) + pos.to(self.tokens.weight.dtype))
+            x = x + self.table[start:end].to(self.tokens.weight.dtype)
+        return self.dropout(x)
 
 
 class FeedForward(nn.Module):
