@@ -203,7 +203,7 @@ class DecodeConfig:
     constraints_file: str | None = None
     alignment: bool = False  # Pharaoh word alignments (source-target) from cross-attention, with each output
     # decoder layer giving alignments (mean over heads; negative counts from the end, clamped to the first layer)
-    alignment_layer: int = -2
+    alignment_layer: int = -1
 
 
 @dataclass
