@@ -105,6 +105,7 @@ def evaluate_cli() -> None:
 def _decode(cfg: DictConfig) -> None:
     quiet_logging()
     from transformer.data.corpus import open_text
+    from transformer.decode.alignment import pharaoh
     from transformer.decode.translator import Translator
 
     translator = Translator.from_checkpoint(
@@ -137,14 +138,15 @@ def _decode(cfg: DictConfig) -> None:
             if i == 0 and cfg.plot_attention:
                 attention_picture(translator, first[0], cfg.plot_attention, cfg.attention_layer, cfg.attention_head)
                 logging.getLogger(__name__).info("cross-attention of line 1 written to %s", cfg.plot_attention)
+            texts = [h.text if h.alignment is None else f"{h.text} ||| {pharaoh(h.alignment)}" for h in hyps]
             if translator.config.n_best > 1:
                 # n-best format (as fairseq/Moses): line index ||| translation ||| score
-                for h in hyps:
-                    out.write(f"{i} ||| {h.text} ||| {h.score:.4f}\n")
+                for h, text in zip(hyps, texts):
+                    out.write(f"{i} ||| {text} ||| {h.score:.4f}\n")
             elif cfg.scores:
-                out.write(f"{hyps[0].score:.4f}\t{hyps[0].text}\n")
+                out.write(f"{hyps[0].score:.4f}\t{texts[0]}\n")
             else:
-                out.write(hyps[0].text + "\n")
+                out.write(texts[0] + "\n")
             out.flush()
     finally:
         if out is not sys.stdout:

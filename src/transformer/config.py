@@ -216,6 +216,13 @@ class DecodeConfig:
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)
     top_p: float = 1.0  # sampling: keep the smallest set holding this probability mass (1.0: all)
     tgt_lang: str | None = None  # models trained with data.tgt_lang_tag: the language to translate into (e.g. de)
+    prefix: str | None = None  # target text every output starts with (forced; its log-probs count in the score)
+    prefix_file: str | None = None  # transformer-decode: one forced target prefix per input line (empty line: none)
+    # transformer-decode: per input line, tab-separated target phrases every output must contain (empty line: none)
+    constraints_file: str | None = None
+    alignment: bool = False  # Pharaoh word alignments (source-target) from cross-attention, with each output
+    # decoder layer giving alignments (mean over heads; negative counts from the end, clamped to the first layer)
+    alignment_layer: int = -1
 
 
 @dataclass

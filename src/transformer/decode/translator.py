@@ -8,6 +8,7 @@ decoding by default; ``cached=False`` reruns the full prefix and is the referenc
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
@@ -21,9 +22,11 @@ from torch import Tensor
 from transformer.checkpoint import load_model, model_from_checkpoint
 from transformer.config import DecodeConfig, setting, validate_section
 from transformer.data.batching import pad, token_batches
+from transformer.data.corpus import open_text
 from transformer.data.multilingual import tag_prefix
 from transformer.data.tokenizer import Tokenizer
-from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, sample
+from transformer.decode.alignment import word_indices, word_pairs
+from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, max_lengths, sample
 from transformer.errors import UserError
 from transformer.hardware import resolve_precision
 from transformer.model import Transformer
@@ -37,15 +40,17 @@ log = logging.getLogger(__name__)
 
 
 class ModelScorer:
-    """One model as a search scorer."""
+    """One model as a search scorer; with ``align_layer``, cached steps also keep that decoder
+    layer's cross-attention for alignments (negative counts from the end, clamped to the first)."""
 
-    def __init__(self, model: Transformer, cached: bool = True):
+    def __init__(self, model: Transformer, cached: bool = True, align_layer: int | None = None):
         self.model, self.cached = model, cached
+        self.align_layer = align_layer if align_layer is None else max(align_layer, -model.cfg.n_decoder_layers)
 
     def start(self, src: Tensor) -> DecoderCache | dict:
         memory, mask = self.model.encode(src)
         if self.cached:
-            return self.model.start_cache(memory, mask)
+            return self.model.start_cache(memory, mask, self.align_layer)
         return {"memory": memory, "mask": mask}
 
     def select(self, state: DecoderCache | dict, index: Tensor) -> DecoderCache | dict:
@@ -60,9 +65,14 @@ class ModelScorer:
             hidden = self.model.decode(prefix, state["memory"], state["mask"])[:, -1]
         return F.log_softmax(self.model.output(hidden).float(), dim=-1), state
 
+    def attention(self, state: DecoderCache | dict) -> Tensor:
+        if not isinstance(state, DecoderCache) or state.alignment is None:
+            raise ValueError("alignments need a cached ModelScorer made with align_layer")
+        return state.alignment
 
-def make_scorer(models: Sequence[Transformer], cached: bool = True) -> Scorer:
-    scorers = [ModelScorer(m, cached) for m in models]
+
+def make_scorer(models: Sequence[Transformer], cached: bool = True, align_layer: int | None = None) -> Scorer:
+    scorers = [ModelScorer(m, cached, align_layer) for m in models]
     return scorers[0] if len(scorers) == 1 else Ensemble(scorers)
 
 
@@ -87,21 +97,30 @@ def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:
 
 
 def search(
-    scorer: Scorer, src: Tensor, cfg: DecodeConfig, max_positions: int, specials: Specials = Specials()
+    scorer: Scorer,
+    src: Tensor,
+    cfg: DecodeConfig,
+    max_positions: int,
+    specials: Specials = Specials(),
+    prefix: Sequence[list[int]] | None = None,
+    constraints: Sequence[list[list[int]]] | None = None,
 ) -> list[list[Hypothesis]]:
-    """Run the search ``cfg`` asks for on one padded batch."""
+    """Run the search ``cfg`` asks for on one padded batch; constraints need beam search (a
+    beam of 1 with constraints is a beam search, not greedy)."""
     lengths = dict(
         max_len_a=cfg.max_len_a,
         max_len_b=cfg.max_len_b,
         max_len_limit=max_positions - 1,
         min_len=cfg.min_len,
         specials=specials,
+        prefix=prefix,
+        alignment=cfg.alignment,
     )
     if cfg.sampling:
         return sample(
             scorer, src, n=cfg.n_best, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths
         )
-    if cfg.beam_size <= 1:
+    if cfg.beam_size <= 1 and not any(constraints or []):
         return greedy_search(scorer, src, **lengths)
     return beam_search(
         scorer,
@@ -111,6 +130,7 @@ def search(
         length_penalty=cfg.length_penalty,
         lp_style=cfg.lp_style,
         early_stop=cfg.early_stop,
+        constraints=constraints,
         **lengths,
     )
 
@@ -143,31 +163,98 @@ def pack_models(models: Sequence[Transformer], cfg: DecodeConfig) -> list[Transf
     ]
 
 
+def check_prefixes(
+    src_ids: Sequence[list[int]], prefixes: Sequence[list[int]], cfg: DecodeConfig, limit: int, first_line: int
+) -> None:
+    """A forced prefix must leave room for EOS within its line's output limit: one error
+    line naming the input line (cutting the prefix would silently break its promise)."""
+    longest = max_lengths(torch.tensor([len(s) for s in src_ids]), cfg.max_len_a, cfg.max_len_b, limit - 1)
+    for i, (prefix, most) in enumerate(zip(prefixes, longest.tolist())):
+        if len(prefix) >= most:
+            raise UserError(
+                f"input line {first_line + i}: its forced prefix has {len(prefix)} subwords, but the line's output is "
+                f"limited to {most} with EOS (decode.max_len_a, decode.max_len_b): shorten the prefix or raise the limit"
+            )
+
+
+def check_guides(
+    src_ids: Sequence[list[int]],
+    prefixes: Sequence[list[int]] | None,
+    constraints: Sequence[list[list[int]]] | None,
+    cfg: DecodeConfig,
+    limit: int,
+    first_line: int,
+) -> None:
+    """Prefixes and constraints fit the sources and the search before any search starts."""
+    for name, guide in (("prefixes", prefixes), ("constraint lists", constraints)):
+        if guide is not None and len(guide) != len(src_ids):
+            raise UserError(f"{len(guide)} {name} for {len(src_ids)} sentences: give one per sentence")
+    if prefixes is not None:
+        check_prefixes(src_ids, prefixes, cfg, limit, first_line)
+    if constraints is not None and cfg.sampling and any(any(c) for c in constraints):
+        raise UserError("lexical constraints need beam search: set decode.sampling=false")
+
+
 def translate_ids(
     models: Sequence[Transformer],
     src_ids: Sequence[list[int]],
     cfg: DecodeConfig,
     cached: bool = True,
     first_line: int = 1,
+    prefixes: Sequence[list[int]] | None = None,
+    constraints: Sequence[list[list[int]]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Hypotheses for every source (id lists ending in EOS), in input order; warnings number
-    the sources from ``first_line``."""
+    the sources from ``first_line``. ``prefixes`` (target ids, without BOS) and ``constraints``
+    (target id phrases) hold one entry per source, empty for none."""
     check_decode_config(cfg)
     model = models[0]
     device = next(model.parameters()).device
     cfg = resolve_decode(cfg, device)
     limit, specials = model.cfg.max_positions, model.specials
     src_ids = [fit_source(ids, limit, first_line + i, specials.eos) for i, ids in enumerate(src_ids)]
+    check_guides(src_ids, prefixes, constraints, cfg, limit, first_line)
+    if cfg.alignment and cfg.alignment_layer >= model.cfg.n_decoder_layers:
+        layers = model.cfg.n_decoder_layers
+        raise UserError(f"decode.alignment_layer={cfg.alignment_layer}: the model has {layers} decoder layers")
     if packs_weights(cfg, device):
         models = pack_models(models, cfg)
-    scorer = make_scorer(models, cached)
+    scorer = make_scorer(models, cached, cfg.alignment_layer if cfg.alignment else None)
     results: list[list[Hypothesis] | None] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
         for batch in token_batches([len(s) for s in src_ids], cfg.batch_tokens, 0, 0, shuffle=False):
             src = pad([src_ids[i] for i in batch], specials.pad).to(device)
-            for i, hyps in zip(batch, search(scorer, src, cfg, limit, specials)):
+            guides = {
+                "prefix": None if prefixes is None else [prefixes[i] for i in batch],
+                "constraints": None if constraints is None else [constraints[i] for i in batch],
+            }
+            for i, hyps in zip(batch, search(scorer, src, cfg, limit, specials, **guides)):
                 results[i] = hyps
+                if hyps and not hyps[0].constraints_met:
+                    log.warning(
+                        "input line %d: no output within the length limit holds every constraint", first_line + i
+                    )
     return results  # type: ignore[return-value]
+
+
+def target_ids(tokenizer: Tokenizer, texts: Sequence[str], keep_start: bool) -> list[list[int]]:
+    """Target ids of ``texts`` without BOS and EOS. The tokenizer's own start tokens (M2M100's
+    target language) are kept only with ``keep_start``: a forced prefix begins with them, a
+    constraint phrase does not."""
+    start = 1 + (0 if keep_start else len(tokenizer.encode_tgt([""])[0]) - 2)
+    return [ids[start:-1] if text else [] for text, ids in zip(texts, tokenizer.encode_tgt(list(texts)))]
+
+
+def line_guides(cfg: DecodeConfig) -> Iterator[tuple[str | None, list[str]]]:
+    """Per input line: its forced prefix from decode.prefix_file (None without the file, ""
+    for none) and its constraint phrases from decode.constraints_file (tab-separated)."""
+    files = [(key, getattr(cfg, key)) for key in ("prefix_file", "constraints_file")]
+    readers = [(line for _, line in open_text(path)) if path else itertools.repeat(None) for _, path in files]
+    for number, (prefix, phrases) in enumerate(zip(*(itertools.chain(r, [False]) for r in readers)), start=1):
+        for (key, path), value in zip(files, (prefix, phrases)):
+            if value is False:
+                raise UserError(f"decode.{key}={path} has {number - 1} lines, fewer than the input: give one per line")
+        yield prefix, [p for p in (phrases or "").split("\t") if p.strip()]
 
 
 @dataclass
@@ -180,6 +267,7 @@ class Translation:
     log_prob: float
     tokens: list[str]
     attention: Tensor | None = None
+    alignment: list[tuple[int, int]] | None = None  # decode.alignment: (source word, target word) pairs
 
 
 class Translator:
@@ -249,17 +337,32 @@ class Translator:
         attention_layer: int = -1,
         attention_head: int = -1,
         first_line: int = 1,
+        prefix: str | Sequence[str] | None = None,
+        constraints: Sequence[Sequence[str]] | None = None,
         **overrides: Any,
     ) -> list[list[Translation]]:
         """n-best Translations per sentence, best first; with ``attention``, each carries its
-        cross-attention of decoder ``attention_layer`` and ``attention_head`` (-1: the mean)."""
+        cross-attention of decoder ``attention_layer`` and ``attention_head`` (-1: the mean).
+
+        ``prefix``: target text every output starts with, one for all sentences or one per
+        sentence ("" for none; default decode.prefix). ``constraints``: per sentence, target
+        phrases every output must contain (beam search)."""
         cfg = self.options(**overrides)
-        prefix = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
-        src_ids = [prefix + ids for ids in self.tokenizer.encode_src(sentences)]
-        results = translate_ids(self.search_models(cfg), src_ids, cfg, first_line=first_line)
+        tag = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
+        src_ids = [tag + ids for ids in self.tokenizer.encode_src(sentences)]
+        prefix = cfg.prefix if prefix is None else prefix
+        texts = [prefix] * len(src_ids) if isinstance(prefix, str) else prefix
+        prefixes = None if texts is None else target_ids(self.tokenizer, texts, keep_start=True)
+        phrases = (
+            None if constraints is None else [target_ids(self.tokenizer, c, keep_start=False) for c in constraints]
+        )
+        results = translate_ids(
+            self.search_models(cfg), src_ids, cfg, first_line=first_line, prefixes=prefixes, constraints=phrases
+        )
         out = []
-        for ids, hyps in zip(src_ids, results):
+        for sentence, ids, hyps in zip(sentences, src_ids, results):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+            source_words = self.source_words(sentence, ids) if cfg.alignment else []
             out.append(
                 [
                     Translation(
@@ -268,11 +371,25 @@ class Translator:
                         h.log_prob,
                         self.tokenizer.tgt_pieces(h.tokens),
                         self.attention(ids, h.tokens, attention_layer, attention_head) if attention else None,
+                        None if h.alignment is None else word_pairs(h.alignment, source_words, self.target_words(h)),
                     )
                     for text, h in zip(texts, hyps)
                 ]
             )
         return out
+
+    def source_words(self, sentence: str, ids: list[int]) -> list[int | None]:
+        """Word index of each of the source ``ids`` of ``sentence`` (language tags, also ones
+        put before the tokenizer's ids, and EOS: None)."""
+        pieces = self.tokenizer.src_pieces(sentence)
+        tags = [None] * (len(ids) - len(pieces))
+        return tags + word_indices(pieces, len(self.tokenizer.encode_src([""])[0]) - 1, len(pieces) - 1)
+
+    def target_words(self, hypothesis: Hypothesis) -> list[int | None]:
+        """Word index of each generated subword (language tag and EOS: None)."""
+        tokens, eos = hypothesis.tokens, self.models[0].specials.eos
+        end = len(tokens) - (1 if tokens and tokens[-1] == eos else 0)
+        return word_indices(self.tokenizer.tgt_pieces(tokens), len(self.tokenizer.encode_tgt([""])[0]) - 2, end)
 
     def translate(self, sentences: Sequence[str] | str, **overrides: Any) -> list[str] | str:
         """Best translation of each sentence (a string for a string)."""
@@ -281,17 +398,32 @@ class Translator:
         return best[0] if single else best
 
     def translate_stream(self, lines: Iterable[str], chunk: int = 64, **overrides: Any) -> Iterator[list[Translation]]:
-        """n-best lists for an endless stream of lines, in order, ``chunk`` lines at a time."""
-        buffer: list[str] = []
+        """n-best lists for an endless stream of lines, in order, ``chunk`` lines at a time;
+        each line's prefix and constraints come from decode.prefix_file and decode.constraints_file."""
+        guides = line_guides(self.options(**overrides))
+        buffer: list[tuple[str, str | None, list[str]]] = []
         done = 0  # lines translated so far, so warnings name the line of the whole stream
         for line in lines:
-            buffer.append(line.rstrip("\r\n"))
+            buffer.append((line.rstrip("\r\n"), *next(guides)))
             if len(buffer) == chunk:
-                yield from self.hypotheses(buffer, first_line=done + 1, **overrides)
+                yield from self.guided_chunk(buffer, done + 1, overrides)
                 done += len(buffer)
                 buffer = []
         if buffer:
-            yield from self.hypotheses(buffer, first_line=done + 1, **overrides)
+            yield from self.guided_chunk(buffer, done + 1, overrides)
+
+    def guided_chunk(
+        self, buffer: list[tuple[str, str | None, list[str]]], first_line: int, overrides: dict
+    ) -> list[list[Translation]]:
+        """``hypotheses`` of (sentence, prefix, phrases) triples (prefix None: decode.prefix)."""
+        sentences, prefixes, phrases = zip(*buffer)
+        return self.hypotheses(
+            list(sentences),
+            first_line=first_line,
+            prefix=None if prefixes[0] is None else list(prefixes),
+            constraints=list(phrases) if any(phrases) else None,
+            **overrides,
+        )
 
     @torch.inference_mode()
     def attention(self, src_ids: list[int], tgt_ids: list[int], layer: int = -1, head: int = -1) -> Tensor:

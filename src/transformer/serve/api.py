@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transformer.config import DecodeConfig
+from transformer.decode.alignment import pharaoh
 from transformer.decode.translator import Translation, Translator, check_decode_config
 from transformer.errors import UserError
 from transformer.serve.settings import ServeConfig
@@ -106,8 +107,10 @@ def check_limits(request: TranslateRequest, cfg: ServeConfig) -> None:
 
 
 def decode_options(translator: Translator, request: TranslateRequest) -> DecodeConfig:
-    """The server's decode defaults with the request's decode fields."""
-    options = translator.options(**{k: getattr(request, k) for k in DECODE_FIELDS if getattr(request, k) is not None})
+    """The server's decode defaults with the request's decode fields (``alignment`` also asks
+    the search for word alignments)."""
+    fields = {k: getattr(request, k) for k in DECODE_FIELDS if getattr(request, k) is not None}
+    options = translator.options(**fields, **({"alignment": True} if request.alignment else {}))
     try:
         check_decode_config(options)
     except UserError as e:
@@ -119,7 +122,8 @@ def decode_options(translator: Translator, request: TranslateRequest) -> DecodeC
 
 def alignment_of(source_pieces: list[str], hypothesis: Translation) -> dict[str, Any]:
     """Source and target pieces, the cross-attention (target x source, mean over layers and
-    heads) and Pharaoh pairs ``i-j``: for each target piece j, the source piece i it attends most."""
+    heads), Pharaoh pairs ``i-j``: for each target piece j, the source piece i it attends most,
+    and ``words``: the search's word alignment (decode.alignment_layer, see decode.alignment)."""
     weights = hypothesis.attention  # (T, S)
     pairs = " ".join(f"{i}-{j}" for j, i in enumerate(weights.argmax(dim=1).tolist()))
     return {
@@ -127,6 +131,7 @@ def alignment_of(source_pieces: list[str], hypothesis: Translation) -> dict[str,
         "target": hypothesis.tokens,
         "weights": [[round(w, 4) for w in row] for row in weights.tolist()],
         "pairs": pairs,
+        "words": pharaoh(hypothesis.alignment or []),
     }
 
 
