@@ -225,7 +225,7 @@ def model_lines(model: dict, tokenizer: Tokenizer) -> list[str]:
     return [
         f"- {n_params:,} parameters",
         f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}, "
-        f"{'pre' if cfg.norm_first else 'post'}-norm, {cfg.positional} positions, {cfg.activation}",
+        f"{'pre' if cfg.norm_first else 'post'}-norm ({cfg.norm}), {cfg.positional} positions, {cfg.activation}",
         f"- vocabulary {cfg.src_vocab_size} source / {cfg.tgt_vocab_size} target pieces"
         + (f"; {tied}" if tied else ""),
         f"- dropout {cfg.dropout} (attention {cfg.attention_dropout}, feed-forward {cfg.activation_dropout}), max_positions {cfg.max_positions}",
@@ -259,24 +259,13 @@ def use_lines(run_dir: str | Path, cfg: dict, languages: list[str]) -> list[str]
     ]
 
 
-def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True) -> str:
-    """The Markdown text of ``<run>/README.md``."""
-    run = Path(run_dir)
-    tokenizer = Tokenizer.load(run)
-    if tokenizer is None:
-        raise UserError(f"{run}: no spm.model (is this a training run directory?)")
-    test = metrics.get("test")
-    if test is None and (run / TEST_SCORES).is_file():
-        test = json.loads((run / TEST_SCORES).read_text(encoding="utf-8"))
-    t = cfg["trainer"]
-    out = [f"# Run `{run.name}`", "", f"`{run}`", ""]
-    if curves:
-        out += ["![training curves](curves.png)", ""]
-    out += ["## Results", ""]
-    out.append(
+def result_lines(metrics: dict, t: dict, test: dict | None) -> list[str]:
+    """The card's Results: validation, steps and time, hardware, the budget's plan, test scores."""
+    search = "greedy" if t["eval_beam_size"] <= 1 else f"beam {t['eval_beam_size']}"
+    out = [
         f"- best validation BLEU **{metrics['best_valid_bleu']:.2f}** at step {metrics['best_step']} "
-        f"(search: {'greedy' if t['eval_beam_size'] <= 1 else 'beam ' + str(t['eval_beam_size'])}, trainer.eval_beam_size)"
-    )
+        f"(search: {search}, trainer.eval_beam_size)"
+    ]
     planned = metrics.get("budget_plan", {}).get("max_steps", t["max_steps"])
     out.append(
         f"- trained {metrics['step']} of {planned} steps in {minutes_text(metrics['minutes'])} of wall time (validation included)"
@@ -291,40 +280,47 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         out.append(
             f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}"
         )
-    if test:
-        out.append(
-            f"- test `{test['data']}` ({test['sentences']} sentences, `{Path(test['checkpoint']).name}`, beam {test['beam_size']}, "
-            f"length penalty {test['length_penalty']}): BLEU **{test['bleu']:.2f}**, chrF2 {test['chrf']:.2f}, BLEU lowercased {test['bleu_lc']:.2f}"
-        )
-        out.append(f"  - BLEU signature `{test['bleu_signature']}`")
-        out.append(f"  - chrF signature `{test['chrf_signature']}`")
-    else:
-        out.append("- no test scores (evaluate_test=false, or no best checkpoint)")
-    out += [
+    if not test:
+        return [*out, "- no test scores (evaluate_test=false, or no best checkpoint)"]
+    out.append(
+        f"- test `{test['data']}` ({test['sentences']} sentences, `{Path(test['checkpoint']).name}`, beam {test['beam_size']}, "
+        f"length penalty {test['length_penalty']}): BLEU **{test['bleu']:.2f}**, chrF2 {test['chrf']:.2f}, BLEU lowercased {test['bleu_lc']:.2f}"
+    )
+    return [*out, f"  - BLEU signature `{test['bleu_signature']}`", f"  - chrF signature `{test['chrf_signature']}`"]
+
+
+def config_lines(run: Path, cfg: dict) -> list[str]:
+    """The card's Configuration: the command-line overrides Hydra saved, else the whole config."""
+    overrides_file = run / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return ["Resolved config:", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip(), "```", ""]
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    return [
+        "Command-line overrides (`.hydra/overrides.yaml`; the full resolved config is `.hydra/config.yaml`):",
         "",
-        "## Data",
-        "",
-        *data_lines(cfg["data"], test),
-        "",
-        "## Model",
-        "",
-        *model_lines(cfg["model"], tokenizer),
+        "```",
+        *(overrides or ["(none)"]),
+        "```",
         "",
     ]
-    overrides_file = run / ".hydra" / "overrides.yaml"
-    out += ["## Configuration", ""]
-    if overrides_file.is_file():
-        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
-        out += [
-            "Command-line overrides (`.hydra/overrides.yaml`; the full resolved config is `.hydra/config.yaml`):",
-            "",
-            "```",
-            *(overrides or ["(none)"]),
-            "```",
-            "",
-        ]
-    else:
-        out += ["Resolved config:", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip(), "```", ""]
+
+
+def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True) -> str:
+    """The Markdown text of ``<run>/README.md``."""
+    run = Path(run_dir)
+    tokenizer = Tokenizer.load(run)
+    if tokenizer is None:
+        raise UserError(f"{run}: no spm.model (is this a training run directory?)")
+    test = metrics.get("test")
+    if test is None and (run / TEST_SCORES).is_file():
+        test = json.loads((run / TEST_SCORES).read_text(encoding="utf-8"))
+    out = [f"# Run `{run.name}`", "", f"`{run}`", ""]
+    if curves:
+        out += ["![training curves](curves.png)", ""]
+    out += ["## Results", "", *result_lines(metrics, cfg["trainer"], test), ""]
+    out += ["## Data", "", *data_lines(cfg["data"], test), ""]
+    out += ["## Model", "", *model_lines(cfg["model"], tokenizer), ""]
+    out += ["## Configuration", "", *config_lines(run, cfg)]
     out += use_lines(run_dir, cfg, tokenizer.languages)
     return "\n".join(out) + "\n"
 
