@@ -250,6 +250,8 @@ def test_allocator_env_preloads_mimalloc_once() -> None:
 
     lib = "/x/libmimalloc.so"
     assert allocator_env({}, lib)["LD_PRELOAD"] == lib
+    assert allocator_env({}, lib)["MIMALLOC_PURGE_DELAY"] == "-1"  # freed pages kept: faster steps
+    assert allocator_env({"MIMALLOC_PURGE_DELAY": "10"}, lib)["MIMALLOC_PURGE_DELAY"] == "10"  # the user's wins
     assert allocator_env({"LD_PRELOAD": "/y/other.so"}, lib)["LD_PRELOAD"] == f"{lib} /y/other.so"
     assert allocator_env({"LD_PRELOAD": lib}, lib) is None  # already running under it: no loop
     assert allocator_env({"TRANSFORMER_ALLOCATOR": "system"}, lib) is None
