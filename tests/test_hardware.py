@@ -147,11 +147,20 @@ def test_plan_scales_the_whole_schedule() -> None:
     evals = int(budget.EVAL_SHARE * usable // 30)  # 5 of the reference 10 fit in 5% of the hour
     assert plan.max_steps == int((usable - 60 - 90 - evals * 30) // 1.8)
     ratio = plan.max_steps / 10000
-    assert (plan.warmup_steps, plan.save_every) == (round(800 * ratio), round(150 * ratio))
+    assert plan.save_every == round(150 * ratio)
+    assert plan.warmup_steps == min(800, round(budget.MAX_WARMUP_SHARE * plan.max_steps))  # not 800 * ratio
     assert plan.eval_every == -(-plan.max_steps // evals)
     assert plan.max_minutes == pytest.approx((usable - 60 - 90) / 60)
     fast = budget.plan_schedule(schedule(max_minutes=50), 60, budget.Costs(spent=30, step=0.2, evaluation=5, test=20))
     assert fast.max_steps > 10000 and fast.eval_every == -(-fast.max_steps // 10) and fast.max_minutes == 50
+    assert fast.warmup_steps == round(800 * fast.max_steps / 10000)  # a longer schedule scales its warmup
+
+
+def test_planned_warmup_keeps_the_reference_warmup_in_a_shorter_run() -> None:
+    assert budget.planned_warmup(800, 0.1048, 1048) == 262  # a quarter of the updates, not 84
+    assert budget.planned_warmup(800, 0.5, 5000) == 800  # the reference's, where it fits
+    assert budget.planned_warmup(800, 2.0, 20000) == 1600
+    assert budget.planned_warmup(0, 0.1, 1000) == 0 and budget.planned_warmup(800, 0.001, 2) == 1
 
 
 def test_plan_refuses_a_budget_without_room_for_one_evaluation() -> None:
