@@ -65,8 +65,14 @@ def _train(cfg: DictConfig) -> float:
 
 
 def train_cli() -> None:
-    use_fast_allocator()
     hydra_entry("train", _train)
+
+
+def train_main() -> None:
+    """The transformer-train command: train_cli in a process running under mimalloc. Only a
+    command's own process re-executes itself; train_cli called from Python never does."""
+    use_fast_allocator()
+    train_cli()
 
 
 # evaluate ---------------------------------------------------------------------------
@@ -160,8 +166,13 @@ def decode_cli() -> None:
 # serve ------------------------------------------------------------------------------
 
 
-def serve_cli() -> None:
+def serve_main() -> None:
+    """The transformer-serve command: serve_cli under mimalloc (see train_main)."""
     use_fast_allocator()
+    serve_cli()
+
+
+def serve_cli() -> None:
     from transformer.serve.server import serve
     from transformer.serve.settings import USAGE, ServeRunConfig
 
