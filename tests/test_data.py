@@ -4,6 +4,7 @@ trips, and batches respect their budget while covering each example exactly once
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import random
@@ -15,8 +16,9 @@ import torch
 from transformer.config import DataConfig
 from transformer.data.batching import Example, collate, encode_examples, shard, token_batches
 from transformer.data.builtin import builtin_splits
-from transformer.data.corpus import clean_pairs, load_files, load_split
+from transformer.data.corpus import clean_pairs, load_files, load_split, open_text, text_blocks
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
+from transformer.errors import UserError
 from transformer.vocab import BOS, EOS, PAD, UNK
 
 PAIRS = [
@@ -200,6 +202,23 @@ def test_byte_order_mark_is_dropped(tmp_path: Path) -> None:
     (tmp_path / "a.de").write_bytes(b"eins\n")
     cfg = DataConfig(source="files", train_src=str(tmp_path / "a.en"), train_tgt=str(tmp_path / "a.de"))
     assert load_split(cfg, "train") == [("one", "eins")]
+
+
+def test_block_reading_equals_reading_line_by_line(tmp_path: Path) -> None:
+    """Blocks of a few bytes (many boundaries) give the lines, numbers and errors of a
+    line-by-line reader: BOM, CRLF, a lone CR inside a line, blank lines, no final newline."""
+    raw = "\ufeffeins\r\nzwei\rdrei\n\n\u00fcber \u2028 x\r\r\nletzte".encode("utf-8")
+    path = tmp_path / "a.txt"
+    path.write_bytes(raw)
+    expected = [line.rstrip(b"\r\n").decode("utf-8") for line in io.BytesIO(raw.removeprefix(b"\xef\xbb\xbf"))]
+    for block in (1, 5, 1 << 20):
+        got = [(first + k, line) for first, lines in text_blocks(str(path), block) for k, line in enumerate(lines)]
+        assert got == list(enumerate(expected, start=1))
+    assert list(open_text(str(path))) == list(enumerate(expected, start=1))
+    path.write_bytes(b"ok\nfine\nbad \xff\n")
+    for block in (1, 1 << 20):
+        with pytest.raises(UserError, match=r"a.txt:3: not valid UTF-8 \(invalid start byte at byte 4\)"):
+            list(text_blocks(str(path), block))
 
 
 def test_tsv_reader(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from transformer.data.cache import CachedCorpus, open_corpus
 from transformer.data.corpus import load_split, load_train_pairs
 from transformer.data.source import train_examples
 from transformer.data.tokenizer import build_tokenizer, sample_pairs
+from transformer.errors import UserError
 from transformer.train import loop
 
 
@@ -152,6 +153,25 @@ def test_cache_hits_and_misses(corpus_dir: Path, tmp_path: Path, caplog: pytest.
     st = os.stat(cfg.train_src)
     os.utime(cfg.train_src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new identity
     assert open_corpus(cfg, tok, 64, root).directory != first.directory
+
+
+def test_encoding_workers_build_the_same_cache(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformer.data import cache
+
+    monkeypatch.setattr(cache, "CHUNK_PAIRS", 17)  # many chunks, handed out across the workers
+    tok = build_tokenizer(load_train_pairs(data_cfg(corpus_dir)), 200, True, 10_000)
+    built = {
+        workers: as_tuples(
+            open_corpus(data_cfg(corpus_dir, f"data.encode_workers={workers}"), tok, 64, tmp_path / str(workers))
+        )
+        for workers in (1, 3)
+    }
+    expected = [(tuple(s), tuple(t)) for s, t in zip(*tok.encode_pairs(load_train_pairs(data_cfg(corpus_dir))))]
+    assert built[1] == built[3] == expected
+    with pytest.raises(UserError, match="data.encode_workers=-1"):
+        open_corpus(data_cfg(corpus_dir, "data.encode_workers=-1"), tok, 64, tmp_path / "bad")
 
 
 def test_corrupt_cache_is_rebuilt_with_a_warning(

@@ -112,6 +112,7 @@ class DataConfig:
     # files: encode the training split once into token-id arrays and map them in later runs and resumes
     cache: bool = True
     cache_dir: str | None = None  # where caches live (default: cache/ beside the run directory)
+    encode_workers: int = 0  # processes encoding the corpus into the cache (0: one per core; 1: in this process)
     # drop training pairs where one side has more than this many times the other's subwords (0: off)
     max_len_ratio: float = 0.0
     dedup: bool = False  # drop training pairs repeating an earlier (source, target) pair

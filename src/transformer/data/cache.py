@@ -1,7 +1,7 @@
 """The training split of local files, tokenised once and memory-mapped (``data.cache``).
 
 The first run streams the corpus in chunks (memory bounded by a chunk, not the corpus),
-encodes it with SentencePiece (whose batch encoder runs on every core) and writes flat
+encodes it with SentencePiece through a per-word cache (``word_encoder``) and writes flat
 token-id arrays (uint16 when the vocabulary allows, else int32) plus int64 offsets into
 ``<cache_dir>/train-<key>/``; the directory is built under a temporary name and renamed, so
 a cache is either whole or absent. Later runs, resumes and every DDP rank map the arrays
@@ -17,12 +17,14 @@ do not match the sizes and blake2b digests in its ``meta.json`` is rebuilt with 
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from transformer.config import DataConfig
-from transformer.data.batching import Example, chunked, id_lengths, keep_mask, log_dropped
-from transformer.data.corpus import iter_train_pairs, split_files
+from transformer.data.batching import Example, chunked, keep_mask, log_dropped
+from transformer.data.corpus import Pair, iter_train_pairs, split_files
 from transformer.data.tokenizer import BPE_SAMPLE_SEED, Tokenizer, build_tokenizer
+from transformer.data.word_encoder import FlatIds
 from transformer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -138,27 +141,70 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path)
     return CachedCorpus(directory)
 
 
-def encoded_chunks(
-    cfg: DataConfig, tokenizer: Tokenizer, max_len: int
-) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
-    """Kept (source ids, target ids) of the corpus, a chunk at a time; the filters' counts are
-    logged at the end, as ``encode_examples`` logs them."""
+def encoded_chunks(cfg: DataConfig, tokenizer: Tokenizer, max_len: int) -> Iterator[tuple[FlatIds, FlatIds]]:
+    """Kept (source, target) ids of the corpus as flat arrays, a chunk at a time; the
+    filters' counts are logged at the end, as ``encode_examples`` logs them."""
     total = too_long = bad_ratio = 0
-    for pairs in chunked(iter_train_pairs(cfg), CHUNK_PAIRS):
-        src, tgt = tokenizer.encode_pairs(pairs)
-        kept, long = keep_mask(id_lengths(src), id_lengths(tgt), max_len, cfg.max_len_ratio)
+    for src, tgt in encode_in_workers(chunked(iter_train_pairs(cfg), CHUNK_PAIRS), tokenizer, cfg):
+        kept, long = keep_mask(src[1], tgt[1], max_len, cfg.max_len_ratio)
         total, too_long, bad_ratio = (
-            total + len(pairs),
+            total + len(kept),
             too_long + int(long.sum()),
             bad_ratio + int((~kept).sum() - long.sum()),
         )
-        yield list(itertools.compress(src, kept)), list(itertools.compress(tgt, kept))
+        yield keep(src, kept), keep(tgt, kept)
     log_dropped(f"{cfg.name} train", total, too_long, bad_ratio, max_len, cfg.max_len_ratio)
 
 
-def write_arrays(
-    directory: Path, chunks: Iterator[tuple[list[list[int]], list[list[int]]]], dtype: type, key: dict
-) -> int:
+def encode_workers(cfg: DataConfig) -> int:
+    """data.encode_workers, where 0 is one per core this process may use."""
+    if cfg.encode_workers < 0:
+        raise UserError(f"data.encode_workers={cfg.encode_workers}: expected 0 (one per core) or a positive count")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cfg.encode_workers or cores
+
+
+def encode_in_workers(
+    chunks: Iterator[list[Pair]], tokenizer: Tokenizer, cfg: DataConfig
+) -> Iterator[tuple[FlatIds, FlatIds]]:
+    """Each chunk's (source, target) ids in corpus order, encoded by a pool of forked processes while this
+    one reads ahead: at most two chunks per worker are in flight, so memory stays bounded.
+    With one worker, or off Linux (where forking a process that holds torch is not safe),
+    this process encodes."""
+    workers = encode_workers(cfg)
+    if workers == 1 or sys.platform != "linux":
+        yield from map(tokenizer.encode_pairs_flat, chunks)
+        return
+    pending: collections.deque = collections.deque()
+    with multiprocessing.get_context("fork").Pool(workers, _start_worker, (tokenizer.to_state(),)) as pool:
+        for pairs in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (pairs,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+_worker_tokenizer: Tokenizer | None = None  # set in each encoding worker by _start_worker
+
+
+def _start_worker(state: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_state(state)
+
+
+def _encode_chunk(pairs: list[Pair]) -> tuple[FlatIds, FlatIds]:
+    assert _worker_tokenizer is not None
+    return _worker_tokenizer.encode_pairs_flat(pairs)
+
+
+def keep(ids: FlatIds, kept: np.ndarray) -> FlatIds:
+    """The sequences of ``ids`` where ``kept`` is true."""
+    flat, lengths = ids
+    return flat[np.repeat(kept, lengths)], lengths[kept]
+
+
+def write_arrays(directory: Path, chunks: Iterator[tuple[FlatIds, FlatIds]], dtype: type, key: dict) -> int:
     """``src.bin``/``tgt.bin`` (ids), ``src.off.npy``/``tgt.off.npy`` (offsets), then
     ``meta.json`` with each file's size and digest, written last; returns the pair count."""
     hashes = {side: hashlib.blake2b(digest_size=16) for side in SIDES}
@@ -166,11 +212,11 @@ def write_arrays(
     files = {side: open(directory / f"{side}.bin", "wb") for side in SIDES}
     try:
         for chunk in chunks:
-            for side, ids in zip(SIDES, chunk):
-                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype).tobytes()
-                files[side].write(flat)
-                hashes[side].update(flat)
-                lengths[side].append(id_lengths(ids))
+            for side, (flat, side_lengths) in zip(SIDES, chunk):
+                data = flat.astype(dtype).tobytes()
+                files[side].write(data)
+                hashes[side].update(data)
+                lengths[side].append(side_lengths)
     finally:
         for f in files.values():
             f.close()

@@ -32,21 +32,45 @@ SPLITS = ("train", "valid", "test")
 def open_text(path: str) -> Iterator[tuple[int, str]]:
     """(line number, line without newline) of a UTF-8 text file (a leading byte-order mark is
     dropped), gzipped when it ends in .gz."""
+    for first, lines in text_blocks(path):
+        yield from zip(itertools.count(first), lines)
+
+
+def text_blocks(path: str, block_bytes: int = 1 << 22) -> Iterator[tuple[int, list[str]]]:
+    """(number of the first line, lines) of a text file, a few MiB at a time: decoded and
+    split a block at once, which is several times faster than line by line."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{path}: file not found")
     opener = gzip.open if p.suffix == ".gz" else open
     try:
         with opener(p, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")  # drop a BOM
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            first = 1
+            while raw := f.readlines(block_bytes):
+                lines = decode_lines(raw, path, first)
+                yield first, lines
+                first += len(lines)
     except (OSError, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise UserError(f"{path}: file not found") from None
         raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def decode_lines(raw: list[bytes], path: str, first: int) -> list[str]:
+    """Raw lines (each ending in a newline but perhaps the last) as text without line ends."""
+    try:
+        text = b"".join(raw).decode("utf-8-sig" if first == 1 else "utf-8")  # drop a BOM
+    except UnicodeDecodeError:
+        for number, line in enumerate(raw, start=first):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise
+    lines = text.split("\n")
+    if raw[-1].endswith(b"\n"):
+        lines.pop()  # the empty string after the block's last newline
+    return [line.rstrip("\r") for line in lines] if "\r" in text else lines
 
 
 def read_text_pair(src_path: str, tgt_path: str) -> Iterator[Pair]:

@@ -34,6 +34,7 @@ SHARED = (
     "max_tokens",
     "valid_max_sentences",
     "cache_dir",
+    "encode_workers",
     "streaming",
     "shuffle_buffer",
     "tgt_lang_tag",

@@ -13,10 +13,12 @@ import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
 
+from transformer.data.word_encoder import FlatIds, WordEncoder, flatten, with_specials
 from transformer.vocab import BOS, EOS, PAD, UNK
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,20 @@ class Tokenizer:
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
         """Source and target ids of ``pairs``."""
         return self.encode_src([s for s, _ in pairs]), self.encode_tgt([t for _, t in pairs])
+
+    @cached_property
+    def word_encoders(self) -> tuple[WordEncoder, WordEncoder]:
+        src = WordEncoder(self.src)
+        return src, src if self.tgt is self.src else WordEncoder(self.tgt)
+
+    def encode_pairs_flat(self, pairs: Sequence[tuple[str, str]]) -> tuple[FlatIds, FlatIds]:
+        """``encode_pairs`` as (concatenated ids, lengths) per side, through the word cache:
+        the bulk encoder of the training cache."""
+        src_words, tgt_words = self.word_encoders
+        return (
+            with_specials(*src_words.encode([s for s, _ in pairs]), None, EOS),
+            with_specials(*tgt_words.encode([t for _, t in pairs]), BOS, EOS),
+        )
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized text; special ids and language tags are dropped."""
@@ -211,6 +227,10 @@ class MappedTokenizer(Tokenizer):
     def encode_tgt(self, sentences: Sequence[str]) -> list[list[int]]:
         start = [self.ids["bos"]] + self.tgt_prefix
         return [start + self._ids(self._pieces(s, self.tgt), self.tgt_index) + [self.ids["eos"]] for s in sentences]
+
+    def encode_pairs_flat(self, pairs: Sequence[tuple[str, str]]) -> tuple[FlatIds, FlatIds]:
+        src, tgt = self.encode_pairs(pairs)
+        return flatten(src), flatten(tgt)
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized text; special ids are dropped."""
