@@ -98,6 +98,16 @@ class Tokenizer:
     def tgt_vocab_size(self) -> int:
         return self.tgt.get_piece_size()
 
+    @cached_property
+    def src_start(self) -> int:
+        """Ids put before a source sentence's pieces (an imported model's language code)."""
+        return len(self.encode_src([""])[0]) - 1
+
+    @cached_property
+    def tgt_start(self) -> int:
+        """Ids put between BOS and a target sentence's pieces (M2M100's target language)."""
+        return len(self.encode_tgt([""])[0]) - 2
+
     def encode_src(self, sentences: Sequence[str]) -> list[list[int]]:
         return [ids + [EOS] for ids in self.src.encode(list(sentences))]
 

@@ -241,7 +241,7 @@ def target_ids(tokenizer: Tokenizer, texts: Sequence[str], keep_start: bool) -> 
     """Target ids of ``texts`` without BOS and EOS. The tokenizer's own start tokens (M2M100's
     target language) are kept only with ``keep_start``: a forced prefix begins with them, a
     constraint phrase does not."""
-    start = 1 + (0 if keep_start else len(tokenizer.encode_tgt([""])[0]) - 2)
+    start = 1 + (0 if keep_start else tokenizer.tgt_start)
     return [ids[start:-1] if text else [] for text, ids in zip(texts, tokenizer.encode_tgt(list(texts)))]
 
 
@@ -383,13 +383,13 @@ class Translator:
         put before the tokenizer's ids, and EOS: None)."""
         pieces = self.tokenizer.src_pieces(sentence)
         tags = [None] * (len(ids) - len(pieces))
-        return tags + word_indices(pieces, len(self.tokenizer.encode_src([""])[0]) - 1, len(pieces) - 1)
+        return tags + word_indices(pieces, self.tokenizer.src_start, len(pieces) - 1)
 
     def target_words(self, hypothesis: Hypothesis) -> list[int | None]:
         """Word index of each generated subword (language tag and EOS: None)."""
         tokens, eos = hypothesis.tokens, self.models[0].specials.eos
         end = len(tokens) - (1 if tokens and tokens[-1] == eos else 0)
-        return word_indices(self.tokenizer.tgt_pieces(tokens), len(self.tokenizer.encode_tgt([""])[0]) - 2, end)
+        return word_indices(self.tokenizer.tgt_pieces(tokens), self.tokenizer.tgt_start, end)
 
     def translate(self, sentences: Sequence[str] | str, **overrides: Any) -> list[str] | str:
         """Best translation of each sentence (a string for a string)."""
