@@ -6,7 +6,9 @@ window of minutes, target tokens/s (from metrics.jsonl) and RSS. Each ``--varian
 label and overrides or environment, e.g. ``nokeep:trainer.keep_freed_memory=false``) runs
 after the default, one at a time, so the table compares them on the same machine and day.
 Targets (issue 22): tokens/s of the last 10 minutes within 10% of minutes 2-10; peak RSS
-under 2.5 GB for the 2.9M-parameter recipe.
+under 2.5 GB for the 2.9M-parameter recipe. On a VM the hypervisor may take CPU time from the
+guest ("steal", /proc/stat); the table gives its share per window and the speed ratio per
+unstolen CPU second, so a neighbour's load is not read as a slowdown of training.
 
     python scripts/bench_soak.py --minutes 60
     python scripts/bench_soak.py --minutes 15 --variant nokeep:trainer.keep_freed_memory=false
@@ -40,6 +42,24 @@ def rss_mb(pid: int) -> float:
         except OSError:
             pass
     return total
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(stolen, total) CPU time of the whole machine so far, from /proc/stat ((0, 0) off Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(samples: list[tuple], lo: float, hi: float) -> float:
+    """Share of the machine's CPU time the hypervisor took between the first and the last
+    sample (minute, rss, stolen, total) whose minute lies in [lo, hi); 0 when unknown."""
+    inside = [s for s in samples if lo <= s[0] < hi]
+    if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
+        return 0.0
+    return (inside[-1][2] - inside[0][2]) / (inside[-1][3] - inside[0][3])
 
 
 def children(pid: int) -> list[int]:
@@ -78,7 +98,7 @@ def run_one(label: str, extra: list[str], args: argparse.Namespace, workdir: Pat
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples, start = [], time.time()
     while proc.poll() is None and time.time() - start < args.minutes * 60 + 600:
-        samples.append(((time.time() - start) / 60, rss_mb(proc.pid)))
+        samples.append(((time.time() - start) / 60, rss_mb(proc.pid), *cpu_jiffies()))
         time.sleep(5)
     if proc.poll() is None:
         proc.kill()
@@ -99,18 +119,25 @@ def report(results: list[dict], minutes: float, window: float) -> None:
     print(f"\nSoak, {minutes:g} min per run, on {detect().describe()}\n")
     edges = [i * window for i in range(int(minutes // window) + 1)]
     head = " | ".join(f"{lo:g}-{hi:g} min" for lo, hi in zip(edges, edges[1:]))
-    print(f"| run | {head} | early (2-10) | last 10 | last/early | peak RSS MB | targets |")
-    print("|---|" + "---:|" * (len(edges) + 4))
+    print(
+        f"| run | {head} | early (2-10) | last 10 | last/early | steal early/last | per CPU | peak RSS MB | targets |"
+    )
+    print("|---|" + "---:|" * (len(edges) + 6))
     for r in results:
         cells = []
         for lo, hi in zip(edges, edges[1:]):
-            rss = max((m for t, m in r["rss"] if lo <= t < hi), default=0)
-            cells.append(f"{window_speed(r['train'], lo, hi):.0f} tok/s, {rss:.0f} MB")
-        early, last = window_speed(r["train"], 2, 10), window_speed(r["train"], max(minutes - 10, 2), minutes + 1)
-        peak = max((m for _, m in r["rss"]), default=0)
+            rss = max((s[1] for s in r["rss"] if lo <= s[0] < hi), default=0)
+            steal = steal_share(r["rss"], lo, hi)
+            cells.append(f"{window_speed(r['train'], lo, hi):.0f} tok/s, {rss:.0f} MB, steal {steal:.0%}")
+        late = max(minutes - 10, 2)
+        early, last = window_speed(r["train"], 2, 10), window_speed(r["train"], late, minutes + 1)
+        steal_early, steal_last = steal_share(r["rss"], 2, 10), steal_share(r["rss"], late, minutes + 1)
+        per_cpu = (last / (1 - steal_last)) / (early / (1 - steal_early))
+        peak = max((s[1] for s in r["rss"]), default=0)
         ok = "met" if last / early >= 0.9 and peak < 2500 else "missed"
         print(
-            f"| {r['label']} | {' | '.join(cells)} | {early:.0f} | {last:.0f} | {last / early:.2f} | {peak:.0f} | {ok} |"
+            f"| {r['label']} | {' | '.join(cells)} | {early:.0f} | {last:.0f} | {last / early:.2f} "
+            f"| {steal_early:.0%} / {steal_last:.0%} | {per_cpu:.2f} | {peak:.0f} | {ok} |"
         )
 
 
