@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from transformer.errors import UserError
 from transformer.hardware import detect
@@ -44,6 +45,15 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+class Sample(NamedTuple):
+    """One look at the training process and the machine."""
+
+    minute: float  # since the process started
+    rss: float  # MB, the process and its children
+    stolen: int  # the machine's CPU time taken by the hypervisor so far (jiffies)
+    total: int  # the machine's CPU time so far (jiffies)
+
+
 def cpu_jiffies() -> tuple[int, int]:
     """(stolen, total) CPU time of the whole machine so far, from /proc/stat ((0, 0) off Linux)."""
     try:
@@ -53,13 +63,13 @@ def cpu_jiffies() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
-def steal_share(samples: list[tuple], lo: float, hi: float) -> float:
+def steal_share(samples: list[Sample], lo: float, hi: float) -> float:
     """Share of the machine's CPU time the hypervisor took between the first and the last
-    sample (minute, rss, stolen, total) whose minute lies in [lo, hi); 0 when unknown."""
-    inside = [s for s in samples if lo <= s[0] < hi]
-    if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
+    sample whose minute lies in [lo, hi); 0 when unknown."""
+    inside = [s for s in samples if lo <= s.minute < hi]
+    if len(inside) < 2 or inside[-1].total <= inside[0].total:
         return 0.0
-    return (inside[-1][2] - inside[0][2]) / (inside[-1][3] - inside[0][3])
+    return (inside[-1].stolen - inside[0].stolen) / (inside[-1].total - inside[0].total)
 
 
 def children(pid: int) -> list[int]:
@@ -70,7 +80,7 @@ def children(pid: int) -> list[int]:
 
 
 def run_one(label: str, extra: list[str], args: argparse.Namespace, workdir: Path) -> dict:
-    """One training process for --minutes; returns its RSS samples and train records."""
+    """One training process for --minutes; returns its samples and train records."""
     run_dir = workdir / label
     env = dict(os.environ)
     overrides = []
@@ -98,7 +108,7 @@ def run_one(label: str, extra: list[str], args: argparse.Namespace, workdir: Pat
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples, start = [], time.time()
     while proc.poll() is None and time.time() - start < args.minutes * 60 + 600:
-        samples.append(((time.time() - start) / 60, rss_mb(proc.pid), *cpu_jiffies()))
+        samples.append(Sample((time.time() - start) / 60, rss_mb(proc.pid), *cpu_jiffies()))
         time.sleep(5)
     if proc.poll() is None:
         proc.kill()
@@ -106,7 +116,7 @@ def run_one(label: str, extra: list[str], args: argparse.Namespace, workdir: Pat
     if proc.wait() != 0:
         raise UserError(f"{label}: training failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return {"label": label, "rss": samples, "train": [r for r in records if "tokens_per_s" in r]}
+    return {"label": label, "samples": samples, "train": [r for r in records if "tokens_per_s" in r]}
 
 
 def window_speed(records: list[dict], lo: float, hi: float) -> float:
@@ -126,14 +136,14 @@ def report(results: list[dict], minutes: float, window: float) -> None:
     for r in results:
         cells = []
         for lo, hi in zip(edges, edges[1:]):
-            rss = max((s[1] for s in r["rss"] if lo <= s[0] < hi), default=0)
-            steal = steal_share(r["rss"], lo, hi)
+            rss = max((s.rss for s in r["samples"] if lo <= s.minute < hi), default=0)
+            steal = steal_share(r["samples"], lo, hi)
             cells.append(f"{window_speed(r['train'], lo, hi):.0f} tok/s, {rss:.0f} MB, steal {steal:.0%}")
         late = max(minutes - 10, 2)
         early, last = window_speed(r["train"], 2, 10), window_speed(r["train"], late, minutes + 1)
-        steal_early, steal_last = steal_share(r["rss"], 2, 10), steal_share(r["rss"], late, minutes + 1)
+        steal_early, steal_last = steal_share(r["samples"], 2, 10), steal_share(r["samples"], late, minutes + 1)
         per_cpu = (last / (1 - steal_last)) / (early / (1 - steal_early))
-        peak = max((s[1] for s in r["rss"]), default=0)
+        peak = max((s.rss for s in r["samples"]), default=0)
         ok = "met" if last / early >= 0.9 and peak < 2500 else "missed"
         print(
             f"| {r['label']} | {' | '.join(cells)} | {early:.0f} | {last:.0f} | {last / early:.2f} "

@@ -17,6 +17,7 @@ from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.decode.translator import pack_models, resolve_decode
 from transformer.errors import UserError
+from transformer.runtime import autocast
 
 SENTENCES = ["twenty-one", "I have three red apples.", "the nineteen small dogs", "three hundred forty-five"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,12 +161,12 @@ def test_every_config_key_has_a_comment() -> None:
 
 
 def forced_log_probs(translator: Translator, sentence: str, pieces: list[str], precision: str) -> torch.Tensor:
-    """Teacher-forced target log-probs (T, V) of ``pieces`` after ``sentence``, fp32 or under bf16 autocast."""
+    """Teacher-forced target log-probs (T, V) of ``pieces`` after ``sentence``, under the decoder's autocast."""
     model = translator.models[0]
     ids = [translator.tokenizer.tgt.piece_to_id(p) for p in pieces]  # ends with EOS
     src = torch.tensor(translator.tokenizer.encode_src([sentence]))
     tgt = torch.tensor([[model.specials.bos] + ids[:-1]])
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode(), autocast(torch.device("cpu"), precision, "decode.precision"):
         return model(src, tgt).float().log_softmax(-1)[0]
 
 
