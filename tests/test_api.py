@@ -171,21 +171,23 @@ def forced_log_probs(translator: Translator, sentence: str, pieces: list[str], p
 
 
 def test_bf16_decoding_agrees_with_fp32(translator: Translator) -> None:
-    """bf16 logits stay within bf16 rounding of fp32's; the searches then give the same best
-    text wherever fp32's best beats its runner-up by more than that (the barely trained
-    fixture has near-ties, which either precision may break its own way)."""
-    sentences = ["twenty-one", "I have three red apples.", "We see seventy-seven red cars."]
-    fp32 = translator.hypotheses(sentences, beam_size=3, n_best=2, precision="fp32")
-    bf16 = translator.hypotheses(sentences, beam_size=3, n_best=2, precision="bf16")
-    for sentence, a, b in zip(sentences, fp32, bf16):
-        error = (
-            forced_log_probs(translator, sentence, a[0].tokens, "bf16")
-            - forced_log_probs(translator, sentence, a[0].tokens, "fp32")
-        ).abs()
-        assert 0 < error.max() < 0.1  # bf16 really ran, and only rounded
-        assert b[0].score == pytest.approx(a[0].score, abs=0.05 + 0.02 * abs(a[0].score))
-        if a[0].score - a[1].score > 0.05 + 0.02 * abs(a[0].score):
-            assert a[0].text == b[0].text
+    """bf16 logits stay within bf16 rounding of fp32's, so greedy search under bf16 picks fp32's
+    token at every step where fp32's best beats its runner-up by more than twice that bound; past
+    the first closer call either precision may go its own way (the barely trained fixture has
+    near-ties, and a long degenerate output accumulates them)."""
+    bound, compared = 0.1, 0
+    for sentence in ["twenty-one", "I have three red apples.", "We see seventy-seven red cars."]:
+        fp32 = translator.hypotheses([sentence], beam_size=1, precision="fp32")[0][0]
+        bf16 = translator.hypotheses([sentence], beam_size=1, precision="bf16")[0][0]
+        exact = forced_log_probs(translator, sentence, fp32.tokens, "fp32")
+        error = (forced_log_probs(translator, sentence, fp32.tokens, "bf16") - exact).abs()
+        assert 0 < error.max() < bound  # bf16 really ran, and only rounded
+        top2 = exact.topk(2, dim=-1).values
+        close = (top2[:, 0] - top2[:, 1] <= 2 * bound).nonzero()
+        clear = int(close[0]) if len(close) else len(fp32.tokens)
+        assert bf16.tokens[:clear] == fp32.tokens[:clear]
+        compared += clear
+    assert compared > 0  # the fixture has at least one clear path to compare
     with pytest.raises(UserError, match="decode.precision=fp16 needs CUDA"):
         translator.translate("twenty-one", precision="fp16")
     with pytest.raises(UserError, match="decode.precision='fp8'"):
