@@ -23,7 +23,14 @@ from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.plots import new_figure
-from transformer.rundir import RESUME_CHANGES, TEST_SCORES, read_records, read_results, read_resume_changes
+from transformer.rundir import (
+    RESUME_CHANGES,
+    TEST_SCORES,
+    atomic_write,
+    read_records,
+    read_results,
+    read_resume_changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +358,6 @@ def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: dict | None 
     except UserError as e:
         log.warning("no curves.png: %s", e)
     written["card"] = run / "README.md"
-    written["card"].write_text(run_card(run_dir, to_dict(cfg), metrics, curves="curves" in written), encoding="utf-8")
+    atomic_write(written["card"], run_card(run_dir, to_dict(cfg), metrics, curves="curves" in written))
     log.info("run card: %s", written["card"])
     return written

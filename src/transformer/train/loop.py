@@ -242,15 +242,21 @@ def train(cfg: TrainConfig | Any, test: TestFn | None = None) -> dict:
     if cfg.trainer.resume and Path(cfg.trainer.resume).is_dir():
         cfg.run_dir = str(Path(cfg.trainer.resume).expanduser())
     with hold_run_dir(cfg.run_dir, main=os.environ.get("RANK", "0") == "0"):  # one training at a time writes here
-        trainer = Trainer(cfg, budget.clock())
-        metrics = trainer.run()
-        metrics.update(trainer.finish(test))
-        metrics.update(run_dir=str(trainer.run_dir), precision=trainer.precision, allocator=active_allocator())
-        metrics["hardware"] = detect().to_dict()
-        metrics["model"] = asdict(trainer.model_cfg)  # as trained (trainer.init_from: the checkpoint's), for the card
-        if trainer.progress.plan:
-            metrics["budget_plan"] = trainer.progress.plan
-        if trainer.dist.main:
-            write_results(trainer.run_dir, metrics)
+        metrics = train_holding_lock(cfg, test)
     finish_distributed()
+    return metrics
+
+
+def train_holding_lock(cfg: TrainConfig, test: TestFn | None) -> dict:
+    """train() inside the run directory's lock: set up, run, finish, write results.json."""
+    trainer = Trainer(cfg, budget.clock())
+    metrics = trainer.run()
+    metrics.update(trainer.finish(test))
+    metrics.update(run_dir=str(trainer.run_dir), precision=trainer.precision, allocator=active_allocator())
+    metrics["hardware"] = detect().to_dict()
+    metrics["model"] = asdict(trainer.model_cfg)  # as trained (trainer.init_from: the checkpoint's), for the card
+    if trainer.progress.plan:
+        metrics["budget_plan"] = trainer.progress.plan
+    if trainer.dist.main:
+        write_results(trainer.run_dir, metrics)
     return metrics
