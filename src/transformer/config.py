@@ -47,8 +47,8 @@ class Range:
     """The values a numeric key accepts: ``low``/``high`` bounds (None: unbounded), each
     inclusive unless ``open`` names it ("low", "high" or "both")."""
 
-    low: float | None = None
-    high: float | None = None
+    low: float | None = None  # the smallest value (None: no lower bound)
+    high: float | None = None  # the largest value (None: no upper bound)
     open: str = ""  # "", "low", "high" or "both": which bounds are excluded
 
     def holds(self, value: float) -> bool:
