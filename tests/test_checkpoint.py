@@ -3,6 +3,8 @@ file is reported by path instead of crashing somewhere later."""
 
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -72,10 +74,11 @@ def test_failed_write_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: p
 
     def save_half_then_fail(obj, f) -> None:
         f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    full = f"^{re.escape(str(target))}: cannot write \\(No space left on device\\); files written before are kept$"
+    with pytest.raises(UserError, match=full):  # one line naming the file, not a traceback
         atomic_save({"format": FORMAT}, target)
     assert list(tmp_path.iterdir()) == []  # no target, no temporary file
 
@@ -83,7 +86,7 @@ def test_failed_write_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: p
     atomic_save({"format": FORMAT, "x": torch.ones(2)}, target)
     before = target.read_bytes()
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=full):
         atomic_save({"format": FORMAT, "x": torch.zeros(2)}, target)
     assert target.read_bytes() == before  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

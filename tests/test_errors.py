@@ -214,3 +214,106 @@ def test_cli_truncated_checkpoint(cli, tiny_run: Path, tmp_path: Path) -> None:
 def test_cli_missing_input_file(cli, tiny_run: Path, tmp_path: Path) -> None:
     result = cli("evaluate", f"checkpoint={tiny_run}", "src_file=missing.en", "ref_file=missing.de", cwd=tmp_path)
     assert_one_error_line(result, "missing.en: file not found")
+
+
+# settings: each range checked at start-up, naming the key, before any BPE or data work -----
+
+BAD_SETTINGS = [
+    ("trainer.lr=-1", "trainer.lr=-1.0 must be > 0"),
+    ("trainer.eval_every=0", "trainer.eval_every=0 must be >= 1"),
+    ("trainer.log_every=0", "trainer.log_every=0 must be >= 1"),
+    ("trainer.update_freq=0", "trainer.update_freq=0 must be >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 must be >= 1"),
+    ("trainer.warmup_steps=-5", "trainer.warmup_steps=-5 must be >= 0"),
+    ("trainer.label_smoothing=1.5", "trainer.label_smoothing=1.5 must be in [0, 1)"),
+    ("trainer.betas=[0.9,1.5]", "trainer.betas=[0.9, 1.5] must each be in [0, 1)"),
+    ("data.vocab_size=5", "data.vocab_size=5 must be >= 8"),
+    ("data.max_len=0", "data.max_len=0 must be >= 1"),
+    ("data.max_tokens=0", "data.max_tokens=0 must be >= 1"),
+    ("model.max_positions=0", "model.max_positions=0 must be >= 3"),
+    ("model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)"),
+    ("model.n_encoder_layers=0", "model.n_encoder_layers=0 must be >= 1"),
+    ("decode.top_p=2", "decode.top_p=2.0 must be in (0, 1]"),
+    ("decode.max_len_a=-1", "decode.max_len_a=-1.0 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_each_bad_setting_is_named_before_any_work(tiny_cfg, override: str, message: str) -> None:
+    from conftest import compose_config
+
+    cfg = compose_config("train", ["experiment=tiny", f"run_dir={tiny_cfg.run_dir}", override])
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        train(cfg)
+    assert not (Path(tiny_cfg.run_dir) / "spm.model").exists()  # failed before BPE
+
+
+def test_every_range_names_its_key() -> None:
+    """Each key of config.RANGES exists in its section's schema, so the table cannot name a key that is gone."""
+    from transformer.config import RANGES, DecodeConfig, TrainerConfig
+    from transformer.serve.settings import ServeRunConfig
+
+    schemas = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}
+    for section, keys in RANGES.items():
+        fields = vars(schemas[section]()) if section else vars(ServeRunConfig())
+        assert set(keys) <= set(fields), section
+
+
+def test_decode_settings_out_of_range_are_refused() -> None:
+    from transformer.config import DecodeConfig
+    from transformer.decode.translator import check_decode_config
+
+    for key, value, message in [("top_p", 2.0, "must be in (0, 1]"), ("max_len_a", -1.0, "must be >= 0")]:
+        with pytest.raises(UserError, match=re.escape(f"decode.{key}={value} {message}")):
+            check_decode_config(DecodeConfig(**{key: value}))
+
+
+def test_vocabulary_too_small_for_the_corpus_names_the_key() -> None:
+    pairs = builtin_splits(200, 1, 1, 3)["train"]
+    with pytest.raises(UserError, match=r"^data.vocab_size=10 is too small: BPE needs at least \d+ pieces"):
+        build_tokenizer(pairs, vocab_size=10, joint=True, max_sentences=1000)
+
+
+def test_corpus_of_one_huge_line_is_one_error() -> None:
+    line = " ".join(["haus", "katze", "baum"] * 2000)  # ~30 KB on one line
+    with pytest.raises(UserError, match=r"^no training sentence BPE can learn from: .* longest of 2 is 31,999 bytes"):
+        build_tokenizer([(line, line)], vocab_size=100, joint=True, max_sentences=1000)
+
+
+# the command line, for the same mistakes -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_zero_log_every_is_one_line(cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = cli(
+        "train", "experiment=tiny", "trainer.log_every=0", f"run_dir={run}", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert_one_error_line(result, "trainer.log_every=0 must be >= 1")
+
+
+@pytest.mark.slow
+def test_cli_decode_without_checkpoint(cli, tmp_path: Path) -> None:
+    assert_one_error_line(cli("decode", "sentence=one", cwd=tmp_path), "checkpoint must be given")
+
+
+@pytest.mark.slow
+def test_cli_export_onto_an_existing_file(cli, tiny_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_text("mine")
+    result = cli("export", f"checkpoint={tiny_run}", "output=model.bin", cwd=tmp_path)
+    assert_one_error_line(result, "output=model.bin: a file is there")
+    assert (tmp_path / "model.bin").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_cli_serve_port_out_of_range(cli, tiny_run: Path, tmp_path: Path) -> None:
+    assert_one_error_line(
+        cli("serve", f"checkpoint={tiny_run}", "port=99999", cwd=tmp_path), "port=99999 must be in [1, 65535]"
+    )
+
+
+@pytest.mark.slow
+def test_cli_average_last_zero(cli, tiny_run: Path, tmp_path: Path) -> None:
+    result = cli("average", f"inputs={tiny_run}", "output=avg.pt", "last=0", cwd=tmp_path)
+    assert_one_error_line(result, "last=0 must be >= 1")
+    assert not (tmp_path / "avg.pt").exists()

@@ -239,7 +239,8 @@ def test_ema_checkpoints_validation_and_old_runs(tmp_path: Path, monkeypatch: py
     old = tmp_path / "old"
     loop.train(tiny(old, *common, "trainer.max_steps=2"))
     assert "train_model" not in load_checkpoint(old / "checkpoints/last.pt")
-    loop.train(tiny(old, *common, "trainer.ema_decay=0.5", "trainer.max_steps=3", f"trainer.resume={old}"))
+    allow = "trainer.resume_allow=[trainer.ema_decay]"  # starting an EMA on resume is a change of settings
+    loop.train(tiny(old, *common, "trainer.ema_decay=0.5", "trainer.max_steps=3", f"trainer.resume={old}", allow))
     before, after = checkpoint_weights(old, "step_00000002.pt"), load_checkpoint(old / "checkpoints/step_00000003.pt")
     for k, v in after["model"].items():
         torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * after["train_model"][k], atol=1e-6, rtol=0)

@@ -8,8 +8,6 @@ optimizer (the schedule is a pure function of the step), scaler, RNG states and 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from transformer.config import ModelConfig
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
+from transformer.rundir import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +27,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode of a new file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through rundir.atomic_file: a crash leaves either the old file or the new
+    one, never half of one; a full disk is one error line naming ``path``."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: Path | str) -> dict:

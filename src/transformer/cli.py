@@ -28,6 +28,8 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
 
     def guarded(cfg: DictConfig) -> Any:
         try:
+            if missing := sorted(OmegaConf.missing_keys(cfg)):  # e.g. transformer-decode without checkpoint=
+                raise UserError(f"{', '.join(missing)} must be given ({missing[0]}=...; see --help)")
             return task(cfg)
         except UserError as e:
             logging.getLogger("transformer").debug("user error", exc_info=True)

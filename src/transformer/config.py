@@ -42,6 +42,102 @@ CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: ``low``/``high`` bounds (None: unbounded), each
+    inclusive unless ``open`` names it ("low", "high" or "both")."""
+
+    low: float | None = None  # the smallest value (None: no lower bound)
+    high: float | None = None  # the largest value (None: no upper bound)
+    open: str = ""  # "", "low", "high" or "both": which bounds are excluded
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or value > self.low or (value == self.low and self.open not in ("low", "both"))
+        below = self.high is None or value < self.high or (value == self.high and self.open not in ("high", "both"))
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"must be {'>' if self.open == 'low' else '>='} {self.low:g}"
+        left = "(" if self.open in ("low", "both") else "["
+        right = ")" if self.open in ("high", "both") else "]"
+        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE, COUNT, NONNEGATIVE = Range(0, open="low"), Range(1), Range(0)  # > 0; >= 1; >= 0
+PROBABILITY = Range(0, 1, open="high")  # a rate in [0, 1): 1 would drop or smooth everything
+# every numeric key with a range, checked by ``validate`` when a command starts (before any data or BPE work);
+# section "" holds a command's own top-level keys (transformer-serve's port)
+RANGES: dict[str, dict[str, Range]] = {
+    "model": {
+        "d_model": COUNT,
+        "n_heads": COUNT,
+        "n_encoder_layers": COUNT,
+        "n_decoder_layers": COUNT,
+        "d_ff": COUNT,
+        "dropout": PROBABILITY,
+        "attention_dropout": PROBABILITY,
+        "activation_dropout": PROBABILITY,
+        "src_word_dropout": PROBABILITY,
+        "tgt_word_dropout": PROBABILITY,
+        "max_positions": Range(3),  # BOS, one subword, EOS
+    },
+    "data": {
+        "shuffle_buffer": COUNT,
+        "encode_workers": NONNEGATIVE,
+        "max_len_ratio": NONNEGATIVE,
+        "builtin_train": COUNT,
+        "builtin_valid": COUNT,
+        "builtin_test": COUNT,
+        "vocab_size": Range(8),  # the four specials and a few characters; the corpus may need more (BPE says)
+        "tokenizer_sample": COUNT,
+        "max_len": COUNT,
+        "max_tokens": COUNT,
+        "valid_max_sentences": NONNEGATIVE,
+        "sampling_temperature": POSITIVE,
+    },
+    "trainer": {
+        "max_steps": COUNT,
+        "max_epochs": NONNEGATIVE,
+        "bidirectional_epochs": NONNEGATIVE,
+        "max_minutes": NONNEGATIVE,
+        "time_budget_minutes": NONNEGATIVE,
+        "update_freq": COUNT,
+        "lr": POSITIVE,
+        "eps": POSITIVE,
+        "weight_decay": NONNEGATIVE,
+        "warmup_steps": NONNEGATIVE,
+        "min_lr": NONNEGATIVE,
+        "label_smoothing": PROBABILITY,
+        "rdrop_alpha": NONNEGATIVE,
+        "clip_norm": NONNEGATIVE,
+        "ema_decay": PROBABILITY,
+        "eval_every": COUNT,
+        "save_every": NONNEGATIVE,
+        "log_every": COUNT,
+        "eval_beam_size": COUNT,
+        "keep_last": NONNEGATIVE,
+        "keep_every": NONNEGATIVE,
+        "patience": NONNEGATIVE,
+        "average_last": NONNEGATIVE,
+        "max_bad_steps": COUNT,
+        "threads": NONNEGATIVE,
+    },
+    "decode": {
+        "beam_size": COUNT,
+        "n_best": COUNT,
+        "max_len_a": NONNEGATIVE,
+        "max_len_b": NONNEGATIVE,
+        "min_len": NONNEGATIVE,
+        "batch_tokens": COUNT,
+        "temperature": POSITIVE,
+        "top_k": NONNEGATIVE,
+        "top_p": Range(0, 1, open="low"),
+    },
+    "": {"port": Range(1, 65535)},
+}
+
+
 @dataclass
 class ModelConfig:
     """Shapes of the encoder-decoder Transformer (Vaswani et al. 2017)."""
@@ -190,6 +286,8 @@ class TrainerConfig:
     # freed memory for reuse (no page faults on big tensors; ~10% faster); unused under mimalloc
     keep_freed_memory: bool = True
     resume: str | None = None  # run directory or checkpoint to continue from
+    # resume: settings that may differ from the checkpoint's config, e.g. [trainer.lr,data.max_tokens] (docs/runs.md)
+    resume_allow: list[str] = field(default_factory=list)
     # start from this checkpoint's weights, tokenizer and model config (fresh optimizer; resume wins)
     init_from: str | None = None
     progress: bool = True  # show a tqdm progress bar
@@ -323,16 +421,23 @@ def setting(value: Any, key: str) -> str:
     return choice(section, name, value)
 
 
-def validate(cfg: Any, sections: tuple[str, ...] = tuple(CHOICES)) -> None:
-    """Check every enumerated value of a composed config (or of the sections it has) at
-    start-up, so a typo fails before data loads instead of at the first step or validation."""
+def validate(cfg: Any, sections: tuple[str, ...] = tuple(RANGES)) -> None:
+    """Check every enumerated value and every range of a composed config (or of the sections
+    it has; "": its top-level keys) at start-up, so a typo or an impossible value fails before
+    data loads, naming the key, instead of at the first step or deep inside PyTorch."""
     for section in sections:
-        node = getattr(cfg, section, None)
+        node = cfg if section == "" else getattr(cfg, section, None)
         if node is not None:
             validate_section(section, node)
 
 
 def validate_section(section: str, node: Any) -> None:
-    """The enumerated keys of one section (a ModelConfig, DecodeConfig, ... or its node)."""
-    for key in CHOICES[section]:
+    """The enumerated and ranged keys of one section (a ModelConfig, DecodeConfig, ... or its node)."""
+    for key in CHOICES.get(section, ()):
         choice(section, key, getattr(node, key))
+    for key, allowed in RANGES.get(section, {}).items():
+        value = getattr(node, key, None)
+        if isinstance(value, (int, float)) and not allowed.holds(value):
+            raise UserError(f"{section + '.' if section else ''}{key}={value} {allowed}")
+    if section == "trainer" and not all(0 <= beta < 1 for beta in node.betas):
+        raise UserError(f"trainer.betas={list(node.betas)} must each be in [0, 1)")

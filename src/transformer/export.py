@@ -315,6 +315,9 @@ class ExportConfig:
 def run_export(cfg: ExportConfig) -> None:
     if cfg.quantization and not cfg.ct2:
         raise UserError("quantization= applies to the CTranslate2 model: give ct2=DIR too")
+    for key in ("output", "ct2"):
+        if (target := getattr(cfg, key)) and Path(target).expanduser().is_file():
+            raise UserError(f"{key}={target}: a file is there, and the export writes a directory (give another path)")
     out = export(cfg.checkpoint, cfg.output, cfg.beam_size, cfg.max_length)
     print(f"transformers model: {out}")
     if cfg.ct2:

@@ -23,7 +23,14 @@ from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.plots import new_figure
-from transformer.rundir import TEST_SCORES, read_records, read_results
+from transformer.rundir import (
+    RESUME_CHANGES,
+    TEST_SCORES,
+    atomic_write,
+    read_records,
+    read_results,
+    read_resume_changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +312,15 @@ def config_lines(run: Path, cfg: dict) -> list[str]:
     ]
 
 
+def resume_lines(run: Path) -> list[str]:
+    """The settings resumes were allowed to change (trainer.resume_allow), step by step."""
+    lines = [
+        f"- at step {r['step']}: " + ", ".join(f"`{k}` {old} -> {new}" for k, (old, new) in r[RESUME_CHANGES].items())
+        for r in read_resume_changes(run)
+    ]
+    return ["Settings changed on resume (`trainer.resume_allow`):", "", *lines, ""] if lines else []
+
+
 def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True) -> str:
     """The Markdown text of ``<run>/README.md``."""
     run = Path(run_dir)
@@ -319,8 +335,8 @@ def run_card(run_dir: str | Path, cfg: dict, metrics: dict, curves: bool = True)
         out += ["![training curves](curves.png)", ""]
     out += ["## Results", "", *result_lines(metrics, cfg["trainer"], test), ""]
     out += ["## Data", "", *data_lines(cfg["data"], test), ""]
-    out += ["## Model", "", *model_lines(cfg["model"], tokenizer), ""]
-    out += ["## Configuration", "", *config_lines(run, cfg)]
+    out += ["## Model", "", *model_lines(metrics.get("model", cfg["model"]), tokenizer), ""]  # as trained
+    out += ["## Configuration", "", *config_lines(run, cfg), *resume_lines(run)]
     out += use_lines(run_dir, cfg, tokenizer.languages)
     return "\n".join(out) + "\n"
 
@@ -342,6 +358,6 @@ def write_run_report(run_dir: str | Path, cfg: Any = None, metrics: dict | None 
     except UserError as e:
         log.warning("no curves.png: %s", e)
     written["card"] = run / "README.md"
-    written["card"].write_text(run_card(run_dir, to_dict(cfg), metrics, curves="curves" in written), encoding="utf-8")
+    atomic_write(written["card"], run_card(run_dir, to_dict(cfg), metrics, curves="curves" in written))
     log.info("run card: %s", written["card"])
     return written

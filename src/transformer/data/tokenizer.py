@@ -19,6 +19,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from transformer.data.word_encoder import FlatIds, WordEncoder, flatten, with_specials
+from transformer.errors import UserError, first_line
+from transformer.rundir import atomic_write
 from transformer.vocab import BOS, EOS, PAD, UNK
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,34 @@ def train_sentencepiece(
     language tags) are whole pieces, right after the four specials, never split."""
     proto = io.BytesIO()
     extra = {"user_defined_symbols": list(user_symbols)} if user_symbols else {}
+    sentences = list(sentences)
+    try:
+        spm_train(proto, sentences, vocab_size, max_sentences, extra)
+    except RuntimeError as e:
+        raise bpe_error(e, vocab_size, sentences) from None
+    return proto.getvalue()
+
+
+MAX_BPE_SENTENCE = 4192  # bytes: SentencePiece skips longer training sentences (its max_sentence_length)
+
+
+def bpe_error(error: RuntimeError, vocab_size: int, sentences: list[str]) -> UserError:
+    """SentencePiece's refusal as one line naming what to change."""
+    if found := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
+        return UserError(
+            f"data.vocab_size={vocab_size} is too small: BPE needs at least {found[1]} pieces for this corpus "
+            "(its distinct characters and the special pieces)"
+        )
+    if "sentences_.empty()" in str(error):
+        longest = max((len(s.encode("utf-8")) for s in sentences), default=0)
+        return UserError(
+            f"no training sentence BPE can learn from: SentencePiece skips lines over {MAX_BPE_SENTENCE} bytes and the "
+            f"longest of {len(sentences)} is {longest:,} bytes (is the corpus one sentence a line?)"
+        )
+    return UserError(f"SentencePiece BPE training failed: {first_line(error)}")
+
+
+def spm_train(proto: io.BytesIO, sentences: list[str], vocab_size: int, max_sentences: int, extra: dict) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=proto,
@@ -56,9 +86,9 @@ def train_sentencepiece(
         eos_piece="</s>",
         num_threads=2,
         minloglevel=2,
+        max_sentence_length=MAX_BPE_SENTENCE,
         **extra,
     )
-    return proto.getvalue()
 
 
 def tag_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
@@ -156,10 +186,10 @@ class Tokenizer:
         """Write ``spm.model`` (joint) or ``spm.src.model`` + ``spm.tgt.model``."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.joint:
-            (directory / "spm.model").write_bytes(self.src_proto)
+            atomic_write(directory / "spm.model", self.src_proto)
         else:
-            (directory / "spm.src.model").write_bytes(self.src_proto)
-            (directory / "spm.tgt.model").write_bytes(self.tgt_proto)
+            atomic_write(directory / "spm.src.model", self.src_proto)
+            atomic_write(directory / "spm.tgt.model", self.tgt_proto)
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer | None:
@@ -290,9 +320,9 @@ class MappedTokenizer(Tokenizer):
     def save(self, directory: Path) -> None:
         """Write ``source.spm``, ``target.spm`` and ``tokenizer_state.json`` (vocabularies, ids)."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "source.spm").write_bytes(self.src_proto)
-        (directory / "target.spm").write_bytes(self.tgt_proto)
-        (directory / self.STATE_FILE).write_text(json.dumps(self._plain_state(), ensure_ascii=False), encoding="utf-8")
+        atomic_write(directory / "source.spm", self.src_proto)
+        atomic_write(directory / "target.spm", self.tgt_proto)
+        atomic_write(directory / self.STATE_FILE, json.dumps(self._plain_state(), ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: Path) -> MappedTokenizer:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from transformer.config import validate
 from transformer.errors import UserError
 from transformer.serve.settings import ServeRunConfig
 
@@ -51,6 +52,7 @@ def serve(cfg: ServeRunConfig) -> None:
     from transformer.serve.models import load_models
     from transformer.serve.worker import ProcessDecoder
 
+    validate(cfg, ("",))  # port (config.RANGES)
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)
     for key in ("max_batch_tokens", "max_sentences", "max_chars", "max_queue", "max_beam_size"):

@@ -30,10 +30,10 @@ USAGE = "usage: transformer-average inputs=RUN_DIR|CHECKPOINT|[A.pt,B.pt,...] ou
 class AverageConfig:
     inputs: list[str] = field(default_factory=list)  # run directories (their step_*.pt) and checkpoint files
     output: str = ""  # where to write the averaged checkpoint
-    last: int = 0  # average only the newest N of the inputs (0: all)
+    last: int | None = None  # average only the newest N (>= 1) of the inputs (unset: all)
 
 
-def checkpoints_to_average(inputs: list[str], last: int = 0) -> list[Path]:
+def checkpoints_to_average(inputs: list[str], last: int | None = None) -> list[Path]:
     """Checkpoint files named by ``inputs``, run directories expanded to their step
     checkpoints; the newest ``last`` when ``last`` > 0."""
     paths: list[Path] = []
@@ -48,8 +48,8 @@ def checkpoints_to_average(inputs: list[str], last: int = 0) -> list[Path]:
             paths.append(p)
         else:
             raise UserError(f"{p}: no such checkpoint file or run directory")
-    if last < 0:
-        raise UserError(f"last={last}: expected a positive number of checkpoints (0: all)")
+    if last is not None and last < 1:
+        raise UserError(f"last={last} must be >= 1 (the newest N checkpoints; leave it out to average all)")
     return paths[-last:] if last else paths
 
 

@@ -15,7 +15,6 @@ from torch import nn
 from transformer.config import ModelConfig, setting, validate
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import check_decode_config
-from transformer.errors import UserError
 from transformer.hardware import resolve_precision
 from transformer.model import Transformer, build_model
 from transformer.model.kernels import onednn_shapes
@@ -37,11 +36,9 @@ class Runtime:
 def setup_runtime(cfg: Any) -> Runtime:
     """Processes, device, precision and threads; cfg.run_dir becomes rank 0's."""
     t = cfg.trainer
-    if t.time_budget_minutes < 0:
-        raise UserError(f"trainer.time_budget_minutes={t.time_budget_minutes} must be >= 0 (0: off)")
-    if not 0 <= t.ema_decay < 1:
-        raise UserError(f"trainer.ema_decay={t.ema_decay} must be in [0, 1) (0: off)")
-    validate(cfg)  # every enumerated key, before anything runs
+    validate(cfg)  # every enumerated key and every range, before anything runs
+    if t.threads > 0:  # first: the hardware description logged later counts the threads in use
+        torch.set_num_threads(t.threads)
     dist, device = setup_distributed(t.device)
     rt = Runtime(
         dist,
@@ -54,8 +51,6 @@ def setup_runtime(cfg: Any) -> Runtime:
     if not dist.main:
         logging.getLogger("transformer").setLevel(logging.WARNING)  # one rank tells the story
     cfg.run_dir = share(cfg.run_dir, dist)  # Hydra names run directories by the clock: take rank 0's
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
     if t.keep_freed_memory and device.type == "cpu" and active_allocator() == "system":
         keep_freed_memory()
     return rt

@@ -11,8 +11,10 @@ update), validation.py (loss and BLEU), runlog.py (metrics), budget.py (the time
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from transformer.train.distributed import all_rng_states, finish_distributed, se
 from transformer.train.ema import EMA, averaged
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from
+from transformer.train.resume import check_resume, record_changes
+from transformer.train.runlock import hold_run_dir
 from transformer.train.runlog import RunLog, train_record
 from transformer.train.state import (
     Progress,
@@ -61,6 +65,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         resume = find_resume(cfg.trainer.resume)
         init = apply_init_from(cfg)  # cfg.model becomes the checkpoint's; resume wins over it
+        changes = check_resume(cfg, resume)  # a change that breaks exactness stops here, before the data
         self.data = RunData(cfg, self.dist, resume or init)
         self.tokenizer = self.data.tokenizer
         self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(
@@ -71,6 +76,8 @@ class Trainer:
         self.runlog = RunLog(
             self.run_dir, enabled=self.dist.main, resumed_at=resumed_at, bar=t.progress, total=t.max_steps
         )
+        if self.dist.main:
+            record_changes(self.run_dir, self.progress.step, changes)
 
     # setup -------------------------------------------------------------------------
 
@@ -234,15 +241,22 @@ def train(cfg: TrainConfig | Any, test: TestFn | None = None) -> dict:
         raise UserError("run_dir must be set (the CLI sets it to Hydra's output directory)")
     if cfg.trainer.resume and Path(cfg.trainer.resume).is_dir():
         cfg.run_dir = str(Path(cfg.trainer.resume).expanduser())
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    with hold_run_dir(cfg.run_dir, main=os.environ.get("RANK", "0") == "0"):  # one training at a time writes here
+        metrics = train_holding_lock(cfg, test)
+    finish_distributed()
+    return metrics
+
+
+def train_holding_lock(cfg: TrainConfig, test: TestFn | None) -> dict:
+    """train() inside the run directory's lock: set up, run, finish, write results.json."""
     trainer = Trainer(cfg, budget.clock())
     metrics = trainer.run()
     metrics.update(trainer.finish(test))
     metrics.update(run_dir=str(trainer.run_dir), precision=trainer.precision, allocator=active_allocator())
     metrics["hardware"] = detect().to_dict()
+    metrics["model"] = asdict(trainer.model_cfg)  # as trained (trainer.init_from: the checkpoint's), for the card
     if trainer.progress.plan:
         metrics["budget_plan"] = trainer.progress.plan
     if trainer.dist.main:
         write_results(trainer.run_dir, metrics)
-    finish_distributed()
     return metrics

@@ -124,7 +124,15 @@ def restore_training(
     try:
         model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit model config ({first_line(e)})") from None
+        differ = [
+            f"model.{k}: {v} -> {getattr(model.cfg, k)}"
+            for k, v in ckpt["model_config"].items()
+            if k in vars(model.cfg) and getattr(model.cfg, k) != v
+        ]
+        raise UserError(
+            f"{path}: the checkpoint's weights do not fit the model of this run: "
+            f"{', '.join(differ) or first_line(e)} (a resumed run keeps its model)"
+        ) from None
     if ema is not None:
         ema.load(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
