@@ -46,15 +46,25 @@ def api_key(cfg: ServeConfig) -> str:
 
 
 class Guard:
-    """ASGI middleware: 400 for a Host outside the allow-list (default: loopback names on a
-    loopback address, any name otherwise), 401 without the bearer token (when one is set)."""
+    """ASGI middleware: 431 for headers over serve.max_header_bytes (h11 refuses them only
+    while they arrive in pieces), 400 for a Host outside the allow-list (default: loopback
+    names on a loopback address, any name otherwise), 401 without the bearer token (when one
+    is set)."""
 
     def __init__(self, app: ASGIApp, cfg: ServeConfig):
         self.app, self.hosts, self.key = app, [h.lower() for h in cfg.allowed_hosts], api_key(cfg).encode()
+        self.max_header_bytes = cfg.max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.max_header_bytes:
+            too_big = JSONResponse(
+                {"error": f"request headers larger than serve.max_header_bytes={self.max_header_bytes}"},
+                status_code=431,
+                headers=CLOSE,
+            )
+            return await too_big(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         refusal = self.host_refusal(scope, headers.get("host", "")) or self.token_refusal(scope["path"], headers)
         if refusal is not None:
