@@ -207,6 +207,8 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
             "text"
         ] == served.translator.translate(SENTENCES[1])
         server.wait(20)
+        output = server.stdout.read()
+        assert "Traceback" not in output and "EOFError" not in output, output  # the child leaves quietly
     finally:
         if server.poll() is None:
             server.kill()

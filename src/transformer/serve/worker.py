@@ -2,8 +2,9 @@
 Python code does not take the GIL from the event loop: with both in one process, requests
 wait to be read while a batch decodes, and batches stay small however many clients there are.
 
-The batcher's thread sends one batch at a time through a pipe and waits (without the GIL)
-for its n-best lists, or for the child's exit, at most ``serve.batch_timeout_s``. A child
+The batcher's thread sends one batch at a time through a pipe (from a helper thread, so a
+child that stops reading cannot block it) and waits (without the GIL) for its n-best lists,
+or for the child's exit, at most ``serve.batch_timeout_s``. A child
 that dies (kill -9, the kernel's OOM killer) or hangs raises ``WorkerLost`` for that batch;
 the batcher answers its requests 503 and calls ``restart``. The child ignores SIGINT and
 SIGTERM (the server drains first, then closes it) and leaves quietly when the pipe closes.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 from dataclasses import asdict
 from multiprocessing.connection import wait
 from typing import Any
@@ -51,7 +54,17 @@ def decode_loop(conn: Any, path: str, device: str, decode: dict, threads: int) -
             except Exception as e:
                 conn.send(("error", first_line(e)))
     except (EOFError, OSError):  # the server closed the pipe or died: nobody waits for an answer
-        return
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the interpreter's teardown (torch's thread pools) takes seconds, and a restart waits for it
+
+
+def send_quietly(conn: Any, message: Any) -> None:
+    try:
+        conn.send(message)
+    except OSError:  # the child is gone: the receiving side says so
+        pass
 
 
 def rss_mb(pid: int) -> float | None:
@@ -103,7 +116,9 @@ class ProcessDecoder:
         child.close()  # the child holds the only other end: its exit is an EOF here
         try:
             status, message = self.receive(START_TIMEOUT_S)
-        except (EOFError, OSError, TimeoutError):
+        except TimeoutError:
+            status, message = "error", f"not ready within {START_TIMEOUT_S:g} s"
+        except (EOFError, OSError):
             status, message = "error", exit_reason(self.stop())
         if status != "ready":
             self.stop()
@@ -121,19 +136,21 @@ class ProcessDecoder:
     def __call__(self, sentences: list[str], options: DecodeConfig, attention: bool) -> list[list[Translation]]:
         if not self.ready:
             raise WorkerLost(f"the decoding process is not running ({exit_reason(self.stop())})", "died")
+        batch = (sentences, asdict(options), attention)
+        # sent from a thread: a hung child stops reading, and a batch larger than the pipe would block here
+        threading.Thread(target=send_quietly, args=(self.conn, batch), daemon=True).start()
         try:
-            self.conn.send((sentences, asdict(options), attention))
             status, value = self.receive(self.batch_timeout_s)
-        except (EOFError, OSError):
-            raise WorkerLost(
-                f"the decoding process died during this batch ({exit_reason(self.stop())})", "died"
-            ) from None
-        except TimeoutError:
+        except TimeoutError:  # an OSError too: caught first
             self.stop()
             raise WorkerLost(
                 f"the batch took longer than serve.batch_timeout_s={self.batch_timeout_s:g}; "
                 "the decoding process was stopped",
                 "hung",
+            ) from None
+        except (EOFError, OSError):
+            raise WorkerLost(
+                f"the decoding process died during this batch ({exit_reason(self.stop())})", "died"
             ) from None
         if status != "ok":
             raise RuntimeError(f"decoding failed: {value}")
