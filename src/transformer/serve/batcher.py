@@ -243,12 +243,13 @@ class Batcher:
         return Item(job, job.waiting[0]).cost
 
     def decode_items(self, items: list[Item]) -> None:
-        """Decode each group of equal options as one batch and route the answers. A lost
-        worker fails the requests of its batch; the other groups go back to the queue."""
+        """Decode each group of equal options as one batch, the cheapest first, and route the
+        answers. A lost worker fails the requests of its batch; the other groups go back to
+        the queue."""
         groups: dict[tuple, list[Item]] = {}
         for item in items:
             groups.setdefault(item.job.key, []).append(item)
-        pending = list(groups.values())
+        pending = sorted(groups.values(), key=lambda group: sum(i.cost for i in group))  # small requests first
         while pending:
             group = pending.pop(0)
             try:
