@@ -250,24 +250,18 @@ def test_small_request_is_not_queued_behind_a_big_one(served: ServedModel) -> No
 def tagged(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     """A two-step run of the builtin corpus both ways with target-language tags (de, en)."""
     from conftest import compose_config
+    from test_multilingual import QUICK, TINY_MODEL
     from transformer import train
 
     run = tmp_path_factory.mktemp("tagged") / "run"
     overrides = [
         "experiment=builtin_both_ways",
-        "model.d_model=32",
-        "model.n_heads=2",
-        "model.d_ff=64",
-        "model.n_encoder_layers=1",
-        "model.n_decoder_layers=1",
-        "model.max_positions=128",
+        *TINY_MODEL,
+        *QUICK,
         "data.builtin_train=100",
         "data.builtin_valid=10",
         "data.builtin_test=10",
         "data.vocab_size=200",
-        "trainer.progress=false",
-        "trainer.threads=1",
-        "trainer.precision=fp32",
         "trainer.max_steps=2",
         "evaluate_test=false",
         f"run_dir={run}",
