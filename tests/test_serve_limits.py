@@ -286,3 +286,27 @@ def test_tagged_and_untagged_models_on_one_server(tiny_run: Path, tagged: Served
         assert refused.status_code == 422 and refused.json()["field"] == "tgt_lang" and "de, en" in refused.text
         untagged = post(url, {"text": sentence, "model": "en-de"})  # decode.tgt_lang=de does not tag it
         assert untagged.json()["translations"][0]["text"] == served.translator.translate(sentence)
+
+
+def test_warns_when_exposed_without_a_token(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One warning line for a non-loopback address without a token (nothing is bound: the
+    uvicorn server is replaced)."""
+    from transformer.serve import server as server_module
+    from transformer.serve.settings import ServeRunConfig
+
+    class Stopped:
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(server_module, "draining_server", lambda *args: Stopped())
+    monkeypatch.delenv("TRANSFORMER_API_KEY", raising=False)
+    for host, key, warned in (("0.0.0.0", "", True), ("0.0.0.0", "k", False), ("127.0.0.1", "", False)):
+        caplog.clear()
+        cfg = ServeRunConfig(checkpoint=str(tiny_run), host=host, device="cpu")
+        cfg.serve.decode_process, cfg.serve.api_key = False, key
+        with caplog.at_level("WARNING", logger="transformer.serve.server"):
+            server_module.serve(cfg)
+        lines = [r.getMessage() for r in caplog.records if "without a token" in r.getMessage()]
+        assert len(lines) == (1 if warned else 0), (host, key, lines)
