@@ -129,9 +129,14 @@ def test_oversized_headers_are_refused(base: str) -> None:
 
 BAD = [
     (b"[" * 20_000 + b"]" * 20_000, 400, None, "nested deeper"),
+    (b'{"text": "a", "beam_size": ' + b"9" * 5000 + b"}", 400, None, "4300 digits"),
     ({"text": "a", "beam_size": 2, "n_best": 3}, 422, "n_best", "larger than beam_size=2"),
     ({"text": "a", "n_best": 3}, 422, "n_best", "beam_size=2"),  # the server's default beam
     ({"text": "a", "top_p": 2.0, "sampling": True}, 422, "top_p", ""),
+    ({"text": "a", "top_p": 1e-300, "sampling": True}, 422, "top_p", ""),  # 0 in float32: nothing to sample
+    ({"text": "a", "temperature": 1e308, "sampling": True}, 422, "temperature", ""),  # inf in float32
+    ({"text": "a", "length_penalty": -1e308}, 422, "length_penalty", ""),
+    (b'{"texts": ["a", "\\ud800"]}', 422, "texts.1", "lone surrogate"),  # no text to tokenize
     ({"text": "a", "length_penalty": float("nan")}, 422, "length_penalty", "finite"),
     ({"texts": ["a"] * 4, "beam_size": 16, "n_best": 16}, 413, "texts", "serve.max_request_cost=1000"),
     ({"text": "a", "beam_size": 16, "n_best": 16, "attention": True}, 413, "attention", "max_attention_cells"),

@@ -346,8 +346,8 @@ class Translator:
 
         ``prefix``: target text every output starts with, one for all sentences or one per
         sentence ("" for none; default decode.prefix). ``constraints``: per sentence, target
-        phrases every output must contain (beam search). A blank sentence stays empty: one
-        empty hypothesis (score 0), no search."""
+        phrases every output must contain (beam search). A blank sentence stays empty: n_best
+        empty hypotheses (score 0), no search."""
         cfg = self.options(**overrides)
         if blank := {i for i, s in enumerate(sentences) if not s.strip()}:
             keep = [i for i in range(len(sentences)) if i not in blank]
@@ -357,7 +357,7 @@ class Translator:
             empty = Translation(
                 "", 0.0, 0.0, [], torch.zeros(0, 0) if attention else None, [] if cfg.alignment else None
             )
-            return [[empty] if i in blank else next(found) for i in range(len(sentences))]
+            return [[empty] * cfg.n_best if i in blank else next(found) for i in range(len(sentences))]
         tag = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
         src_ids = [tag + ids for ids in self.tokenizer.encode_src(sentences)]
         prefix = cfg.prefix if prefix is None else prefix

@@ -41,11 +41,12 @@ class TranslateRequest(BaseModel):
     model: str | None = None  # a name from GET /models (default: the first)
     beam_size: int | None = Field(None, ge=1)
     n_best: int | None = Field(None, ge=1)
-    length_penalty: float | None = Field(None, allow_inf_nan=False)
+    # ranges a float32 search computes without overflow (wider values are no different in effect)
+    length_penalty: float | None = Field(None, ge=-10, le=10, allow_inf_nan=False)
     sampling: bool | None = None
-    temperature: float | None = Field(None, gt=0, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0.01, le=100, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=1e-6, le=1, allow_inf_nan=False)
     tgt_lang: str | None = None  # a multilingual (tagged) model's target language
     scores: bool = True  # include score and log_prob
     alignment: bool = False  # include each hypothesis' pieces and word alignment (Pharaoh links)
@@ -77,6 +78,8 @@ def parse_request(body: bytes, cfg: ServeConfig) -> TranslateRequest:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise ApiError(400, f"request body is not usable JSON: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(422, 'request body must be a JSON object such as {"text": "..."}')
     try:
@@ -117,11 +120,16 @@ def check_limits(request: TranslateRequest, cfg: ServeConfig) -> None:
             field="texts",
         )
     for i, sentence in enumerate(sentences):
+        where = "text" if request.text is not None else f"texts.{i}"
         if len(sentence) > cfg.max_chars:
-            where = "text" if request.text is not None else f"texts.{i}"
             raise ApiError(
                 413, f"{where} has {len(sentence)} characters; at most serve.max_chars={cfg.max_chars}", field=where
             )
+        if not sentence.isascii():
+            try:
+                sentence.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's \ud800 escapes: no text to translate
+                raise ApiError(422, f"{where} holds a lone surrogate at character {e.start}", field=where) from None
     for key in ("beam_size", "n_best"):
         value = getattr(request, key)
         if value is not None and value > cfg.max_beam_size:
