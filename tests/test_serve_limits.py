@@ -315,3 +315,32 @@ def test_warns_when_exposed_without_a_token(
             server_module.serve(cfg)
         lines = [r.getMessage() for r in caplog.records if "without a token" in r.getMessage()]
         assert len(lines) == (1 if warned else 0), (host, key, lines)
+
+
+def test_without_batching_a_request_is_decoded_whole_and_alone() -> None:
+    batches: list[list[str]] = []
+    gate = threading.Event()
+
+    def decode(sentences: list[str], options: DecodeConfig, attention: bool) -> list:
+        batches.append(sentences)
+        gate.wait(10)
+        return [[None] for _ in sentences]
+
+    batcher = Batcher("m", decode, ServeConfig(batching=False), lambda *args: None)
+    loop = asyncio.new_event_loop()
+    jobs = [
+        Job(texts, [3] * len(texts), DecodeConfig(), False, loop, loop.create_future())
+        for texts in (["a1", "a2"], ["b1", "b2", "b3"], ["c1"])
+    ]
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    gate.set()
+    try:
+        deadline = time.monotonic() + 10
+        while batcher.queued() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        batcher.close()
+        loop.close()
+    assert batches == [["a1", "a2"], ["b1", "b2", "b3"], ["c1"]]

@@ -225,8 +225,10 @@ class Batcher:
             if not self.jobs:
                 return None
             if not self.cfg.batching:
-                job = self.jobs[0]
-                return [self.take() for _ in range(len(job.waiting))]
+                job = self.jobs.popleft()
+                items = [Item(job, i) for i in job.waiting]
+                job.waiting.clear()
+                return items
             deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
             items, tokens = [], 0
             while True:
