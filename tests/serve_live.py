@@ -75,3 +75,21 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         except OSError:  # a timeout, or a reset after the answer
             pass
         return answer
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (headers and a Content-Length body) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-body: {data!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body

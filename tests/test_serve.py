@@ -191,7 +191,9 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
             except httpx.TransportError:
                 return False
 
-        wait_for(healthy, timeout=60)
+        wait_for(
+            healthy, timeout=180
+        )  # the server and its decoding process load the model (slow when the machine is busy)
         answers: list[httpx.Response] = []
         sender = threading.Thread(
             target=lambda: answers.append(httpx.post(f"{base}/translate", json={"text": SENTENCES[1]}, timeout=30))

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
-from serve_live import live_server, raw_request  # noqa: E402
+from serve_live import live_server, raw_request, read_response  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.serve.api import max_body_bytes  # noqa: E402
 from transformer.serve.batcher import Batcher, Job  # noqa: E402
@@ -80,7 +80,7 @@ def test_body_without_length_is_cut_at_the_cap(base: str) -> None:
             assert sent < 100 * cap, "the server read 100 times its cap without answering"
             s.sendall(piece)
             sent += 8192
-        answer = s.recv(65536)
+        answer = read_response(s)
     assert answer.startswith(b"HTTP/1.1 413") and f"passed {cap} bytes".encode() in answer
 
 
@@ -98,7 +98,7 @@ def test_slow_body_gets_408_and_slow_headers_are_closed(base: str) -> None:
 def test_idle_keep_alive_connection_is_closed(base: str) -> None:
     with socket.create_connection(("127.0.0.1", port_of(base)), timeout=10) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         assert s.recv(65536) == b""  # the server closes it after serve.keep_alive_s
         assert time.monotonic() - started < 5
