@@ -214,6 +214,15 @@ def test_blank_lines_stay_empty_in_the_cli(tiny_run: Path, cli, tmp_path: Path) 
     assert len(lines) == 4 and lines[1] == "" and lines[0] and lines[2], result.stdout
 
 
+def drain(batcher: Batcher, loop: asyncio.AbstractEventLoop) -> None:
+    """Wait (at most 10 s) until the batcher has taken every queued sentence, then stop it."""
+    deadline = time.monotonic() + 10
+    while batcher.queued() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.close()
+    loop.close()
+
+
 def test_small_request_is_not_queued_behind_a_big_one(served: ServedModel) -> None:
     """The batcher takes one sentence of each waiting request in turn: a small request that
     arrives while a big one's first chunk decodes rides in the very next batch."""
@@ -236,17 +245,11 @@ def test_small_request_is_not_queued_behind_a_big_one(served: ServedModel) -> No
         return Job(texts, [3] * len(texts), options, False, loop, loop.create_future())
 
     batcher.start()
-    try:
-        batcher.submit(job([f"big {i}" for i in range(40)]))
-        assert first_taken.wait(10)
-        batcher.submit(job(["small"]))
-        small_queued.set()
-        deadline = time.monotonic() + 10
-        while batcher.queued() and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        batcher.close()
-        loop.close()
+    batcher.submit(job([f"big {i}" for i in range(40)]))
+    assert first_taken.wait(10)
+    batcher.submit(job(["small"]))
+    small_queued.set()
+    drain(batcher, loop)
     assert len(batches) == 11 and all(len(b) <= 4 for b in batches)  # the big request in chunks of 4
     assert "small" in batches[1]  # not behind the 9 chunks of the big one still queued
 
@@ -336,11 +339,5 @@ def test_without_batching_a_request_is_decoded_whole_and_alone() -> None:
         batcher.submit(job)
     batcher.start()
     gate.set()
-    try:
-        deadline = time.monotonic() + 10
-        while batcher.queued() and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        batcher.close()
-        loop.close()
+    drain(batcher, loop)
     assert batches == [["a1", "a2"], ["b1", "b2", "b3"], ["c1"]]
