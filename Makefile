@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test multi30k bench-train bench-decode bench-soak bench-serve bench-data clean
+.PHONY: help setup train test multi30k bench-train bench-decode bench-soak bench-serve bench-chaos bench-data clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ bench-soak: setup  ## speed and resident memory over an hour of the Multi30k rec
 
 bench-serve: setup  ## transformer-serve with and without dynamic batching, against transformer-decode
 	$(BIN)/python scripts/bench_serve.py
+
+bench-chaos: setup  ## transformer-serve under faults: worker killed, slow clients, oversized bodies, the worst request
+	$(BIN)/python scripts/bench_chaos.py
 
 bench-data: setup  ## start-up time and memory on generated corpora of 100k-4.5M pairs
 	$(BIN)/python scripts/bench_data.py

@@ -54,7 +54,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, batching: bool, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: str, batching: bool, args: argparse.Namespace, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    """transformer-serve on 127.0.0.1 (a free port) with the benchmark's settings and ``extra``
+    key=value ones; returns once /health answers."""
     port = free_port()
     script = Path(sys.executable).parent / "transformer-serve"
     command = [
@@ -70,6 +74,7 @@ def start_server(checkpoint: str, batching: bool, args: argparse.Namespace) -> t
         f"decode.beam_size={args.beam}",
         f"serve.threads={args.threads}",
         "serve.max_queue=100000",
+        *extra,
     ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -163,7 +168,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="source subwords x beam per batch")
     parser.add_argument(
         "--threads",
         type=int,

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: p
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from serve_live import free_port, live_server, metrics, wait_for  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.serve.app import create_app  # noqa: E402
 from transformer.serve.models import ServedModel, load_served_model  # noqa: E402
@@ -37,47 +36,6 @@ SENTENCES = ["twenty-one", "I have three red apples.", "the nineteen small dogs"
 @pytest.fixture(scope="module")
 def served(tiny_run: Path) -> ServedModel:
     return load_served_model("", str(tiny_run), "cpu", DecodeConfig())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def live_server(served: ServedModel, cfg: ServeConfig) -> Iterator[str]:
-    """A real uvicorn on 127.0.0.1 in a thread; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app([served], cfg), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-
-
-def metrics(base: str) -> dict[str, float]:
-    """/metrics as {sample with labels: value}."""
-    text = httpx.get(f"{base}/metrics").text
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-
-
-def wait_for(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def test_answers_equal_translator(served: ServedModel) -> None:
@@ -95,7 +53,7 @@ def test_answers_equal_translator(served: ServedModel) -> None:
             "text": translator.translate(SENTENCES[1], beam_size=1),
             "hypotheses": [{"text": translator.translate(SENTENCES[1], beam_size=1)}],
         }
-        aligned = client.post("/translate", json={"text": SENTENCES[1], "alignment": True}).json()["translations"][0][
+        aligned = client.post("/translate", json={"text": SENTENCES[1], "attention": True}).json()["translations"][0][
             "hypotheses"
         ][0]["alignment"]
         weights = translator.hypotheses([SENTENCES[1]], attention=True)[0][0].attention
@@ -191,7 +149,7 @@ def test_request_of_a_client_that_left_is_dropped(served: ServedModel) -> None:
         body = json.dumps({"texts": SENTENCES}).encode()
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(
-                b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                b"POST /translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(body), body)
             )
             wait_for(lambda: metrics(base)['transformer_serve_pending_sentences{model="en-de"}'] == 4)
@@ -233,7 +191,9 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
             except httpx.TransportError:
                 return False
 
-        wait_for(healthy, timeout=60)
+        wait_for(
+            healthy, timeout=180
+        )  # the server and its decoding process load the model (slow when the machine is busy)
         answers: list[httpx.Response] = []
         sender = threading.Thread(
             target=lambda: answers.append(httpx.post(f"{base}/translate", json={"text": SENTENCES[1]}, timeout=30))
@@ -249,6 +209,8 @@ def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: P
             "text"
         ] == served.translator.translate(SENTENCES[1])
         server.wait(20)
+        output = server.stdout.read()
+        assert "Traceback" not in output and "EOFError" not in output, output  # the child leaves quietly
     finally:
         if server.poll() is None:
             server.kill()
@@ -279,7 +241,9 @@ def test_command_names_a_bad_setting(
     from transformer.cli import serve_cli
 
     for argv, message in (
-        ([f"checkpoint={tiny_run}", "serve.max_queue=0"], "error: serve.max_queue=0 must be >= 1"),
+        ([f"checkpoint={tiny_run}", "serve.max_queue=0"], "error: serve.max_queue=0 must be > 0"),
+        ([f"checkpoint={tiny_run}", "serve.body_timeout_s=-1"], "error: serve.body_timeout_s=-1.0 must be > 0"),
+        ([f"checkpoint={tiny_run}", "port=99999"], "error: port=99999 must be in [1, 65535]"),
         (["port=1"], "error: give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...}"),
     ):
         monkeypatch.setattr(sys, "argv", ["transformer-serve", *argv])

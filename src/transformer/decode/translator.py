@@ -346,7 +346,8 @@ class Translator:
 
         ``prefix``: target text every output starts with, one for all sentences or one per
         sentence ("" for none; default decode.prefix). ``constraints``: per sentence, target
-        phrases every output must contain (beam search)."""
+        phrases every output must contain (beam search). A blank sentence stays empty: n_best
+        empty hypotheses (score 0), whatever the search made of it (it keeps its line number)."""
         cfg = self.options(**overrides)
         tag = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
         src_ids = [tag + ids for ids in self.tokenizer.encode_src(sentences)]
@@ -376,7 +377,8 @@ class Translator:
                     for text, h in zip(texts, hyps)
                 ]
             )
-        return out
+        empty = Translation("", 0.0, 0.0, [], torch.zeros(0, 0) if attention else None, [] if cfg.alignment else None)
+        return [[empty] * cfg.n_best if not sentence.strip() else hyps for sentence, hyps in zip(sentences, out)]
 
     def source_words(self, sentence: str, ids: list[int]) -> list[int | None]:
         """Word index of each of the source ``ids`` of ``sentence`` (language tags, also ones

@@ -1,7 +1,9 @@
 """The FastAPI application: routes, JSON errors, the draining gate and the demo page.
 
 ``create_app`` takes models already loaded (tests and several apps share them) and starts
-one decoding worker per model in the app's lifespan.
+one decoding worker per model in the app's lifespan. ``/health`` says the process answers;
+``/ready`` says every model can decode now (false while a decoding process restarts or the
+server drains).
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transformer.errors import first_line
-from transformer.serve.api import ApiError, answer_body, decode_options, parse_request
+from transformer.serve.api import ApiError, answer_body, check_cost, decode_options, max_body_bytes, parse_request
 from transformer.serve.batcher import Batcher, Item, Job
+from transformer.serve.guard import Guard, read_body
 from transformer.serve.metrics import ServeMetrics
 from transformer.serve.models import ServedModel
 from transformer.serve.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/", "/health", "/models", "/metrics", "/translate")
+ROUTES = ("/", "/health", "/ready", "/models", "/metrics", "/translate")
 
 
 class ServerState:
@@ -39,7 +43,10 @@ class ServerState:
         self.cfg = cfg
         self.draining = False  # set on SIGTERM: new requests get 503, in-flight ones finish
         self.in_flight = 0  # requests being answered (the event loop's thread only)
-        self.batchers = {m.name: Batcher(m.name, m.decode, cfg, self.batch_hook(m.name)) for m in models}
+        self.batchers = {
+            m.name: Batcher(m.name, m.decode, cfg, self.batch_hook(m.name), m.decoder, self.restart_hook(m.name))
+            for m in models
+        }
         self.metrics = ServeMetrics(
             {
                 "transformer_serve_queue_sentences": (
@@ -54,6 +61,10 @@ class ServerState:
                 "transformer_serve_draining": (
                     "1 once a SIGTERM asked the server to stop",
                     lambda: {(): int(self.draining)},
+                ),
+                "transformer_serve_ready": (
+                    "1 while the model can decode (0: its decoding process is restarting or cannot start)",
+                    lambda: self.per_model(lambda b: int(b.ready)),
                 ),
             }
         )
@@ -72,6 +83,14 @@ class ServerState:
             )
 
         return record
+
+    def restart_hook(self, name: str) -> Any:
+        return lambda reason: self.metrics.restarts.inc(model=name, reason=reason)
+
+    def readiness(self) -> tuple[bool, dict[str, bool]]:
+        """Whether every model can decode now (never while draining), and each model's state."""
+        models = {name: b.ready for name, b in self.batchers.items()}
+        return not self.draining and all(models.values()), models
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -129,29 +148,21 @@ async def answer_or_disconnect(request: Request, future: asyncio.Future) -> Any 
 
 
 async def translate(state: ServerState, request: Request) -> Response:
-    """POST /translate: check, queue for the model's worker, wait, answer in input order."""
+    """POST /translate: read and check, queue for the model's worker, wait, answer in input order."""
     started = time.perf_counter()
-    body = parse_request(await request.body(), state.cfg)
+    cfg = state.cfg
+    body = parse_request(await read_body(request, max_body_bytes(cfg), cfg.body_timeout_s), cfg)
     served = state.model(body.model)
-    options = decode_options(served.translator, body)
-    tokenizer = served.translator.tokenizer
+    translator = served.translator
+    options = decode_options(translator, body, served.info.get("target_language"))
     sentences = body.sentences
+    tag = 1 if options.tgt_lang is not None else 0  # a tagged source starts with its <2xx>
+    lengths = [len(ids) + tag for ids in translator.tokenizer.encode_src(sentences)]
+    check_cost(body, options, lengths, translator.models[0].cfg.max_positions, cfg)
     loop = asyncio.get_running_loop()
-    job = Job(
-        sentences,
-        [len(ids) for ids in tokenizer.encode_src(sentences)],
-        options,
-        body.alignment,
-        loop,
-        loop.create_future(),
-    )
+    job = Job(sentences, lengths, options, body.attention, loop, loop.create_future())
     batcher = state.batchers[served.name]
-    if not batcher.submit(job):
-        raise ApiError(
-            429,
-            f"model {served.name}: queue full ({batcher.pending} sentences waiting, serve.max_queue={state.cfg.max_queue}); retry later",
-            headers={"Retry-After": str(state.cfg.retry_after_s)},
-        )
+    batcher.submit(job)
     try:
         results = await answer_or_disconnect(request, job.future)
     finally:
@@ -161,7 +172,7 @@ async def translate(state: ServerState, request: Request) -> Response:
         batcher.release(job)
     if results is None:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-    pieces = [tokenizer.src_pieces(s) if body.alignment else [] for s in sentences]
+    pieces = [translator.tokenizer.src_pieces(s) if body.alignment or body.attention else [] for s in sentences]
     answer = answer_body(served.name, body, results, pieces)
     state.metrics.latency.observe(time.perf_counter() - started, model=served.name)
     return JSONResponse(answer)
@@ -202,10 +213,24 @@ def create_app(models: list[ServedModel], cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="transformer-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
+    app.add_middleware(Guard, cfg=cfg)  # the innermost: after the gate has counted the request
     app.add_middleware(Gate, state=state)
+    if cfg.cors_origins:  # the outermost: a browser's preflight carries no token
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     add_error_handlers(app)
     app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", lambda: {"status": "ok", "models": list(state.models)}, methods=["GET"])
+
+    def ready() -> JSONResponse:
+        ok, models = state.readiness()
+        return JSONResponse({"ready": ok, "models": models}, status_code=200 if ok else 503)
+
+    app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/models", lambda: {"models": [m.info for m in state.models.values()]}, methods=["GET"])
     app.add_api_route(
         "/metrics",

@@ -138,6 +138,12 @@ class ServeMetrics:
         self.target_tokens = r.add(
             Counter("transformer_serve_target_tokens_total", "subwords of the best hypotheses (with EOS)")
         )
+        self.restarts = r.add(
+            Counter(
+                "transformer_serve_worker_restarts_total",
+                "restarts of a model's decoding process, by reason (died, hung, memory)",
+            )
+        )
         self.cancelled = r.add(
             Counter("transformer_serve_cancelled_requests_total", "requests dropped because their client went away")
         )

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from transformer.checkpoint import load_model
@@ -12,6 +11,7 @@ from transformer.config import DecodeConfig
 from transformer.decode.translator import Translation, Translator, check_decode_config
 from transformer.errors import UserError
 from transformer.runtime import resolve_device
+from transformer.serve.batcher import Worker
 from transformer.serve.settings import ServeRunConfig
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,13 @@ class ServedModel:
     name: str
     translator: Translator  # tokenizes requests; decodes them too unless ``decoder`` is set
     info: dict[str, Any]
-    # e.g. a worker.ProcessDecoder
-    decoder: Callable[[list[str], DecodeConfig, bool], list[list[Translation]]] | None = None
+    decoder: Worker | None = None  # a supervised decoding process, e.g. a worker.ProcessDecoder
 
-    def decode(self, sentences: list[str], options: DecodeConfig, alignment: bool) -> list[list[Translation]]:
+    def decode(self, sentences: list[str], options: DecodeConfig, attention: bool) -> list[list[Translation]]:
         """n-best lists of one batch (run by the model's batcher thread)."""
         if self.decoder is not None:
-            return self.decoder(sentences, options, alignment)
-        return self.translator.hypotheses(sentences, attention=alignment, **asdict(options))
+            return self.decoder(sentences, options, attention)
+        return self.translator.hypotheses(sentences, attention=attention, **asdict(options))
 
 
 def describe(name: str, path: str, config: dict, translator: Translator) -> dict[str, Any]:
@@ -44,6 +43,7 @@ def describe(name: str, path: str, config: dict, translator: Translator) -> dict
         "checkpoint": path,
         "source_language": data.get("src_lang"),
         "target_language": data.get("tgt_lang"),
+        "target_languages": tok.languages,  # a tagged model's: pick one with the request's tgt_lang
         "source_vocab_size": tok.src_vocab_size,
         "target_vocab_size": tok.tgt_vocab_size,
         "joint_vocab": tok.joint,
@@ -58,10 +58,17 @@ def describe(name: str, path: str, config: dict, translator: Translator) -> dict
 
 def load_translator(path: str, device: str, decode: DecodeConfig) -> tuple[Translator, dict]:
     """A checkpoint's translator (and its training config), used once so packed weights exist
-    before the first request."""
+    before the first request. The server's decode.tgt_lang is the default of tagged models
+    only: an untagged one on the same server ignores it."""
     model, tokenizer, config = load_model(path)
+    if not tokenizer.tags:
+        decode = replace(decode, tgt_lang=None)
+    elif decode.tgt_lang is not None and decode.tgt_lang not in tokenizer.tags:
+        raise UserError(
+            f"{path}: decode.tgt_lang={decode.tgt_lang!r}: the model knows {', '.join(tokenizer.languages)}"
+        )
     translator = Translator([model.to(resolve_device(device))], tokenizer, decode)
-    translator.translate("warm up")
+    translator.translate("warm up", tgt_lang=decode.tgt_lang or (tokenizer.languages or [None])[0])
     return translator, config
 
 

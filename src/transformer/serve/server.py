@@ -1,7 +1,9 @@
 """transformer-serve: load the models, then run uvicorn until SIGTERM or Ctrl-C.
 
 The first signal drains: new requests get 503 while those in flight finish (at most
-``serve.drain_timeout_s``), then uvicorn stops; a second signal stops at once.
+``serve.drain_timeout_s``), then uvicorn stops; a second signal stops at once. Connections
+are bounded: a cap on their number, the idle keep-alive time, the size of the headers and
+the time a client may take to send them (``guarded_protocol``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from transformer.config import validate
 from transformer.errors import UserError
-from transformer.serve.settings import ServeRunConfig
+from transformer.serve.settings import ServeConfig, ServeRunConfig, check_serve_config
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +45,78 @@ def draining_server(config: Any, state: Any, timeout_s: float) -> Any:
     return DrainingServer(config)
 
 
+def guarded_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request line
+    and headers within ``header_timeout_s`` of connecting or of sending its first byte after
+    a keep-alive pause (a slow-headers client holds no connection for long)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.disarm_header_timer()  # the headers are in: the body has serve.body_timeout_s
+            elif self.header_timer is None and not self.transport.is_closing():
+                self.arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm_header_timer()
+            super().connection_lost(exc)
+
+        def arm_header_timer(self) -> None:
+            self.header_timer = self.loop.call_later(header_timeout_s, self.headers_too_slow)
+
+        def disarm_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app: Any, host: str, port: int, cfg: ServeConfig, log_level: str = "warning") -> Any:
+    """uvicorn's settings for ``app`` with the connection limits of ``cfg``."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=guarded_protocol(cfg.header_timeout_s),
+        limit_concurrency=cfg.max_connections,
+        timeout_keep_alive=cfg.keep_alive_s,
+        h11_max_incomplete_event_size=cfg.max_header_bytes,
+        timeout_graceful_shutdown=int(cfg.drain_timeout_s),
+    )
+
+
 def serve(cfg: ServeRunConfig) -> None:
     if find_spec("fastapi") is None or find_spec("uvicorn") is None:
         raise UserError("transformer-serve needs the serve extra: pip install 'transformer[serve]' (fastapi, uvicorn)")
-    import uvicorn
-
     from transformer.serve.app import create_app
+    from transformer.serve.guard import api_key, is_loopback
     from transformer.serve.models import load_models
     from transformer.serve.worker import ProcessDecoder
 
     validate(cfg, ("",))  # port (config.RANGES)
+    check_serve_config(cfg)
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)
-    for key in ("max_batch_tokens", "max_sentences", "max_chars", "max_queue", "max_beam_size"):
-        if getattr(cfg.serve, key) < 1:
-            raise UserError(f"serve.{key}={getattr(cfg.serve, key)} must be >= 1")
     models = load_models(cfg)
     decoders = (
-        [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads) for m in models]
+        [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads, cfg.serve) for m in models]
         if cfg.serve.decode_process
         else []
     )
@@ -74,9 +130,11 @@ def serve(cfg: ServeRunConfig) -> None:
         cfg.port,
         "on" if cfg.serve.batching else "off",
     )
-    config = uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.serve.drain_timeout_s
-    )
+    if not is_loopback(cfg.host) and not api_key(cfg.serve):
+        log.warning(
+            "listening on %s without a token: anyone who reaches the port can translate (set serve.api_key)", cfg.host
+        )
+    config = uvicorn_config(app, cfg.host, cfg.port, cfg.serve, cfg.log_level)
     try:
         draining_server(config, app.state.server, cfg.serve.drain_timeout_s).run()
     finally:
