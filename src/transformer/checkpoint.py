@@ -11,8 +11,9 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -27,9 +28,10 @@ FORMAT = "transformer-checkpoint-v1"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path, write: Callable[[Any, IO[bytes]], Any] = torch.save) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never half of one."""
+    a crash leaves either the old file or the new one, never half of one. ``write(obj, file)``
+    fills the file (torch.save; ``atomic_write_text`` writes text)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -37,13 +39,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode of a new file
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """``atomic_save`` for a UTF-8 text file."""
+    atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))
 
 
 def load_checkpoint(path: Path | str) -> dict:

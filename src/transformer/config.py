@@ -51,6 +51,7 @@ class ModelConfig:
     n_encoder_layers: int = 6  # encoder blocks
     n_decoder_layers: int = 6  # decoder blocks
     d_ff: int = 2048  # hidden width of the position-wise feed-forward block
+    decoder_d_ff: int = 0  # the decoder blocks' feed-forward width (0: d_ff); a student's light decoder
     dropout: float = 0.1  # on embeddings and every residual branch
     attention_dropout: float = 0.0  # on attention probabilities
     activation_dropout: float = 0.0  # inside the feed-forward block
@@ -137,6 +138,18 @@ class DataConfig:
     tgt_lang_tag: bool = False  # prepend the target-language tag (<2de>) to every source; BPE keeps the tags whole
     # data.corpora: corpus i is drawn with probability p_i ~ n_i^(1/T) (1: as its size; larger: flatter)
     sampling_temperature: float = 1.0
+    # synthetic pairs (docs/distillation.md); transformer-distill and the back-translation stage write these files
+    distilled_file: str | None = None  # TSV of the training sources with a teacher's translations, used as targets
+    original_ratio: float = (
+        1.0  # with distilled_file: share of the corpus's own pairs kept beside the teacher's (0: none)
+    )
+    monolingual_tgt: str | None = (
+        None  # target-language text, one sentence a line, back-translated by data.reverse_model
+    )
+    reverse_model: str | None = None  # checkpoint or run directory translating target -> source (back-translation)
+    bt_file: str | None = None  # TSV of back-translated pairs (synthetic source, real target); set from monolingual_tgt
+    bt_ratio: float = 1.0  # back-translated pairs mixed in per original pair (at most all of them; 1.0: as many)
+    bt_tag: str = "<BT>"  # opens every back-translated source (Caswell et al. 2019), one BPE piece; "" for none
 
 
 @dataclass
@@ -239,6 +252,29 @@ class TrainConfig:
 
 
 @dataclass
+class DistillSettings:
+    """transformer-distill's own keys (docs/distillation.md)."""
+
+    chunk_lines: int = 1000  # sources translated and saved at a time: a killed run loses at most one chunk
+    translate_minutes: float = (
+        0.0  # time budget of the translation stage: stops after the chunk that passes it (0: none)
+    )
+    compare: bool = True  # last stage: teacher and student on the test split, beam and greedy, BLEU, chrF and speed
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """transformer-distill (configs/distill.yaml): a teacher translates the training corpus, a
+    student (model/trainer/decode keys, as transformer-train's) trains on it, then both are compared."""
+
+    teacher: str = (
+        MISSING  # checkpoint file or run directory (averaged.pt, else best.pt) translating the training sources
+    )
+    ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the teacher
+    distill: DistillSettings = field(default_factory=DistillSettings)  # the stages' settings
+
+
+@dataclass
 class EvaluateConfig:
     """transformer-evaluate (configs/evaluate.yaml): score a checkpoint with sacreBLEU."""
 
@@ -278,6 +314,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="decode_schema", node=DecodeRunConfig)
+    cs.store(name="distill_schema", node=DistillConfig)
 
 
 def config_dir() -> str:

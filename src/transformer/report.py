@@ -24,6 +24,7 @@ from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.plots import new_figure
 from transformer.rundir import TEST_SCORES, read_records, read_results
+from transformer.train.budget import Plan
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def model_lines(model: dict, tokenizer: Tokenizer) -> list[str]:
     )
     return [
         f"- {n_params:,} parameters",
-        f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}, "
+        f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}{f' (decoder {cfg.decoder_d_ff})' if cfg.decoder_d_ff else ''}, "
         f"{'pre' if cfg.norm_first else 'post'}-norm ({cfg.norm}), {cfg.positional} positions, {cfg.activation}",
         f"- vocabulary {cfg.src_vocab_size} source / {cfg.tgt_vocab_size} target pieces"
         + (f"; {tied}" if tied else ""),
@@ -277,8 +278,9 @@ def result_lines(metrics: dict, t: dict, test: dict | None) -> list[str]:
             f"training precision {metrics.get('precision', t['precision'])}"
         )
     if "budget_plan" in metrics:
+        plan = Plan.from_dict(metrics["budget_plan"])
         out.append(
-            f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}"
+            f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {plan.line()}"
         )
     if not test:
         return [*out, "- no test scores (evaluate_test=false, or no best checkpoint)"]
