@@ -211,3 +211,33 @@ def test_a_student_decoder_is_as_deep_and_wide_as_its_keys() -> None:
     assert same.decoder[0].ffn.fc1.out_features == 64
     src, tgt = torch.randint(4, 50, (2, 5)), torch.randint(4, 50, (2, 4))
     assert model(src, tgt).shape == (2, 4, 50)
+
+
+def test_a_student_with_a_narrow_decoder_exports_to_the_same_logits(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from dataclasses import asdict
+
+    from test_decode import padded, random_sources, tiny_model, tiny_tokenizer
+    from transformer.checkpoint import FORMAT, load_model
+    from transformer.export import main as export_main
+    from transformer.import_hf import main as import_main
+    from transformer.vocab import BOS, EOS, PAD
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(vocab=tokenizer.src_vocab_size, n_encoder_layers=3, n_decoder_layers=1, decoder_d_ff=16)
+    checkpoint = tmp_path / "student.pt"
+    state = {"model": model.state_dict(), "model_config": asdict(model.cfg), "tokenizer": tokenizer.to_state()}
+    torch.save({"format": FORMAT, **state}, checkpoint)
+    export_main([f"checkpoint={checkpoint}", f"output={tmp_path / 'hf'}"])
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert (hf.config.encoder_ffn_dim, hf.config.decoder_ffn_dim, hf.config.decoder_layers) == (64, 16, 1)
+    src = padded(random_sources([6, 3, 8], vocab=tokenizer.src_vocab_size))
+    tgt = torch.cat([torch.full((3, 1), BOS), torch.randint(EOS + 1, model.cfg.tgt_vocab_size, (3, 5))], dim=1)
+    with torch.no_grad():
+        theirs = hf(input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt).logits
+        torch.testing.assert_close(theirs, model(src, tgt), atol=1e-4, rtol=0)
+    import_main([f"hf={tmp_path / 'hf'}", f"output={tmp_path / 'back.pt'}"])  # and back again
+    back, _, _ = load_model(tmp_path / "back.pt")
+    assert back.cfg.decoder_d_ff == 16 and back.cfg.d_ff == 64
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(src, tgt), model(src, tgt), atol=1e-4, rtol=0)
