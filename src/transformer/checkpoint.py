@@ -28,7 +28,7 @@ FORMAT = "transformer-checkpoint-v1"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def atomic_save(obj: Any, path: Path, write: Callable[[Any, IO[bytes]], Any] = torch.save) -> None:
+def atomic_save(obj: Any, path: Path, write: Callable[[Any, IO[bytes]], Any] | None = None) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``:
     a crash leaves either the old file or the new one, never half of one. ``write(obj, file)``
     fills the file (torch.save; ``atomic_write_text`` writes text)."""
@@ -39,7 +39,7 @@ def atomic_save(obj: Any, path: Path, write: Callable[[Any, IO[bytes]], Any] = t
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode of a new file
         with os.fdopen(fd, "wb") as f:
-            write(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -140,12 +140,8 @@ class DataConfig:
     sampling_temperature: float = 1.0
     # synthetic pairs (docs/distillation.md); transformer-distill and the back-translation stage write these files
     distilled_file: str | None = None  # TSV of the training sources with a teacher's translations, used as targets
-    original_ratio: float = (
-        1.0  # with distilled_file: share of the corpus's own pairs kept beside the teacher's (0: none)
-    )
-    monolingual_tgt: str | None = (
-        None  # target-language text, one sentence a line, back-translated by data.reverse_model
-    )
+    original_ratio: float = 1.0  # with distilled_file: share of the corpus's own pairs kept beside the teacher's
+    monolingual_tgt: str | None = None  # target-language text, one sentence a line, back-translated (reverse_model)
     reverse_model: str | None = None  # checkpoint or run directory translating target -> source (back-translation)
     bt_file: str | None = None  # TSV of back-translated pairs (synthetic source, real target); set from monolingual_tgt
     bt_ratio: float = 1.0  # back-translated pairs mixed in per original pair (at most all of them; 1.0: as many)
@@ -172,7 +168,7 @@ class TrainerConfig:
     # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
     bidirectional_epochs: int = 0
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
-    time_budget_minutes: float = 0.0  # whole run (BPE, training, test scoring) in this many minutes: the first updates are timed, then max_steps, warmup, eval_every and save_every are scaled to fit (0: off)
+    time_budget_minutes: float = 0.0  # whole run (BPE, training, test scoring) in this many minutes: the first updates are timed, then max_steps, warmup, eval_every and save_every are scaled to fit, and refitted after each evaluation from the measured pace (0: off)
     update_freq: int = 1  # gradient accumulation: batches per optimizer update
     lr: float = 5e-4  # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW beta1, beta2
@@ -256,9 +252,8 @@ class DistillSettings:
     """transformer-distill's own keys (docs/distillation.md)."""
 
     chunk_lines: int = 1000  # sources translated and saved at a time: a killed run loses at most one chunk
-    translate_minutes: float = (
-        0.0  # time budget of the translation stage: stops after the chunk that passes it (0: none)
-    )
+    # time budget of the translation stage: it stops after the chunk that passes it (0: none)
+    translate_minutes: float = 0.0
     compare: bool = True  # last stage: teacher and student on the test split, beam and greedy, BLEU, chrF and speed
 
 
@@ -267,9 +262,7 @@ class DistillConfig(TrainConfig):
     """transformer-distill (configs/distill.yaml): a teacher translates the training corpus, a
     student (model/trainer/decode keys, as transformer-train's) trains on it, then both are compared."""
 
-    teacher: str = (
-        MISSING  # checkpoint file or run directory (averaged.pt, else best.pt) translating the training sources
-    )
+    teacher: str = MISSING  # checkpoint file or run directory (averaged.pt, else best.pt) translating the corpus
     ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the teacher
     distill: DistillSettings = field(default_factory=DistillSettings)  # the stages' settings
 
