@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import compose_config
+from test_decode import tiny_model
 from transformer import distill
-from transformer.config import DataConfig, ModelConfig, TrainConfig, typed
+from transformer.config import DataConfig, TrainConfig, typed
 from transformer.data.builtin import builtin_splits
 from transformer.data.corpus import load_train_pairs, read_tsv
 from transformer.data.synthetic import with_synthetic
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
-from transformer.model import build_model
 from transformer.train import loop
 
 
@@ -194,30 +194,20 @@ def test_distill_command_names_a_missing_or_wrong_teacher(cli, tmp_path: Path) -
 
 
 def test_a_student_decoder_is_as_deep_and_wide_as_its_keys() -> None:
-    cfg = ModelConfig(
-        d_model=32,
-        n_heads=2,
-        n_encoder_layers=3,
-        n_decoder_layers=1,
-        d_ff=64,
-        decoder_d_ff=16,
-        src_vocab_size=50,
-        tgt_vocab_size=50,
-    )
-    model = build_model(cfg)
+    model = tiny_model(n_encoder_layers=3, n_decoder_layers=1, decoder_d_ff=16)
     assert len(model.encoder) == 3 and len(model.decoder) == 1
     assert model.encoder[0].ffn.fc1.out_features == 64 and model.decoder[0].ffn.fc1.out_features == 16
-    same = build_model(ModelConfig(**{**cfg.__dict__, "decoder_d_ff": 0}))
-    assert same.decoder[0].ffn.fc1.out_features == 64
-    src, tgt = torch.randint(4, 50, (2, 5)), torch.randint(4, 50, (2, 4))
-    assert model(src, tgt).shape == (2, 4, 50)
+    assert tiny_model().decoder[0].ffn.fc1.out_features == 64  # decoder_d_ff 0: as wide as d_ff
+    vocab = model.cfg.src_vocab_size
+    src, tgt = torch.randint(4, vocab, (2, 5)), torch.randint(4, vocab, (2, 4))
+    assert model(src, tgt).shape == (2, 4, model.cfg.tgt_vocab_size)
 
 
 def test_a_student_with_a_narrow_decoder_exports_to_the_same_logits(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from dataclasses import asdict
 
-    from test_decode import padded, random_sources, tiny_model, tiny_tokenizer
+    from test_decode import padded, random_sources, tiny_tokenizer
     from transformer.checkpoint import FORMAT, load_model
     from transformer.export import main as export_main
     from transformer.import_hf import main as import_main
