@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test multi30k bench-train bench-decode bench-soak bench-serve bench-chaos bench-data clean
+.PHONY: help setup train test multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test: setup  ## lint, check formatting, run the tests
 
 multi30k: setup  ## the tuned Multi30k recipe: train (<= 60 min on 2 cores), then test2016 BLEU
 	$(BIN)/transformer-train experiment=multi30k_en_de run_dir=runs/multi30k hydra.run.dir=runs/multi30k
+
+multi30k-student: setup  ## distil runs/multi30k (make multi30k) into a 6+1 student, then compare them
+	$(BIN)/transformer-distill teacher=runs/multi30k experiment=multi30k_student run_dir=runs/multi30k-student hydra.run.dir=runs/multi30k-student
 
 bench-train: setup  ## training speed against Hugging Face Marian (tokens/s, ms/step, memory, MFU)
 	$(BIN)/python scripts/bench_train.py

@@ -137,7 +137,7 @@ def test_help_lists_the_groups(cli, tmp_path: Path) -> None:
     groups = result.stdout.split("== Config groups", 1)[1].split("== Config ", 1)[0]
     listed = {line.split(":")[0] for line in groups.splitlines() if ":" in line}
     assert listed >= {"model", "data", "trainer", "decode", "experiment"}
-    assert "model: base, small, tiny" in groups
+    assert "model: base, small, student, tiny" in groups
     assert "README.md" in result.stdout and "transformer-train -m" in result.stdout
 
 

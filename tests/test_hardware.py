@@ -1,4 +1,4 @@
-"""Hardware-aware defaults: precision auto, timed kernel choice, and the time budget."""
+"""Hardware-aware defaults: precision auto and the timed kernel choice (the time budget: test_budget.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from transformer.model import build_model
 from transformer.model.kernels import onednn_shapes, shape_of
 from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.model.prepack import packed_for_cpu
-from transformer.train import budget, loop
+from transformer.train import loop
 
 CPU = torch.device("cpu")
 AVX2 = Hardware(
@@ -127,63 +126,6 @@ def logits_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def schedule(**overrides: float) -> SimpleNamespace:
-    return SimpleNamespace(
-        **{
-            "max_steps": 10000,
-            "warmup_steps": 800,
-            "eval_every": 1000,
-            "save_every": 150,
-            "max_minutes": 0.0,
-            **overrides,
-        }
-    )
-
-
-def test_plan_scales_the_whole_schedule() -> None:
-    costs = budget.Costs(spent=60, step=1.8, evaluation=30, test=90)
-    plan = budget.plan_schedule(schedule(), 60, costs)
-    usable = 3600 * (1 - budget.MARGIN)
-    evals = int(budget.EVAL_SHARE * usable // 30)  # 5 of the reference 10 fit in 5% of the hour
-    assert plan.max_steps == int((usable - 60 - 90 - evals * 30) // 1.8)
-    ratio = plan.max_steps / 10000
-    assert plan.save_every == round(150 * ratio)
-    assert plan.warmup_steps == min(800, round(budget.MAX_WARMUP_SHARE * plan.max_steps))  # not 800 * ratio
-    assert plan.eval_every == -(-plan.max_steps // evals)
-    assert plan.max_minutes == pytest.approx((usable - 60 - 90) / 60)
-    fast = budget.plan_schedule(schedule(max_minutes=50), 60, budget.Costs(spent=30, step=0.2, evaluation=5, test=20))
-    assert fast.max_steps > 10000 and fast.eval_every == -(-fast.max_steps // 10) and fast.max_minutes == 50
-    assert fast.warmup_steps == round(800 * fast.max_steps / 10000)  # a longer schedule scales its warmup
-
-
-def test_planned_warmup_keeps_the_reference_warmup_in_a_shorter_run() -> None:
-    assert budget.planned_warmup(800, 0.1048, 1048) == 262  # a quarter of the updates, not 84
-    assert budget.planned_warmup(800, 0.5, 5000) == 800  # the reference's, where it fits
-    assert budget.planned_warmup(800, 2.0, 20000) == 1600
-    assert budget.planned_warmup(0, 0.1, 1000) == 0 and budget.planned_warmup(800, 0.001, 2) == 1
-
-
-def test_plan_refuses_a_budget_without_room_for_one_evaluation() -> None:
-    with pytest.raises(UserError, match=r"trainer.time_budget_minutes=1 is too small: start-up took 0.8 min"):
-        budget.plan_schedule(schedule(), 1, budget.Costs(spent=50, step=1, evaluation=30, test=5))
-
-
-def budgeted(run_dir: Path, *overrides: str):
-    return compose_config(
-        "train",
-        [
-            "experiment=tiny",
-            "evaluate_test=false",
-            f"run_dir={run_dir}",
-            "trainer.log_every=1",
-            "trainer.precision=fp32",
-            "model.dropout=0.1",
-            "trainer.save_every=3",
-            *overrides,
-        ],
-    )
-
-
 def train_quietly(cfg) -> dict:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -191,55 +133,6 @@ def train_quietly(cfg) -> dict:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
-def tick_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    """A clock that moves ``seconds`` on every reading."""
-    now = iter(range(10**6))
-    monkeypatch.setattr(budget, "clock", lambda: next(now) * seconds)
-
-
-def test_time_budget_fixes_the_schedule_and_resume_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tick = 16.0  # every reading of the clock moves it 16 s
-    tick_clock(monkeypatch, tick)
-    common = ["trainer.time_budget_minutes=5", "trainer.max_steps=20"]
-    full = train_quietly(budgeted(tmp_path / "full", *common))
-    plan = full["budget_plan"]
-    # readings: start 0; 5 timed updates (8 batches an epoch, 3 untimed) 1-2; valid loss 3-4;
-    # valid search 5-6; test search 7-8 (the sample is the whole 20-sentence split); spent at 9
-    measured = budget.Costs(**plan["measured"])
-    assert (measured.spent, measured.step) == (9 * tick, tick / 5)
-    assert (
-        tick < measured.evaluation <= 2 * tick and 0 < measured.test <= tick
-    )  # searches scaled to the references' length
-    t = SimpleNamespace(max_steps=20, warmup_steps=5, eval_every=10, save_every=3, max_minutes=0.0)
-    assert {k: v for k, v in plan.items() if k != "measured"} == budget.plan_schedule(t, 5, measured).to_dict()
-    assert full["step"] == plan["max_steps"] > 20 and plan["warmup_steps"] > 5
-    # the same run without a budget but with the planned settings: the timed updates left no trace
-    fixed = [f"trainer.{k}={v}" for k, v in plan.items() if k not in ("max_minutes", "measured")]
-    same = train_quietly(budgeted(tmp_path / "same", *fixed))
-    assert losses(tmp_path / "same") == losses(tmp_path / "full") and same["step"] == full["step"]
-    # stopped after two epochs, then resumed under a clock that would plan otherwise: the stored plan holds
-    split = tmp_path / "split"
-    train_quietly(budgeted(split, *common, "trainer.max_epochs=2"))
-    tick_clock(monkeypatch, 1.0)
-    resumed = train_quietly(budgeted(split, *common, f"trainer.resume={split}"))
-    assert resumed["budget_plan"] == plan
-    assert losses(split) == losses(tmp_path / "full")
-
-
-def test_time_budget_too_small_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tick_clock(monkeypatch, 10.0)
-    with pytest.raises(UserError, match="trainer.time_budget_minutes=0.1 is too small"):
-        train_quietly(budgeted(tmp_path / "run", "trainer.time_budget_minutes=0.1"))
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    with pytest.raises(UserError, match="trainer.time_budget_minutes=-1.0 must be >= 0"):
-        train_quietly(budgeted(tmp_path / "neg", "trainer.time_budget_minutes=-1"))
 
 
 def test_results_name_the_hardware_and_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ LAYERS = [
     ("transformer.train", "transformer.decode"),
     (
         "transformer.evaluate",
+        "transformer.distill",
         "transformer.report",
         "transformer.sweep",
         "transformer.export",

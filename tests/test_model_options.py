@@ -108,7 +108,7 @@ def test_rmsnorm_is_the_formula() -> None:
 @pytest.mark.parametrize("activation, gate", [("swiglu", F.silu), ("geglu", F.gelu)])
 def test_gated_feed_forward_is_the_formula(activation: str, gate) -> None:
     torch.manual_seed(0)
-    ffn = FeedForward(ModelConfig(d_model=8, d_ff=12, activation=activation))
+    ffn = FeedForward(ModelConfig(d_model=8, d_ff=12, activation=activation), 12)
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(ffn(x), ffn.fc2(gate(ffn.fc1(x)) * ffn.gate(x)))
     assert ffn.gate.weight.shape == ffn.fc1.weight.shape == (12, 8)  # d_ff kept as given

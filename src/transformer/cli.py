@@ -51,6 +51,11 @@ def _train(cfg: DictConfig) -> float:
 
     if not cfg.run_dir:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
+    if cfg.data.monolingual_tgt:  # back-translation first (docs/distillation.md)
+        from transformer.config import TrainConfig, typed
+        from transformer.distill import back_translated
+
+        cfg = back_translated(typed(cfg, TrainConfig))
     metrics = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one summary and report, from the process that wrote the run
         from transformer.report import write_run_report
@@ -75,6 +80,29 @@ def train_main() -> None:
     command's own process re-executes itself; train_cli called from Python never does."""
     use_fast_allocator()
     train_cli()
+
+
+# distill ----------------------------------------------------------------------------
+
+
+def _distill(cfg: DictConfig) -> float:
+    from transformer.distill import distill
+
+    if OmegaConf.is_missing(cfg, "teacher"):
+        raise UserError(
+            "teacher=RUN_OR_PT is required: the checkpoint or run directory whose translations the student learns"
+        )
+    if not cfg.run_dir:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    metrics = distill(cfg)
+    print(json.dumps(metrics.get("distill", {}), indent=2))
+    return metrics["best_valid_bleu"]
+
+
+def distill_main() -> None:
+    """The transformer-distill command, under mimalloc (see train_main)."""
+    use_fast_allocator()
+    hydra_entry("distill", _distill)
 
 
 # evaluate ---------------------------------------------------------------------------

@@ -147,6 +147,7 @@ class ModelConfig:
     n_encoder_layers: int = 6  # encoder blocks
     n_decoder_layers: int = 6  # decoder blocks
     d_ff: int = 2048  # hidden width of the position-wise feed-forward block
+    decoder_d_ff: int = 0  # the decoder blocks' feed-forward width (0: d_ff); a student's light decoder
     dropout: float = 0.1  # on embeddings and every residual branch
     attention_dropout: float = 0.0  # on attention probabilities
     activation_dropout: float = 0.0  # inside the feed-forward block
@@ -233,6 +234,14 @@ class DataConfig:
     tgt_lang_tag: bool = False  # prepend the target-language tag (<2de>) to every source; BPE keeps the tags whole
     # data.corpora: corpus i is drawn with probability p_i ~ n_i^(1/T) (1: as its size; larger: flatter)
     sampling_temperature: float = 1.0
+    # synthetic pairs (docs/distillation.md); transformer-distill and the back-translation stage write these files
+    distilled_file: str | None = None  # TSV of the training sources with a teacher's translations, used as targets
+    original_ratio: float = 1.0  # with distilled_file: share of the corpus's own pairs kept beside the teacher's
+    monolingual_tgt: str | None = None  # target-language text, one sentence a line, back-translated (reverse_model)
+    reverse_model: str | None = None  # checkpoint or run directory translating target -> source (back-translation)
+    bt_file: str | None = None  # TSV of back-translated pairs (synthetic source, real target); set from monolingual_tgt
+    bt_ratio: float = 1.0  # back-translated pairs mixed in per original pair (at most all of them; 1.0: as many)
+    bt_tag: str = "<BT>"  # opens every back-translated source (Caswell et al. 2019), one BPE piece; "" for none
 
 
 @dataclass
@@ -255,7 +264,7 @@ class TrainerConfig:
     # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
     bidirectional_epochs: int = 0
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
-    time_budget_minutes: float = 0.0  # whole run (BPE, training, test scoring) in this many minutes: the first updates are timed, then max_steps, warmup, eval_every and save_every are scaled to fit (0: off)
+    time_budget_minutes: float = 0.0  # whole run (BPE, training, test scoring) in this many minutes: the first updates are timed, then max_steps, warmup, eval_every and save_every are scaled to fit, and refitted after each evaluation from the measured pace (0: off)
     update_freq: int = 1  # gradient accumulation: batches per optimizer update
     lr: float = 5e-4  # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW beta1, beta2
@@ -337,6 +346,26 @@ class TrainConfig:
 
 
 @dataclass
+class DistillSettings:
+    """transformer-distill's own keys (docs/distillation.md)."""
+
+    chunk_lines: int = 1000  # sources translated and saved at a time: a killed run loses at most one chunk
+    # time budget of the translation stage: it stops after the chunk that passes it (0: none)
+    translate_minutes: float = 0.0
+    compare: bool = True  # last stage: teacher and student on the test split, beam and greedy, BLEU, chrF and speed
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """transformer-distill (configs/distill.yaml): a teacher translates the training corpus, a
+    student (model/trainer/decode keys, as transformer-train's) trains on it, then both are compared."""
+
+    teacher: str = MISSING  # checkpoint file or run directory (averaged.pt, else best.pt) translating the corpus
+    ensemble: list[str] = field(default_factory=list)  # extra checkpoints ensembled with the teacher
+    distill: DistillSettings = field(default_factory=DistillSettings)  # the stages' settings
+
+
+@dataclass
 class EvaluateConfig:
     """transformer-evaluate (configs/evaluate.yaml): score a checkpoint with sacreBLEU."""
 
@@ -376,6 +405,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="decode_schema", node=DecodeRunConfig)
+    cs.store(name="distill_schema", node=DistillConfig)
 
 
 def config_dir() -> str:

@@ -87,7 +87,7 @@ def hf_config(cfg: ModelConfig, family: str) -> Any:
         encoder_attention_heads=cfg.n_heads,
         decoder_attention_heads=cfg.n_heads,
         encoder_ffn_dim=cfg.d_ff,
-        decoder_ffn_dim=cfg.d_ff,
+        decoder_ffn_dim=cfg.decoder_d_ff or cfg.d_ff,
         activation_function=cfg.activation,
         dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout,

@@ -31,6 +31,7 @@ from transformer.rundir import (
     read_results,
     read_resume_changes,
 )
+from transformer.train.budget import Plan
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def model_lines(model: dict, tokenizer: Tokenizer) -> list[str]:
     )
     return [
         f"- {n_params:,} parameters",
-        f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}, "
+        f"- d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_encoder_layers} encoder + {cfg.n_decoder_layers} decoder layers, d_ff {cfg.d_ff}{f' (decoder {cfg.decoder_d_ff})' if cfg.decoder_d_ff else ''}, "
         f"{'pre' if cfg.norm_first else 'post'}-norm ({cfg.norm}), {cfg.positional} positions, {cfg.activation}",
         f"- vocabulary {cfg.src_vocab_size} source / {cfg.tgt_vocab_size} target pieces"
         + (f"; {tied}" if tied else ""),
@@ -284,8 +285,9 @@ def result_lines(metrics: dict, t: dict, test: dict | None) -> list[str]:
             f"training precision {metrics.get('precision', t['precision'])}"
         )
     if "budget_plan" in metrics:
+        plan = Plan.from_dict(metrics["budget_plan"])
         out.append(
-            f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {metrics['budget_plan']}"
+            f"- schedule fitted to trainer.time_budget_minutes={t.get('time_budget_minutes', 0):g}: {plan.line()}"
         )
     if not test:
         return [*out, "- no test scores (evaluate_test=false, or no best checkpoint)"]

@@ -4,7 +4,8 @@ stream; the trainer asks here and treats the answer as a sequence of examples.
 - ``data.streaming=true`` (hub or files): nothing is held; ``streaming.stream_batches``
   reads each epoch.
 - ``data.source=files`` with ``data.cache=true`` (the default): ``cache.CachedCorpus``.
-- otherwise (builtin, hub, ``data.cache=false``, BiT epochs): encoded pairs in a list.
+- otherwise (builtin, hub, ``data.cache=false``, BiT epochs, synthetic pairs mixed in by
+  ``synthetic.with_synthetic``): encoded pairs in a list.
 
 Every way gives the same pairs in the same order, filtered the same way, so a cached run
 batches and trains exactly as an uncached one.
@@ -20,6 +21,7 @@ from transformer.config import DataConfig
 from transformer.data.batching import Example, encode_examples
 from transformer.data.cache import cached_tokenizer, open_corpus, uses_cache
 from transformer.data.corpus import Pair, iter_train_pairs, load_train_pairs
+from transformer.data.synthetic import user_symbols, uses_synthetic, with_synthetic
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 
@@ -27,6 +29,8 @@ from transformer.errors import UserError
 def read_train_pairs(cfg: DataConfig, need_pairs: bool = False) -> list[Pair] | None:
     """The training pairs in memory, or None when they are streamed or memory-mapped
     (``need_pairs``: a feature needs the text, so the cache is skipped)."""
+    if uses_synthetic(cfg):
+        return with_synthetic(cfg, load_train_pairs(cfg))
     if cfg.streaming:
         if cfg.source not in ("hub", "files"):
             raise UserError(
@@ -50,7 +54,7 @@ def train_tokenizer(cfg: DataConfig, pairs: list[Pair] | None, cache_dir: Path) 
         from transformer.data.streaming import stream_pairs
 
         pairs = list(itertools.islice(stream_pairs(cfg), cfg.tokenizer_sample))
-    return build_tokenizer(pairs, cfg.vocab_size, cfg.joint_vocab, cfg.tokenizer_sample)
+    return build_tokenizer(pairs, cfg.vocab_size, cfg.joint_vocab, cfg.tokenizer_sample, symbols=user_symbols(cfg))
 
 
 def train_examples(

@@ -361,12 +361,18 @@ def sample_pairs(pairs: Iterable[tuple[str, str]], k: int, seed: int = BPE_SAMPL
 
 
 def build_tokenizer(
-    pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool, max_sentences: int, languages: Sequence[str] = ()
+    pairs: Iterable[tuple[str, str]],
+    vocab_size: int,
+    joint: bool,
+    max_sentences: int,
+    languages: Sequence[str] = (),
+    symbols: Sequence[str] = (),
 ) -> Tokenizer:
     """Train BPE on the training pairs, or on a reproducible sample of ``max_sentences``
     of them (data.tokenizer_sample): one model over both sides, or one per side. Each of
-    ``languages`` gets its tag piece in the (source) model."""
-    tags = [language_tag(lang) for lang in languages]
+    ``languages`` gets its tag piece in the (source) model, and so does each of ``symbols``
+    (the back-translation tag), after them."""
+    tags = [language_tag(lang) for lang in languages] + list(symbols)
     pairs = sample_pairs(pairs, max_sentences)
     log.info(
         "training SentencePiece BPE (vocab %d, %s) on %d pairs",

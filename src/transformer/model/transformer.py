@@ -120,11 +120,11 @@ class Embedding(nn.Module):
 class FeedForward(nn.Module):
     """fc2(act(fc1 x)); gated (swiglu, geglu): fc2(act(fc1 x) * gate x), gate as wide as fc1."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff) if cfg.activation in GATED else None
+        self.fc1 = nn.Linear(cfg.d_model, width)
+        self.fc2 = nn.Linear(width, cfg.d_model)
+        self.gate = nn.Linear(cfg.d_model, width) if cfg.activation in GATED else None
         self.activation = GATED[cfg.activation] if self.gate is not None else ACTIVATIONS[cfg.activation]
         self.dropout = Dropout(cfg.activation_dropout)
 
@@ -174,7 +174,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, causal=False)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, cfg.d_ff)
         self.attn_sub = Sublayer(cfg)
         self.ffn_sub = Sublayer(cfg)
 
@@ -188,7 +188,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, causal=True)
         self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, cfg.decoder_d_ff or cfg.d_ff)
         self.self_sub = Sublayer(cfg)
         self.cross_sub = Sublayer(cfg)
         self.ffn_sub = Sublayer(cfg)

@@ -1,11 +1,17 @@
 """``trainer.time_budget_minutes``: the whole run in a wall-clock budget on whatever machine.
 
 The recipe's schedule (``max_steps`` updates, warmup, evaluations and checkpoints at fixed
-steps) is the reference; the run times a few throwaway updates, one validation and a
-sample of the test search at start-up, then scales every step count by the same factor so
-that BPE, training, evaluations and the final test scoring end inside the budget. The
-plan is stored in the checkpoints, so a resumed run keeps it (and stays exact); training
-also stops at the plan's ``max_minutes`` should the machine slow down later.
+steps) is the reference. At start-up the run times a few throwaway updates, one validation
+and a sample of the test search, and scales every step count by the same factor so that
+BPE, training, evaluations and the final test scoring end inside the budget (``plan_schedule``).
+That first pace is a guess (the first updates run on cold caches, another process may start
+or stop), so after every evaluation the plan is revised from the pace measured since the
+last one (``revise``): the updates left, the warmup (while it is not reached), the spacing of
+evaluations and checkpoints are fitted to the time left, and the learning-rate schedule goes
+on from where it stood (``optim.lr_at``'s anchor), so the cosine still ends at ``min_lr``
+when the time does. The plan is a frozen object stored in every checkpoint (``Progress.plan``),
+so a resumed run continues with the revision it had; training also stops at the plan's
+``max_minutes`` should the last stretch run slower than any revision could foresee.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from transformer.errors import UserError
+from transformer.train.optim import phase_anchor
 
 clock = time.monotonic  # tests replace it with a fake clock
-MARGIN = 0.04  # share of the budget kept free for what the timings miss (saves, logging, start-up)
+MARGIN = 0.015  # share of the budget kept free for what the timings miss (the last saves, averaging, the exit)
 EVAL_SHARE = 0.05  # at most this share of the budget goes to validation; fewer evaluations beyond it
 MAX_WARMUP_SHARE = 0.25  # a shortened schedule warms up over at most this share of its updates
 
@@ -34,18 +41,49 @@ class Costs:
     test: float  # the final test scoring
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Trainer settings fixed by the budget; applied over the config's."""
+    """The schedule the budget fixed, used instead of the trainer config's keys of the same
+    names (never written into the config); a revision is a new Plan."""
 
     max_steps: int
     warmup_steps: int
     eval_every: int
     save_every: int
     max_minutes: float  # training time (evaluations included) after which the run stops anyway
+    step_seconds: float = 0.0  # the pace (one update, saves and logging included) this plan was made from
+    eval_seconds: float = 0.0  # one validation, as last measured
+    evaluations: int = 1  # validations from revised_at to the end, the one at max_steps included
+    revised_at: int = 0  # the step of this revision: evaluations and saves are counted from here
+    revised_elapsed: float = 0.0  # training seconds at revised_at (after its validation)
+    anchor: float = 0.0  # progress of the lr schedule's phase at revised_at (optim.lr_at's anchor)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> Plan:
+        """A plan as stored in a checkpoint (other keys, such as ``measured``, are left out)."""
+        return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored})
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether ``step`` is an evaluation (or save) step of this plan."""
+        return every > 0 and (step - self.revised_at) % every == 0
+
+    def schedule(self, t: Any) -> Any:
+        """The trainer config ``t`` (a TrainerConfig) with this plan's settings: a copy."""
+        keys = ("max_steps", "warmup_steps", "eval_every", "save_every", "max_minutes")
+        return replace(t, **{k: getattr(self, k) for k in keys})
+
+    def line(self) -> str:
+        """The plan in one readable line for the log and the run card."""
+        where = f" at step {self.revised_at:,}" if self.revised_at else ""
+        save = f", save every {self.save_every:,}" if self.save_every else ""
+        return (
+            f"plan{where}: {self.max_steps:,} updates in {self.max_minutes:.1f} min, {self.step_seconds:.2f} s each, "
+            f"warmup {self.warmup_steps:,}, eval every {self.eval_every:,} ({self.evaluations} to go, "
+            f"{self.eval_seconds:.1f} s each){save}"
+        )
 
 
 def plan_schedule(t: Any, budget_minutes: float, costs: Costs) -> Plan:
@@ -65,13 +103,46 @@ def plan_schedule(t: Any, budget_minutes: float, costs: Costs) -> Plan:
     evals = max(1, min(reference_evals, affordable_evals))
     steps = max(1, int((training - evals * costs.evaluation) // costs.step))
     ratio = steps / t.max_steps
-    max_minutes = training / 60 if not t.max_minutes else min(training / 60, t.max_minutes)
     return Plan(
         max_steps=steps,
         warmup_steps=planned_warmup(t.warmup_steps, ratio, steps),
         eval_every=max(1, math.ceil(steps / evals)),
-        save_every=max(1, round(t.save_every * ratio)) if t.save_every else 0,
-        max_minutes=max_minutes,
+        save_every=planned_saves(t.save_every, ratio),
+        max_minutes=training / 60 if not t.max_minutes else min(training / 60, t.max_minutes),
+        step_seconds=costs.step,
+        eval_seconds=costs.evaluation,
+        evaluations=evals,
+    )
+
+
+def revise(plan: Plan, t: Any, step: int, before: float, after: float) -> Plan:
+    """The plan after the evaluation at ``step``, which ran from ``before`` to ``after``
+    seconds of training: the pace since the last revision (saves and logging included) and
+    this evaluation's time fit the updates left, and the evaluations left, into the time left.
+    ``t`` is the reference schedule (the trainer config). The warmup is refitted while it is
+    not reached (noam's keeps its length: its peak and decay depend on it)."""
+    pace = max((before - plan.revised_elapsed) / max(step - plan.revised_at, 1), 1e-6)
+    evaluation = after - before
+    evaluations = max(1, plan.evaluations - 1)
+    left = plan.max_minutes * 60 - after
+    steps_left = max(1, int((left - evaluations * evaluation) // pace))
+    max_steps = step + steps_left
+    ratio = max_steps / t.max_steps
+    warmup = plan.warmup_steps
+    if step < warmup and t.schedule != "noam":
+        warmup = max(step + 1, planned_warmup(t.warmup_steps, ratio, max_steps))
+    return replace(
+        plan,
+        max_steps=max_steps,
+        warmup_steps=warmup,
+        eval_every=max(1, math.ceil(steps_left / evaluations)),
+        save_every=planned_saves(t.save_every, ratio),
+        step_seconds=pace,
+        eval_seconds=evaluation,
+        evaluations=evaluations,
+        revised_at=step,
+        revised_elapsed=after,
+        anchor=phase_anchor(step, plan.schedule(t), (plan.revised_at, plan.anchor)),
     )
 
 
@@ -88,12 +159,9 @@ def planned_warmup(warmup: int, ratio: float, steps: int) -> int:
     return max(1, min(warmup, round(MAX_WARMUP_SHARE * steps)))
 
 
-def apply_plan(t: Any, plan: dict) -> None:
-    """Write a plan (as stored in a checkpoint: Plan's fields, and the costs it was made
-    from under ``measured``) into the trainer config node ``t``."""
-    for key, value in plan.items():
-        if key != "measured":
-            setattr(t, key, value)
+def planned_saves(save_every: int, ratio: float) -> int:
+    """Checkpoint spacing (the checkpoints averaged at the end) for a schedule ``ratio`` times the reference's."""
+    return max(1, round(save_every * ratio)) if save_every else 0
 
 
 def timed(run: Callable[[], Any]) -> float:

@@ -41,6 +41,11 @@ def plan_budget(trainer: Any, started: float) -> dict:
             lambda: search(cfg.decode),
             scale=len(data.valid_source_ids) / max(len(sample), 1),
         )
-    plan = budget.plan_schedule(t, t.time_budget_minutes, costs).to_dict() if trainer.dist.main else None
-    log.info("trainer.time_budget_minutes=%g: measured %s -> %s", t.time_budget_minutes, costs, plan)
-    return share({**plan, "measured": vars(costs)} if plan else None, trainer.dist)
+    plan = budget.plan_schedule(t, t.time_budget_minutes, costs) if trainer.dist.main else None
+    if plan is not None:
+        note = (
+            "trainer.time_budget_minutes=%g: start-up %.1f min, one update %.2f s, one validation %.1f s, test %.1f s"
+        )
+        log.info(note, t.time_budget_minutes, costs.spent / 60, costs.step, costs.evaluation, costs.test)
+        log.info("%s", plan.line())
+    return share({**plan.to_dict(), "measured": vars(costs)} if plan else None, trainer.dist)

@@ -23,6 +23,7 @@ from transformer.data.multilingual import (
     target_languages,
 )
 from transformer.data.source import read_train_pairs, train_examples, train_tokenizer
+from transformer.data.synthetic import refuse_synthetic_with
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 from transformer.train.distributed import Dist, barrier, share
@@ -55,6 +56,7 @@ class RunData:
     def setup_corpora(self, resume: tuple[Any, dict] | None) -> None:
         """Every corpus in memory, its sources tagged; one BPE model over all of them."""
         d = self.cfg.data
+        refuse_synthetic_with(d, "data.corpora")
         if self.cfg.trainer.bidirectional_epochs:
             raise UserError(
                 "trainer.bidirectional_epochs does not tag the reversed pairs: with data.corpora add each "

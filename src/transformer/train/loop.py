@@ -34,6 +34,7 @@ from transformer.train.distributed import all_rng_states, finish_distributed, se
 from transformer.train.ema import EMA, averaged
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from
+from transformer.train.optim import NO_ANCHOR
 from transformer.train.resume import check_resume, record_changes
 from transformer.train.runlock import hold_run_dir
 from transformer.train.runlog import RunLog, train_record
@@ -74,7 +75,7 @@ class Trainer:
         self.setup_state(resume, started)
         resumed_at, t = self.progress.step if resume else None, cfg.trainer
         self.runlog = RunLog(
-            self.run_dir, enabled=self.dist.main, resumed_at=resumed_at, bar=t.progress, total=t.max_steps
+            self.run_dir, enabled=self.dist.main, resumed_at=resumed_at, bar=t.progress, total=self.schedule.max_steps
         )
         if self.dist.main:
             record_changes(self.run_dir, self.progress.step, changes)
@@ -93,10 +94,13 @@ class Trainer:
         if resume is not None:
             parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "ema": self.ema}
             self.progress = restore_training(*resume, **parts, tokenizer=self.tokenizer, dist=self.dist)
+        self.plan: budget.Plan | None = None
+        self.schedule = t  # the trainer config, or a copy with the budget's plan in it
         if t.time_budget_minutes:
             if self.progress.plan is None:
                 self.progress.plan = plan_budget(self, started)
-            budget.apply_plan(t, self.progress.plan)
+            self.plan = budget.Plan.from_dict(self.progress.plan)
+            self.schedule = self.plan.schedule(t)
         size = "streamed" if self.data.streaming else f"{len(self.data.train_examples)}"
         n_params, n_valid = f"{self.model.num_parameters():,}", len(self.data.valid_examples)
         log.info("model: %s parameters; %s training pairs, %d validation", n_params, size, n_valid)
@@ -109,13 +113,21 @@ class Trainer:
         batches = [collate(examples, self.model_cfg.pad_id).to(self.device) for examples in group]
         parts = (self.net, self.model, self.optimizer, self.scaler)
         step, d_model, world = self.progress.step + 1, self.model_cfg.d_model, self.dist.world
+        anchor = (self.plan.revised_at, self.plan.anchor) if self.plan else NO_ANCHOR
         return update(
-            *parts, batches, t=self.cfg.trainer, precision=self.precision, step=step, d_model=d_model, world=world
+            *parts,
+            batches,
+            t=self.schedule,
+            precision=self.precision,
+            step=step,
+            d_model=d_model,
+            world=world,
+            anchor=anchor,
         )
 
     def run(self) -> dict:
-        t = self.cfg.trainer
-        start = time.time() - self.progress.elapsed
+        t = self.schedule
+        start = budget.clock() - self.progress.elapsed
         self.window = {"tokens": 0, "time": time.time()}  # for tokens/s between log lines
         stop = "steps" if self.progress.step >= t.max_steps else ""
         with catch_signals(self.on_signal):
@@ -129,7 +141,7 @@ class Trainer:
                 else:
                     stop = self.end_epoch()
         self.runlog.close()
-        p, minutes = self.progress, (time.time() - start) / 60
+        p, minutes = self.progress, (budget.clock() - start) / 60
         summary = {"step": p.step, "best_valid_bleu": p.best_bleu, "best_step": p.best_step, "minutes": minutes}
         return summary | {"interrupted": self.interrupted}
 
@@ -138,11 +150,11 @@ class Trainer:
 
     def after_update(self, stats: dict, start: float) -> str:
         """Count the update, log, then validate and save when due; why to stop ("" to go on)."""
-        t = self.cfg.trainer
+        t = self.schedule
         if self.ema is not None:
             self.ema.update()  # trainer.ema_decay: the average after every optimizer step
         self.progress.step += 1
-        self.progress.elapsed = time.time() - start
+        self.progress.elapsed = budget.clock() - start
         self.window["tokens"] += stats["tokens"]
         step = self.progress.step
         self.runlog.tick()
@@ -151,20 +163,37 @@ class Trainer:
             stats["tokens_per_s"] = self.window["tokens"] / max(now - self.window["time"], 1e-9)
             self.window = {"tokens": 0, "time": now}
             self.log_train(stats)
-        stop = stop_reason(t, step, start, self.stop_signal is not None, self.dist, self.device)
+        stop = stop_reason(t, step, self.progress.elapsed, self.stop_signal is not None, self.dist, self.device)
         if stop == "signal":  # save at once: no validation when the machine is being taken away
             note = "received signal %d: saved a checkpoint at step %d; continue with trainer.resume=%s"
             log.warning(note, self.stop_signal or 0, step, self.run_dir)
             self.interrupted = True
             self.save()
-        elif step % t.eval_every == 0 or stop:
+        elif self.due(step, t.eval_every) or stop:
             best = self.validate()
             if patience_spent(t.patience, self.progress):
                 stop = "patience"
+            if self.plan is not None and not stop:
+                self.revise_plan(self.progress.elapsed, start)
             self.save(best=best)
-        elif t.save_every and step % t.save_every == 0:
+        elif self.due(step, t.save_every):
             self.save()
         return stop
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether ``step`` is an evaluation (or save) step; a budget's plan counts from its last revision."""
+        return self.plan.due(step, every) if self.plan else every > 0 and step % every == 0
+
+    def revise_plan(self, before: float, start: float) -> None:
+        """The budget's plan refitted after the validation that began at ``before`` seconds of
+        training (budget.revise); kept in the progress, so the checkpoint saved next holds it."""
+        t, after = self.cfg.trainer, budget.clock() - start
+        revised = budget.revise(self.plan, t, self.progress.step, before, after).to_dict() if self.dist.main else None
+        self.plan = budget.Plan.from_dict(share(revised, self.dist))
+        self.progress.plan = {**(self.progress.plan or {}), **self.plan.to_dict()}
+        self.schedule = self.plan.schedule(t)
+        self.runlog.retotal(self.plan.max_steps)
+        log.info("%s", self.plan.line())
 
     def end_epoch(self) -> str:
         """Move to the next epoch; "epochs" once trainer.max_epochs are done (validated and saved)."""

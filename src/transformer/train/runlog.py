@@ -67,6 +67,12 @@ class RunLog:
                 record["tokens_per_s"],
             )
 
+    def retotal(self, total: int) -> None:
+        """A new length for the progress bar (the time budget revised its plan)."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def tick(self) -> None:
         if self.bar is not None:
             self.bar.update(1)

@@ -41,7 +41,9 @@ class Progress:
     best_step: int = 0
     evals_without_gain: int = 0
     elapsed: float = 0.0  # training seconds before this process started
-    plan: dict | None = None  # trainer settings fixed by trainer.time_budget_minutes (budget.Plan)
+    plan: dict | None = (
+        None  # trainer.time_budget_minutes: the current budget.Plan (revised at each evaluation), start-up costs under measured
+    )
 
 
 def find_resume(target: str | None) -> tuple[Path, dict] | None:

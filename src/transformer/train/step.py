@@ -13,7 +13,7 @@ from transformer.data.batching import Batch
 from transformer.runtime import autocast
 from transformer.train.distributed import all_sum
 from transformer.train.loss import label_smoothed_loss, symmetric_kl
-from transformer.train.optim import lr_at, set_lr
+from transformer.train.optim import NO_ANCHOR, Anchor, lr_at, set_lr
 
 
 def accumulate_gradients(
@@ -70,9 +70,11 @@ def update(
     step: int,
     d_model: int,
     world: int,
+    anchor: Anchor = NO_ANCHOR,
 ) -> dict:
     """Optimizer update number ``step`` over ``batches``; a non-finite loss or gradient skips
-    it (fp16: the scaler decides). Returns its statistics, ``finite`` among them."""
+    it (fp16: the scaler decides). ``anchor``: where a revised schedule goes on from (optim.lr_at).
+    Returns its statistics, ``finite`` among them."""
     net.train()
     device = batches[0].src.device
     n_tokens = torch.tensor(float(sum(b.n_tokens for b in batches)), device=device)
@@ -91,7 +93,7 @@ def update(
     scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm if t.clip_norm > 0 else float("inf"))
     finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    lr = lr_at(step, t, d_model)
+    lr = lr_at(step, t, d_model, anchor)
     if finite or precision == "fp16":
         set_lr(optimizer, lr)
         scaler.step(optimizer)  # the scaler skips fp16 overflow steps itself

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,12 +19,12 @@ log = logging.getLogger(__name__)
 STOPS = ("", "steps", "time", "signal")  # the answers of stop_reason, mildest first
 
 
-def stop_reason(t: Any, step: int, start: float, signalled: bool, dist: Dist, device: torch.device) -> str:
-    """Why to stop after ``step`` ("" to go on). Under DDP every rank gets the same answer,
-    since a signal or the clock may reach them apart."""
+def stop_reason(t: Any, step: int, elapsed: float, signalled: bool, dist: Dist, device: torch.device) -> str:
+    """Why to stop after ``step``, ``elapsed`` seconds into training ("" to go on). Under DDP
+    every rank gets the same answer, since a signal or the clock may reach them apart."""
     if signalled:
         reason = "signal"
-    elif t.max_minutes and (time.time() - start) / 60 >= t.max_minutes:
+    elif t.max_minutes and elapsed / 60 >= t.max_minutes:
         reason = "time"
     else:
         reason = "steps" if step >= t.max_steps else ""
