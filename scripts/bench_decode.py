@@ -45,14 +45,25 @@ from transformer.data.batching import (
 )
 from transformer.data.corpus import load_files, load_split  # noqa: E402
 from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
-from transformer.decode.translator import packs_weights, translate_ids  # noqa: E402
+from transformer.decode.fast import resolve_shortlist  # noqa: E402
+from transformer.decode.translator import prepare_models, resolve_decode, translate_ids  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.hardware import class_line, emulate_isa  # noqa: E402
-from transformer.model.prepack import packed_for_cpu  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
 from transformer.vocab import Specials  # noqa: E402
 
-SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8", "ours-bf16", "hf-bf16")  # -bf16: bf16 autocast
+# -bf16: bf16 autocast; ours-int8: decode.quantize=int8; ours-shortlist: decode.shortlist (built from the training data)
+SYSTEMS = (
+    "ours",
+    "hf",
+    "ct2-fp32",
+    "ct2-int8",
+    "ours-bf16",
+    "hf-bf16",
+    "ours-int8",
+    "ours-shortlist",
+    "ours-int8-shortlist",
+)
 TINY_RUN = "runs/bench-tiny"
 
 
@@ -83,11 +94,12 @@ def decode_ours(checkpoint: str, cfg: DecodeConfig):
     from transformer.checkpoint import load_model
 
     model, _, _ = load_model(checkpoint)
-    if packs_weights(cfg, torch.device("cpu")):
-        model = packed_for_cpu(model)  # once, as Translator does (translate_ids would repack per call)
+    device = torch.device("cpu")
+    [model] = prepare_models([model], resolve_decode(cfg, device, model), device)  # once, as Translator does
+    shortlist = resolve_shortlist(cfg, checkpoint, model.cfg.tgt_vocab_size)
 
     def run(ids: list[list[int]]) -> list[list[int]]:
-        return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg)]
+        return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg, shortlist=shortlist)]
 
     return run
 
@@ -162,6 +174,10 @@ def run_one(args) -> dict:
         cfg = replace(cfg, max_len_a=0.0, max_len_b=args.max_len)
     if system.endswith("-bf16"):
         cfg = replace(cfg, precision="bf16")
+    if "int8" in system and system.startswith("ours"):
+        cfg = replace(cfg, quantize="int8")
+    if system.endswith("-shortlist"):
+        cfg = replace(cfg, shortlist=args.shortlist)
     model, tokenizer, _ = load_model(args.checkpoint)
     specials = model.specials
     sources, references = load_files(args.src, args.ref)
@@ -248,6 +264,10 @@ def benchmark(args, work: Path) -> list[dict]:
         args.checkpoint = TINY_RUN
         args.src, args.ref = builtin_test_files(work)
     export_dir = export(args.checkpoint, str(work / "hf"))
+    if any(s.endswith("-shortlist") for s in args.systems) and not args.shortlist:
+        from transformer.shortlist import ShortlistConfig, run_shortlist
+
+        args.shortlist = str(run_shortlist(ShortlistConfig(args.checkpoint, output=str(work / "shortlist.pt"))))
     if any(s.startswith("ct2") for s in args.systems):
         convert_ct2(export_dir, work / "ct2-fp32")
         convert_ct2(export_dir, work / "ct2-int8", quantization="int8")
@@ -287,6 +307,7 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
                 f"--export={export_dir}",
                 f"--ct2={work / 'ct2'}",
                 f"--max-len={args.max_len}",
+                f"--shortlist={args.shortlist}",
             ] + ([f"--hf={args.hf}"] if args.hf else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
@@ -297,6 +318,20 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
                 file=sys.stderr,
             )
     return rows
+
+
+def per_class_argv(argv: list[str]) -> list[str]:
+    """The command line without its --isa values (each class's child gets its own)."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--isa"):
+            skipping = "=" not in arg
+            continue
+        if skipping and not arg.startswith("--"):
+            continue
+        skipping = False
+        out.append(arg)
+    return out
 
 
 def main() -> None:
@@ -330,15 +365,23 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument(
+        "--shortlist", default="", help="ours-shortlist rows: this shortlist (default: built from the training data)"
+    )
+    parser.add_argument(
         "--isa",
-        default=os.environ.get("BENCH_ISA", "native"),
-        help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)",
+        nargs="+",
+        default=[os.environ.get("BENCH_ISA", "native")],
+        help="native and/or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen); one table per class",
     )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
     parser.add_argument("--export", help=argparse.SUPPRESS)
     parser.add_argument("--ct2", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    emulate_isa(args.isa)
+    if len(args.isa) > 1:  # one child per class, each printing its own table
+        for isa in args.isa:
+            subprocess.run([sys.executable, __file__, *per_class_argv(sys.argv[1:]), "--isa", isa], check=True)
+        return
+    emulate_isa(args.isa[0])
     if args.run_one:
         print(json.dumps(run_one(args)))
         return

@@ -110,8 +110,8 @@ def decode_options(translator: Translator, request: TranslateRequest) -> DecodeC
     """The server's decode defaults with the request's decode fields (``alignment`` also asks
     the search for word alignments)."""
     fields = {k: getattr(request, k) for k in DECODE_FIELDS if getattr(request, k) is not None}
-    options = translator.options(**fields, **({"alignment": True} if request.alignment else {}))
     try:
+        options = translator.options(**fields, **({"alignment": True} if request.alignment else {}))
         check_decode_config(options)
     except UserError as e:
         raise ApiError(

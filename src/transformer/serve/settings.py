@@ -14,6 +14,7 @@ USAGE = """usage: transformer-serve checkpoint=RUN_DIR_OR_PT | models={en-de: RU
   serve.max_sentences=64       sentences per request (more: 413)
   serve.max_chars=1000         characters per sentence (more: 413)
   serve.max_queue=512          sentences admitted and not yet answered, per model (more: 429)
+  serve.engine=torch           or ctranslate2: search with CTranslate2 (a conversion cached beside the checkpoint)
   decode.KEY=VALUE             defaults of the search (beam_size, n_best, length_penalty, ...)
 See README.md, section Serve."""
 
@@ -34,6 +35,8 @@ class ServeConfig:
     threads: int = 0  # torch intra-op threads of the decoding, set once at start (0: PyTorch's default)
     # decode in a child process per model, so the search does not hold the event loop's GIL (false: a thread)
     decode_process: bool = True
+    # torch | ctranslate2: search in CTranslate2 on a conversion cached beside the checkpoint (docs/fast-decoding.md)
+    engine: str = "torch"
 
 
 @dataclass
