@@ -192,7 +192,10 @@ def run_one(args) -> dict:
     run(src_ids[:8])  # warm-up: lazy init, allocator
     before = rss_mib()
     start = time.perf_counter()
-    outputs = run(src_ids)
+    if args.profile and system.startswith("ours"):
+        outputs, split = profiled(run, src_ids)
+    else:
+        outputs, split = run(src_ids), {}
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hyps = tokenizer.decode_tgt(outputs)
@@ -206,7 +209,28 @@ def run_one(args) -> dict:
         "tok_per_s": tokens / seconds,
         "rss_increase_mib": max(peak - before, 0.0),
         "bleu": score(hyps, references)["bleu"],
+        **split,
     }
+
+
+MATMULS = ("addmm", "mm", "bmm", "linear_pointwise", "qlinear_pointwise", "_int_mm")  # op names ending so
+
+
+def profiled(run, src_ids: list[list[int]]) -> tuple[list[list[int]], dict]:
+    """``run(src_ids)`` under the profiler, and its time per decoder step (one log-softmax per
+    step) split into matrix products, attention and the rest (profiling slows everything alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        outputs = run(src_ids)
+    ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "onednn::"))]
+    total = sum(e.self_cpu_time_total for e in ops) / 1e3
+    matmul = sum(e.self_cpu_time_total for e in ops if e.key.split("::")[1].endswith(MATMULS)) / 1e3
+    attention = sum(e.self_cpu_time_total for e in ops if "attention" in e.key) / 1e3
+    steps = max(sum(e.count for e in ops if e.key == "aten::_log_softmax"), 1)
+    split = {"ms_per_step": total / steps, "matmul_ms": matmul / steps, "attention_ms": attention / steps}
+    split["rest_ms"] = split["ms_per_step"] - split["matmul_ms"] - split["attention_ms"]
+    return outputs, split
 
 
 def train_tiny(run_dir: str) -> None:
@@ -294,28 +318,38 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
     rows = []
     for beam in args.beam:
         for system in args.systems:
-            cmd = [
-                sys.executable,
-                __file__,
-                f"--run-one={system}:{beam}",
-                f"--checkpoint={args.checkpoint}",
-                f"--src={args.src}",
-                f"--ref={args.ref}",
-                f"--threads={args.threads}",
-                f"--limit={args.limit}",
-                f"--batch-tokens={args.batch_tokens}",
-                f"--export={export_dir}",
-                f"--ct2={work / 'ct2'}",
-                f"--max-len={args.max_len}",
-                f"--shortlist={args.shortlist}",
-            ] + ([f"--hf={args.hf}"] if args.hf else [])
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    f"--run-one={system}:{beam}",
+                    f"--checkpoint={args.checkpoint}",
+                    f"--src={args.src}",
+                    f"--ref={args.ref}",
+                    f"--threads={args.threads}",
+                    f"--limit={args.limit}",
+                    f"--batch-tokens={args.batch_tokens}",
+                    f"--export={export_dir}",
+                    f"--ct2={work / 'ct2'}",
+                    f"--max-len={args.max_len}",
+                    f"--shortlist={args.shortlist}",
+                ]
+                + ([f"--hf={args.hf}"] if args.hf else [])
+                + (["--profile"] if args.profile else [])
+            )
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            split = (
+                f"; per step {r['ms_per_step']:.2f} ms: matmul {r['matmul_ms']:.2f}, attention "
+                f"{r['attention_ms']:.2f}, rest {r['rest_ms']:.2f}"
+                if "ms_per_step" in r
+                else ""
+            )
             print(
-                f"{system} beam {beam}: {rows[-1]['sent_per_s']:.1f} sentences/s, BLEU {rows[-1]['bleu']:.2f}",
-                file=sys.stderr,
+                f"{system} beam {beam}: {r['sent_per_s']:.1f} sentences/s, BLEU {r['bleu']:.2f}{split}", file=sys.stderr
             )
     return rows
 
@@ -364,6 +398,11 @@ def main() -> None:
         "--make-opus-like", metavar="DIR", help="write a random MarianMTModel of opus-mt-en-de's shapes to DIR and exit"
     )
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="our rows: time per decoder step split into matmul, attention and the rest (slower; relative only)",
+    )
     parser.add_argument(
         "--shortlist", default="", help="ours-shortlist rows: this shortlist (default: built from the training data)"
     )

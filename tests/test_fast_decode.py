@@ -212,3 +212,13 @@ def test_ct2_engine_refuses_what_it_cannot_do_naming_the_field(ct2_translator) -
         ct2_translator.hypotheses(["three"], constraints=[["drei"]])
     with pytest.raises(UserError, match="decode.lp_style=gnmt: serve.engine=ctranslate2 does not support"):
         CT2Translator(ct2_translator.checkpoint, DecodeConfig())
+
+
+def test_served_model_on_the_ct2_engine(ct2_translator, trained: Path) -> None:
+    from transformer.serve.models import load_served_model
+
+    served = load_served_model("", str(trained), "cpu", DECODE_CT2, engine="ctranslate2")
+    assert type(served.translator).__name__ == "CT2Translator"
+    texts = [hyps[0].text for hyps in served.decode(["twenty-one", "three"], DECODE_CT2, False)]
+    assert texts == ct2_translator.translate(["twenty-one", "three"])
+    assert served.info["parameters"] == ct2_translator.models[0].num_parameters()
