@@ -60,7 +60,9 @@ def bleu_loss(
 def run_shortlist(cfg: ShortlistConfig) -> Path:
     model, tokenizer, config = load_model(cfg.checkpoint)
     if "data" not in config:
-        raise UserError(f"checkpoint={cfg.checkpoint}: holds no training data config (an imported model?) to build from")
+        raise UserError(
+            f"checkpoint={cfg.checkpoint}: holds no training data config (an imported model?) to build from"
+        )
     data = DataConfig(**config["data"])
     pairs = load_split(data, "train")
     src, tgt = tokenizer.encode_pairs(pairs)

@@ -96,7 +96,7 @@ def _load_version(path: str, tgt_vocab_size: int, version: tuple[int, int] | Non
 @functools.cache
 def log_choice(precision: str, quantize: str, shortlist: str) -> None:
     """One line per process and choice: what the search runs on."""
-    log.info("decoding in %s, linear layers %s, %s", precision, quantize, shortlist)
+    log.info("search in %s, linear layers %s, %s", precision, "int8" if quantize == "int8" else precision, shortlist)
 
 
 def output_rows(layer: nn.Module, index: Tensor) -> nn.Module:

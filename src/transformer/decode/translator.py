@@ -247,7 +247,7 @@ def translate_ids(
     device = next(model.parameters()).device
     cfg = resolve_decode(cfg, device, model)
     shortlist = shortlist or resolve_shortlist(cfg, None, model.cfg.tgt_vocab_size)
-    log_choice(cfg.precision, cfg.quantize, "shortlist" if shortlist else "full vocabulary")
+    log_choice(cfg.precision, cfg.quantize, "a vocabulary shortlist" if shortlist else "the full vocabulary")
     limit, specials = model.cfg.max_positions, model.specials
     src_ids = [fit_source(ids, limit, first_line + i, specials.eos) for i, ids in enumerate(src_ids)]
     check_guides(src_ids, prefixes, constraints, cfg, limit, first_line)
@@ -401,9 +401,7 @@ class Translator:
         cfg = self.options(**overrides)
         tag = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
         src_ids = [tag + ids for ids in self.tokenizer.encode_src(sentences)]
-        prefix = cfg.prefix if prefix is None else prefix
-        texts = [prefix] * len(src_ids) if isinstance(prefix, str) else prefix
-        prefixes = None if texts is None else target_ids(self.tokenizer, texts, keep_start=True)
+        prefixes = self.prefix_ids(cfg, prefix, len(src_ids))
         phrases = (
             None if constraints is None else [target_ids(self.tokenizer, c, keep_start=False) for c in constraints]
         )
@@ -434,6 +432,13 @@ class Translator:
                 ]
             )
         return out
+
+    def prefix_ids(self, cfg: DecodeConfig, prefix: str | Sequence[str] | None, n: int) -> list[list[int]] | None:
+        """Target ids (without BOS) of the forced prefixes of ``n`` sentences: ``prefix`` for
+        all, one per sentence, or (None) decode.prefix; None without any."""
+        prefix = cfg.prefix if prefix is None else prefix
+        texts = [prefix] * n if isinstance(prefix, str) else prefix
+        return None if texts is None else target_ids(self.tokenizer, texts, keep_start=True)
 
     def source_words(self, sentence: str, ids: list[int]) -> list[int | None]:
         """Word index of each of the source ``ids`` of ``sentence`` (language tags, also ones

@@ -129,9 +129,8 @@ class CT2Translator(Translator):
         """n-best Translations per sentence, best first, as ``Translator.hypotheses``."""
         cfg = super().options(**overrides)
         self.check(cfg, attention, constraints)
-        prefix = cfg.prefix if prefix is None else prefix
-        texts = [prefix] * len(sentences) if isinstance(prefix, str) else prefix
-        forced = None if texts is None else [self.tokenizer.tgt_pieces(ids) for ids in self.prefix_ids(texts)]
+        prefixes = self.prefix_ids(cfg, prefix, len(sentences))
+        forced = None if prefixes is None else [self.tokenizer.tgt_pieces(ids) for ids in prefixes]
         source = [self.tokenizer.src_pieces(s) for s in sentences]
         limits = [self.limit(len(s), cfg) for s in source]
         out: list[list[Translation]] = [[] for _ in sentences]
@@ -147,10 +146,6 @@ class CT2Translator(Translator):
                     self.translation(tokens, score, cfg) for tokens, score in zip(result.hypotheses, result.scores)
                 ]
         return out
-
-    def prefix_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Target ids of forced prefixes, without BOS and EOS (empty text: none)."""
-        return [ids[1:-1] if text else [] for text, ids in zip(texts, self.tokenizer.encode_tgt(list(texts)))]
 
     def limit(self, source_length: int, cfg: DecodeConfig) -> int:
         """Our per-sentence output limit, EOS included (search.max_lengths)."""
