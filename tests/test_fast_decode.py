@@ -210,6 +210,8 @@ def test_ct2_engine_refuses_what_it_cannot_do_naming_the_field(ct2_translator) -
     assert refused.value.status == 422 and refused.value.field == "alignment"
     with pytest.raises(UserError, match="decode.constraints"):
         ct2_translator.hypotheses(["three"], constraints=[["drei"]])
+    with pytest.raises(UserError, match="decode.prefix=Ich: serve.engine=ctranslate2 does not support forced"):
+        ct2_translator.hypotheses(["three"], prefix="Ich")
     with pytest.raises(UserError, match="decode.lp_style=gnmt: serve.engine=ctranslate2 does not support"):
         CT2Translator(ct2_translator.checkpoint, DecodeConfig())
 

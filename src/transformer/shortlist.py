@@ -58,6 +58,10 @@ def bleu_loss(
 
 
 def run_shortlist(cfg: ShortlistConfig) -> Path:
+    if cfg.k < 1 or cfg.frequent < 0 or cfg.valid_sentences < 0:
+        raise UserError(
+            f"k={cfg.k} must be >= 1, frequent={cfg.frequent} and valid_sentences={cfg.valid_sentences} >= 0"
+        )
     model, tokenizer, config = load_model(cfg.checkpoint)
     if "data" not in config:
         raise UserError(

@@ -8,8 +8,8 @@ written atomically. Tokenization, detokenization and the length limits are ours,
 engine answers the texts ``transformer-decode`` gives under the same settings. What
 CTranslate2 cannot do the same way is refused naming the setting: the GNMT length penalty
 and the exact early stop (set ``decode.lp_style=average`` or ``none`` and
-``decode.early_stop=fairseq``), lexical constraints, alignments and attention, several
-samples per sentence, and language-tagged multilingual models.
+``decode.early_stop=fairseq``), lexical constraints, forced prefixes, alignments and
+attention, several samples per sentence, and language-tagged multilingual models.
 """
 
 from __future__ import annotations
@@ -58,18 +58,21 @@ def converted_dir(checkpoint: str | Path, quantization: str | None = None) -> Pa
     return target
 
 
-def unsupported(cfg: DecodeConfig, attention: bool = False, constraints: Any = None) -> tuple[str, str] | None:
-    """The first setting CTranslate2 cannot honour the way our search does, as (field, why)."""
+def unsupported(cfg: DecodeConfig, attention: bool = False, constraints: Any = None, prefix: Any = None) -> str | None:
+    """The first setting CTranslate2 cannot honour the way our search does, as one line
+    ``decode.FIELD=VALUE: why`` (``attention``, ``constraints``, ``prefix``: a call's own)."""
+    forced = cfg.prefix if prefix is None else prefix
     checks = (
-        ("lp_style", cfg.lp_style == "gnmt", "the GNMT length penalty (set lp_style=average or none)"),
-        ("early_stop", cfg.early_stop != "fairseq", "the exact early stop (set early_stop=fairseq)"),
-        ("alignment", cfg.alignment or attention, "alignments and attention"),
-        ("constraints", bool(constraints and any(constraints)), "lexical constraints"),
-        ("n_best", cfg.sampling and cfg.n_best > 1, "several samples per sentence"),
+        ("lp_style", cfg.lp_style, cfg.lp_style == "gnmt", "the GNMT length penalty (set lp_style=average or none)"),
+        ("early_stop", cfg.early_stop, cfg.early_stop != "fairseq", "the exact early stop (set early_stop=fairseq)"),
+        ("alignment", True, cfg.alignment or attention, "alignments and attention"),
+        ("constraints", constraints, bool(constraints and any(constraints)), "lexical constraints"),
+        ("n_best", cfg.n_best, cfg.sampling and cfg.n_best > 1, "several samples per sentence"),
+        ("prefix", forced, bool(forced and any(forced)), "forced prefixes (it ranks the beams after them otherwise)"),
     )
-    for field, bad, why in checks:
+    for field, value, bad, why in checks:
         if bad:
-            return field, f"serve.engine=ctranslate2 does not support {why}"
+            return f"decode.{field}={value}: serve.engine=ctranslate2 does not support {why}"
     return None
 
 
@@ -103,12 +106,12 @@ class CT2Translator(Translator):
         self.tgt_ids = {p: i for i, p in reversed(list(enumerate(pieces)))}  # the first id of a piece, as encoding
 
     @staticmethod
-    def check(cfg: DecodeConfig, attention: bool = False, constraints: Any = None) -> None:
+    def check(cfg: DecodeConfig, attention: bool = False, constraints: Any = None, prefix: Any = None) -> None:
         """One error naming the decode setting CTranslate2 cannot honour (a request's: 422)."""
         check_decode_config(cfg)
-        refused = unsupported(cfg, attention, constraints)
+        refused = unsupported(cfg, attention, constraints, prefix)
         if refused:
-            raise UserError(f"decode.{refused[0]}={getattr(cfg, refused[0], True)}: {refused[1]}")
+            raise UserError(refused)
 
     def options(self, **overrides: Any) -> DecodeConfig:
         cfg = super().options(**overrides)
@@ -128,19 +131,13 @@ class CT2Translator(Translator):
     ) -> list[list[Translation]]:
         """n-best Translations per sentence, best first, as ``Translator.hypotheses``."""
         cfg = super().options(**overrides)
-        self.check(cfg, attention, constraints)
-        prefixes = self.prefix_ids(cfg, prefix, len(sentences))
-        forced = None if prefixes is None else [self.tokenizer.tgt_pieces(ids) for ids in prefixes]
+        self.check(cfg, attention, constraints, prefix)
         source = [self.tokenizer.src_pieces(s) for s in sentences]
         limits = [self.limit(len(s), cfg) for s in source]
         out: list[list[Translation]] = [[] for _ in sentences]
         for limit in sorted(set(limits)):  # CTranslate2's length limit is per batch: one call per limit
             rows = [i for i, n in enumerate(limits) if n == limit]
-            results = self.engine.translate_batch(
-                [source[i] for i in rows],
-                None if forced is None else [forced[i] or None for i in rows],
-                **self.search_options(cfg, limit),
-            )
+            results = self.engine.translate_batch([source[i] for i in rows], **self.search_options(cfg, limit))
             for i, result in zip(rows, results):
                 out[i] = [
                     self.translation(tokens, score, cfg) for tokens, score in zip(result.hypotheses, result.scores)
