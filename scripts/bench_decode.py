@@ -268,10 +268,10 @@ def table(rows: list[dict]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        ratio = r["sent_per_s"] / hf[r["beam"]]["sent_per_s"] if r["beam"] in hf else float("nan")
+        ratio = f"{r['sent_per_s'] / hf[r['beam']]['sent_per_s']:.2f}x" if r["beam"] in hf else "—"
         lines.append(
             f"| {r['system']} | {r['beam']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['rss_increase_mib']:.0f} "
-            f"| {r['bleu']:.2f} | {ratio:.2f}x |"
+            f"| {r['bleu']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -368,7 +368,7 @@ def per_class_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     data = os.environ.get("MULTI30K_DIR", "../shared/data/multi30k")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -415,7 +415,11 @@ def main() -> None:
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
     parser.add_argument("--export", help=argparse.SUPPRESS)
     parser.add_argument("--ct2", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if len(args.isa) > 1:  # one child per class, each printing its own table
         for isa in args.isa:
             subprocess.run([sys.executable, __file__, *per_class_argv(sys.argv[1:]), "--isa", isa], check=True)
