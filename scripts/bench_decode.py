@@ -45,14 +45,25 @@ from transformer.data.batching import (
 )
 from transformer.data.corpus import load_files, load_split  # noqa: E402
 from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
-from transformer.decode.translator import packs_weights, translate_ids  # noqa: E402
+from transformer.decode.fast import resolve_shortlist  # noqa: E402
+from transformer.decode.translator import prepare_models, resolve_decode, translate_ids  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.hardware import class_line, emulate_isa  # noqa: E402
-from transformer.model.prepack import packed_for_cpu  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
 from transformer.vocab import Specials  # noqa: E402
 
-SYSTEMS = ("ours", "hf", "ct2-fp32", "ct2-int8", "ours-bf16", "hf-bf16")  # -bf16: bf16 autocast
+# -bf16: bf16 autocast; ours-int8: decode.quantize=int8; ours-shortlist: decode.shortlist (built from the training data)
+SYSTEMS = (
+    "ours",
+    "hf",
+    "ct2-fp32",
+    "ct2-int8",
+    "ours-bf16",
+    "hf-bf16",
+    "ours-int8",
+    "ours-shortlist",
+    "ours-int8-shortlist",
+)
 TINY_RUN = "runs/bench-tiny"
 
 
@@ -83,11 +94,12 @@ def decode_ours(checkpoint: str, cfg: DecodeConfig):
     from transformer.checkpoint import load_model
 
     model, _, _ = load_model(checkpoint)
-    if packs_weights(cfg, torch.device("cpu")):
-        model = packed_for_cpu(model)  # once, as Translator does (translate_ids would repack per call)
+    device = torch.device("cpu")
+    [model] = prepare_models([model], resolve_decode(cfg, device, model), device)  # once, as Translator does
+    shortlist = resolve_shortlist(cfg, checkpoint, model.cfg.tgt_vocab_size)
 
     def run(ids: list[list[int]]) -> list[list[int]]:
-        return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg)]
+        return [hyps[0].tokens for hyps in translate_ids([model], ids, cfg, shortlist=shortlist)]
 
     return run
 
@@ -162,6 +174,10 @@ def run_one(args) -> dict:
         cfg = replace(cfg, max_len_a=0.0, max_len_b=args.max_len)
     if system.endswith("-bf16"):
         cfg = replace(cfg, precision="bf16")
+    if "int8" in system and system.startswith("ours"):
+        cfg = replace(cfg, quantize="int8")
+    if system.endswith("-shortlist"):
+        cfg = replace(cfg, shortlist=args.shortlist)
     model, tokenizer, _ = load_model(args.checkpoint)
     specials = model.specials
     sources, references = load_files(args.src, args.ref)
@@ -176,7 +192,10 @@ def run_one(args) -> dict:
     run(src_ids[:8])  # warm-up: lazy init, allocator
     before = rss_mib()
     start = time.perf_counter()
-    outputs = run(src_ids)
+    if args.profile and system.startswith("ours"):
+        outputs, split = profiled(run, src_ids)
+    else:
+        outputs, split = run(src_ids), {}
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hyps = tokenizer.decode_tgt(outputs)
@@ -190,7 +209,28 @@ def run_one(args) -> dict:
         "tok_per_s": tokens / seconds,
         "rss_increase_mib": max(peak - before, 0.0),
         "bleu": score(hyps, references)["bleu"],
+        **split,
     }
+
+
+MATMULS = ("addmm", "mm", "bmm", "linear_pointwise", "qlinear_pointwise", "_int_mm")  # op names ending so
+
+
+def profiled(run, src_ids: list[list[int]]) -> tuple[list[list[int]], dict]:
+    """``run(src_ids)`` under the profiler, and its time per decoder step (one log-softmax per
+    step) split into matrix products, attention and the rest (profiling slows everything alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        outputs = run(src_ids)
+    ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "onednn::"))]
+    total = sum(e.self_cpu_time_total for e in ops) / 1e3
+    matmul = sum(e.self_cpu_time_total for e in ops if e.key.split("::")[1].endswith(MATMULS)) / 1e3
+    attention = sum(e.self_cpu_time_total for e in ops if "attention" in e.key) / 1e3
+    steps = max(sum(e.count for e in ops if e.key == "aten::_log_softmax"), 1)
+    split = {"ms_per_step": total / steps, "matmul_ms": matmul / steps, "attention_ms": attention / steps}
+    split["rest_ms"] = split["ms_per_step"] - split["matmul_ms"] - split["attention_ms"]
+    return outputs, split
 
 
 def train_tiny(run_dir: str) -> None:
@@ -228,10 +268,10 @@ def table(rows: list[dict]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        ratio = r["sent_per_s"] / hf[r["beam"]]["sent_per_s"] if r["beam"] in hf else float("nan")
+        ratio = f"{r['sent_per_s'] / hf[r['beam']]['sent_per_s']:.2f}x" if r["beam"] in hf else "—"
         lines.append(
             f"| {r['system']} | {r['beam']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['rss_increase_mib']:.0f} "
-            f"| {r['bleu']:.2f} | {ratio:.2f}x |"
+            f"| {r['bleu']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -248,6 +288,10 @@ def benchmark(args, work: Path) -> list[dict]:
         args.checkpoint = TINY_RUN
         args.src, args.ref = builtin_test_files(work)
     export_dir = export(args.checkpoint, str(work / "hf"))
+    if any(s.endswith("-shortlist") for s in args.systems) and not args.shortlist:
+        from transformer.shortlist import ShortlistConfig, run_shortlist
+
+        args.shortlist = str(run_shortlist(ShortlistConfig(args.checkpoint, output=str(work / "shortlist.pt"))))
     if any(s.startswith("ct2") for s in args.systems):
         convert_ct2(export_dir, work / "ct2-fp32")
         convert_ct2(export_dir, work / "ct2-int8", quantization="int8")
@@ -274,32 +318,57 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
     rows = []
     for beam in args.beam:
         for system in args.systems:
-            cmd = [
-                sys.executable,
-                __file__,
-                f"--run-one={system}:{beam}",
-                f"--checkpoint={args.checkpoint}",
-                f"--src={args.src}",
-                f"--ref={args.ref}",
-                f"--threads={args.threads}",
-                f"--limit={args.limit}",
-                f"--batch-tokens={args.batch_tokens}",
-                f"--export={export_dir}",
-                f"--ct2={work / 'ct2'}",
-                f"--max-len={args.max_len}",
-            ] + ([f"--hf={args.hf}"] if args.hf else [])
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    f"--run-one={system}:{beam}",
+                    f"--checkpoint={args.checkpoint}",
+                    f"--src={args.src}",
+                    f"--ref={args.ref}",
+                    f"--threads={args.threads}",
+                    f"--limit={args.limit}",
+                    f"--batch-tokens={args.batch_tokens}",
+                    f"--export={export_dir}",
+                    f"--ct2={work / 'ct2'}",
+                    f"--max-len={args.max_len}",
+                    f"--shortlist={args.shortlist}",
+                ]
+                + ([f"--hf={args.hf}"] if args.hf else [])
+                + (["--profile"] if args.profile else [])
+            )
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            split = (
+                f"; per step {r['ms_per_step']:.2f} ms: matmul {r['matmul_ms']:.2f}, attention "
+                f"{r['attention_ms']:.2f}, rest {r['rest_ms']:.2f}"
+                if "ms_per_step" in r
+                else ""
+            )
             print(
-                f"{system} beam {beam}: {rows[-1]['sent_per_s']:.1f} sentences/s, BLEU {rows[-1]['bleu']:.2f}",
-                file=sys.stderr,
+                f"{system} beam {beam}: {r['sent_per_s']:.1f} sentences/s, BLEU {r['bleu']:.2f}{split}", file=sys.stderr
             )
     return rows
 
 
-def main() -> None:
+def per_class_argv(argv: list[str]) -> list[str]:
+    """The command line without its --isa values (each class's child gets its own)."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--isa"):
+            skipping = "=" not in arg
+            continue
+        if skipping and not arg.startswith("--"):
+            continue
+        skipping = False
+        out.append(arg)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
     data = os.environ.get("MULTI30K_DIR", "../shared/data/multi30k")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -330,15 +399,32 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="our rows: time per decoder step split into matmul, attention and the rest (slower; relative only)",
+    )
+    parser.add_argument(
+        "--shortlist", default="", help="ours-shortlist rows: this shortlist (default: built from the training data)"
+    )
+    parser.add_argument(
         "--isa",
-        default=os.environ.get("BENCH_ISA", "native"),
-        help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)",
+        nargs="+",
+        default=[os.environ.get("BENCH_ISA", "native")],
+        help="native and/or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen); one table per class",
     )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: SYSTEM:BEAM in a subprocess
     parser.add_argument("--export", help=argparse.SUPPRESS)
     parser.add_argument("--ct2", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    emulate_isa(args.isa)
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if len(args.isa) > 1:  # one child per class, each printing its own table
+        for isa in args.isa:
+            subprocess.run([sys.executable, __file__, *per_class_argv(sys.argv[1:]), "--isa", isa], check=True)
+        return
+    emulate_isa(args.isa[0])
     if args.run_one:
         print(json.dumps(run_one(args)))
         return

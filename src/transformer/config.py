@@ -36,6 +36,7 @@ CHOICES = {
     "decode": {
         "precision": PRECISIONS,
         "prepack": SWITCHES,
+        "quantize": ("auto", "none", "int8"),
         "lp_style": ("gnmt", "average", "none"),
         "early_stop": ("exact", "fairseq"),
     },
@@ -319,6 +320,13 @@ class DecodeConfig:
     prepack: str = "auto"  # auto | true | false: CPU fp32 search on a copy with linear weights packed for oneDNN; auto times both per layer shape
     # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 where native (avx512_bf16/AMX CPU, CUDA), else fp32
     precision: str = "auto"
+    # auto | none | int8 (CPU: int8 x int8 linear layers, output projection too); auto: int8 only when
+    # decode.max_bleu_loss > 0 allows int8's bound (decode/fast.py INT8_BLEU_LOSS) and it times faster here
+    quantize: str = "auto"
+    # auto | none | PATH of a vocabulary shortlist (transformer-shortlist); auto: the shortlist.pt beside the
+    # checkpoint, only when decode.max_bleu_loss > 0 covers the BLEU loss it measured on the validation split
+    shortlist: str = "auto"
+    max_bleu_loss: float = 0.0  # BLEU the auto choices (quantize, shortlist) may give up for speed; 0: exact paths only
     sampling: bool = False  # sample instead of search (back-translation)
     temperature: float = 1.0  # sampling: logits are divided by it
     top_k: int = 0  # sampling: keep the k most likely subwords (0: all)

@@ -26,13 +26,25 @@ from transformer.data.corpus import open_text
 from transformer.data.multilingual import tag_prefix
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.alignment import word_indices, word_pairs
-from transformer.decode.search import Ensemble, Hypothesis, Scorer, beam_search, greedy_search, max_lengths, sample
+from transformer.decode.fast import log_choice, output_rows, required_tokens, resolve_quantize, resolve_shortlist
+from transformer.decode.search import (
+    NEG_INF,
+    Ensemble,
+    Hypothesis,
+    Scorer,
+    beam_search,
+    greedy_search,
+    max_lengths,
+    sample,
+)
+from transformer.decode.shortlist import Shortlist
 from transformer.errors import UserError
 from transformer.hardware import resolve_precision
 from transformer.model import Transformer
 from transformer.model.cache import DecoderCache
 from transformer.model.kernels import onednn_shapes
 from transformer.model.prepack import packed_for_cpu
+from transformer.model.quantize import quantized_for_cpu
 from transformer.runtime import autocast, resolve_device
 from transformer.vocab import EOS, Specials
 
@@ -41,11 +53,16 @@ log = logging.getLogger(__name__)
 
 class ModelScorer:
     """One model as a search scorer; with ``align_layer``, cached steps also keep that decoder
-    layer's cross-attention for alignments (negative counts from the end, clamped to the first)."""
+    layer's cross-attention for alignments (negative counts from the end, clamped to the first).
+    With ``vocab`` (K,) sorted target ids (a shortlist's candidates), the output projection and
+    the softmax run over those rows only, every other token gets -inf."""
 
-    def __init__(self, model: Transformer, cached: bool = True, align_layer: int | None = None):
-        self.model, self.cached = model, cached
+    def __init__(
+        self, model: Transformer, cached: bool = True, align_layer: int | None = None, vocab: Tensor | None = None
+    ):
+        self.model, self.cached, self.vocab = model, cached, vocab
         self.align_layer = align_layer if align_layer is None else max(align_layer, -model.cfg.n_decoder_layers)
+        self.project = model.output if vocab is None else output_rows(model.output, vocab)
 
     def start(self, src: Tensor) -> DecoderCache | dict:
         memory, mask = self.model.encode(src)
@@ -63,7 +80,11 @@ class ModelScorer:
             hidden = self.model.decode_step(prefix[:, -1:], state)  # (N, D)
         else:
             hidden = self.model.decode(prefix, state["memory"], state["mask"])[:, -1]
-        return F.log_softmax(self.model.output(hidden).float(), dim=-1), state
+        log_probs = F.log_softmax(self.project(hidden).float(), dim=-1)
+        if self.vocab is None:
+            return log_probs, state
+        full = log_probs.new_full((log_probs.size(0), self.model.cfg.tgt_vocab_size), NEG_INF)
+        return full.index_copy_(1, self.vocab, log_probs), state
 
     def attention(self, state: DecoderCache | dict) -> Tensor:
         if not isinstance(state, DecoderCache) or state.alignment is None:
@@ -71,8 +92,10 @@ class ModelScorer:
         return state.alignment
 
 
-def make_scorer(models: Sequence[Transformer], cached: bool = True, align_layer: int | None = None) -> Scorer:
-    scorers = [ModelScorer(m, cached, align_layer) for m in models]
+def make_scorer(
+    models: Sequence[Transformer], cached: bool = True, align_layer: int | None = None, vocab: Tensor | None = None
+) -> Scorer:
+    scorers = [ModelScorer(m, cached, align_layer, vocab) for m in models]
     return scorers[0] if len(scorers) == 1 else Ensemble(scorers)
 
 
@@ -86,14 +109,15 @@ def check_decode_config(cfg: DecodeConfig) -> None:
         raise UserError(f"decode.temperature={cfg.temperature} must be > 0 when sampling")
 
 
-def resolve_decode(cfg: DecodeConfig, device: torch.device) -> DecodeConfig:
-    """``cfg`` with ``auto`` settled for this device: precision (bf16 where native) and
-    prepack (``true``/``false``, or ``auto`` kept for a per-shape timing in ``pack_models``)."""
-    return replace(
-        cfg,
-        precision=resolve_precision(cfg.precision, device, "decode.precision"),
-        prepack=setting(cfg.prepack, "decode.prepack"),
-    )
+def resolve_decode(cfg: DecodeConfig, device: torch.device, model: Transformer | None = None) -> DecodeConfig:
+    """``cfg`` with ``auto`` settled for this device: precision (bf16 where native), quantize
+    (``fast.resolve_quantize``, timed on ``model``; int8 computes the rest in fp32) and prepack
+    (``true``/``false``, or ``auto`` kept for a per-shape timing in ``pack_models``)."""
+    int8 = setting(cfg.quantize, "decode.quantize") == "int8" and cfg.precision == "auto"
+    precision = "fp32" if int8 else resolve_precision(cfg.precision, device, "decode.precision")
+    cfg = replace(cfg, precision=precision, prepack=setting(cfg.prepack, "decode.prepack"))
+    quantize = resolve_quantize(cfg, device, model) if model is not None or cfg.quantize != "auto" else "none"
+    return replace(cfg, quantize=quantize, precision="fp32" if quantize == "int8" else precision)
 
 
 def search(
@@ -152,7 +176,7 @@ def fit_source(ids: list[int], limit: int, line: int, eos: int = EOS) -> list[in
 
 def packs_weights(cfg: DecodeConfig, device: torch.device) -> bool:
     """Whether fp32 search on this device may run on oneDNN-packed weights (``cfg`` resolved)."""
-    return cfg.prepack != "false" and device.type == "cpu" and cfg.precision == "fp32"
+    return cfg.prepack != "false" and device.type == "cpu" and cfg.precision == "fp32" and cfg.quantize != "int8"
 
 
 def pack_models(models: Sequence[Transformer], cfg: DecodeConfig) -> list[Transformer]:
@@ -161,6 +185,15 @@ def pack_models(models: Sequence[Transformer], cfg: DecodeConfig) -> list[Transf
     return [
         packed_for_cpu(m, None if cfg.prepack == "true" else onednn_shapes(m, rows=256, training=False)) for m in models
     ]
+
+
+def prepare_models(models: Sequence[Transformer], cfg: DecodeConfig, device: torch.device) -> list[Transformer]:
+    """The models search runs on under ``cfg`` (resolved): int8 copies, packed copies, or themselves."""
+    if cfg.quantize == "int8":
+        return [quantized_for_cpu(m) for m in models]
+    if packs_weights(cfg, device):
+        return pack_models(models, cfg)
+    return list(models)
 
 
 def check_prefixes(
@@ -203,23 +236,26 @@ def translate_ids(
     first_line: int = 1,
     prefixes: Sequence[list[int]] | None = None,
     constraints: Sequence[list[list[int]]] | None = None,
+    shortlist: Shortlist | None = None,
 ) -> list[list[Hypothesis]]:
     """Hypotheses for every source (id lists ending in EOS), in input order; warnings number
     the sources from ``first_line``. ``prefixes`` (target ids, without BOS) and ``constraints``
-    (target id phrases) hold one entry per source, empty for none."""
+    (target id phrases) hold one entry per source, empty for none. ``shortlist``: the table
+    decode.shortlist resolved to (default: a path in decode.shortlist, none for auto)."""
     check_decode_config(cfg)
     model = models[0]
     device = next(model.parameters()).device
-    cfg = resolve_decode(cfg, device)
+    cfg = resolve_decode(cfg, device, model)
+    shortlist = shortlist or resolve_shortlist(cfg, None, model.cfg.tgt_vocab_size)
+    log_choice(cfg.precision, cfg.quantize, "a vocabulary shortlist" if shortlist else "the full vocabulary")
     limit, specials = model.cfg.max_positions, model.specials
     src_ids = [fit_source(ids, limit, first_line + i, specials.eos) for i, ids in enumerate(src_ids)]
     check_guides(src_ids, prefixes, constraints, cfg, limit, first_line)
     if cfg.alignment and cfg.alignment_layer >= model.cfg.n_decoder_layers:
         layers = model.cfg.n_decoder_layers
         raise UserError(f"decode.alignment_layer={cfg.alignment_layer}: the model has {layers} decoder layers")
-    if packs_weights(cfg, device):
-        models = pack_models(models, cfg)
-    scorer = make_scorer(models, cached, cfg.alignment_layer if cfg.alignment else None)
+    models = prepare_models(models, cfg, device)
+    align_layer = cfg.alignment_layer if cfg.alignment else None
     results: list[list[Hypothesis] | None] = [None] * len(src_ids)
     with torch.inference_mode(), autocast(device, cfg.precision, "decode.precision"):
         for batch in token_batches([len(s) for s in src_ids], cfg.batch_tokens, 0, 0, shuffle=False):
@@ -228,6 +264,10 @@ def translate_ids(
                 "prefix": None if prefixes is None else [prefixes[i] for i in batch],
                 "constraints": None if constraints is None else [constraints[i] for i in batch],
             }
+            vocab = None
+            if shortlist is not None:
+                vocab = shortlist.candidates(src, required_tokens(specials.eos, specials.forced_bos, *guides.values()))
+            scorer = make_scorer(models, cached, align_layer, vocab)
             for i, hyps in zip(batch, search(scorer, src, cfg, limit, specials, **guides)):
                 results[i] = hyps
                 if hyps and not hyps[0].constraints_met:
@@ -277,22 +317,33 @@ class Translator:
     >>> t.translate(["twenty-one apples"], beam_size=5)
     """
 
-    def __init__(self, models: Sequence[Transformer], tokenizer: Tokenizer, config: DecodeConfig | None = None):
+    def __init__(
+        self,
+        models: Sequence[Transformer],
+        tokenizer: Tokenizer,
+        config: DecodeConfig | None = None,
+        checkpoint: str | Path | None = None,
+    ):
         self.models = [m.eval() for m in models]
         self.tokenizer = tokenizer
         self.config = config or DecodeConfig()
-        self.packed: tuple[str, list[Transformer]] | None = None  # (prepack setting, copies): built on first use
+        self.checkpoint = checkpoint  # where decode.shortlist=auto looks for shortlist.pt
+        self.packed: tuple[tuple[str, str], list[Transformer]] | None = None  # ((prepack, quantize), copies)
 
     def search_models(self, cfg: DecodeConfig) -> list[Transformer]:
-        """The models to search with under ``cfg``: the packed copies, built once, when it
-        packs weights (so a stream of small chunks does not repack for each)."""
+        """The models to search with under ``cfg``: the packed or int8 copies, built once (so a
+        stream of small chunks does not repack for each)."""
         device = next(self.models[0].parameters()).device
-        cfg = resolve_decode(cfg, device)
-        if not packs_weights(cfg, device):
+        cfg = resolve_decode(cfg, device, self.models[0])
+        if not packs_weights(cfg, device) and cfg.quantize != "int8":
             return self.models
-        if self.packed is None or self.packed[0] != cfg.prepack:
-            self.packed = (cfg.prepack, pack_models(self.models, cfg))
+        if self.packed is None or self.packed[0] != (cfg.prepack, cfg.quantize):
+            self.packed = ((cfg.prepack, cfg.quantize), prepare_models(self.models, cfg, device))
         return self.packed[1]
+
+    def shortlist(self, cfg: DecodeConfig) -> Shortlist | None:
+        """The vocabulary shortlist ``cfg`` asks for (auto: the one beside this translator's checkpoint)."""
+        return resolve_shortlist(cfg, self.checkpoint, self.models[0].cfg.tgt_vocab_size)
 
     @classmethod
     def from_checkpoint(
@@ -305,7 +356,7 @@ class Translator:
         dev = resolve_device(device)
         model, tokenizer, _ = load_model(path)
         models = [model] + [load_model(extra, tokenizer)[0] for extra in ensemble]
-        return cls([m.to(dev) for m in models], tokenizer, config)
+        return cls([m.to(dev) for m in models], tokenizer, config, checkpoint=path)
 
     @classmethod
     def from_pretrained(
@@ -351,14 +402,18 @@ class Translator:
         cfg = self.options(**overrides)
         tag = tag_prefix(self.tokenizer, cfg.tgt_lang)  # a multilingual model's <2xx> for decode.tgt_lang
         src_ids = [tag + ids for ids in self.tokenizer.encode_src(sentences)]
-        prefix = cfg.prefix if prefix is None else prefix
-        texts = [prefix] * len(src_ids) if isinstance(prefix, str) else prefix
-        prefixes = None if texts is None else target_ids(self.tokenizer, texts, keep_start=True)
+        prefixes = self.prefix_ids(cfg, prefix, len(src_ids))
         phrases = (
             None if constraints is None else [target_ids(self.tokenizer, c, keep_start=False) for c in constraints]
         )
         results = translate_ids(
-            self.search_models(cfg), src_ids, cfg, first_line=first_line, prefixes=prefixes, constraints=phrases
+            self.search_models(cfg),
+            src_ids,
+            cfg,
+            first_line=first_line,
+            prefixes=prefixes,
+            constraints=phrases,
+            shortlist=self.shortlist(cfg),
         )
         out = []
         for sentence, ids, hyps in zip(sentences, src_ids, results):
@@ -379,6 +434,13 @@ class Translator:
             )
         empty = Translation("", 0.0, 0.0, [], torch.zeros(0, 0) if attention else None, [] if cfg.alignment else None)
         return [[empty] * cfg.n_best if not sentence.strip() else hyps for sentence, hyps in zip(sentences, out)]
+
+    def prefix_ids(self, cfg: DecodeConfig, prefix: str | Sequence[str] | None, n: int) -> list[list[int]] | None:
+        """Target ids (without BOS) of the forced prefixes of ``n`` sentences: ``prefix`` for
+        all, one per sentence, or (None) decode.prefix; None without any."""
+        prefix = cfg.prefix if prefix is None else prefix
+        texts = [prefix] * n if isinstance(prefix, str) else prefix
+        return None if texts is None else target_ids(self.tokenizer, texts, keep_start=True)
 
     def source_words(self, sentence: str, ids: list[int]) -> list[int | None]:
         """Word index of each of the source ``ids`` of ``sentence`` (language tags, also ones

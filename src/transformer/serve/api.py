@@ -142,8 +142,10 @@ def decode_options(translator: Translator, request: TranslateRequest, target_lan
     untagged model takes ``tgt_lang`` only when it names its own target language."""
     fields = {k: getattr(request, k) for k in DECODE_FIELDS if getattr(request, k) is not None}
     fields["tgt_lang"] = target_lang(translator, request.tgt_lang, target_language)
-    options = translator.options(**fields, **({"alignment": True} if request.alignment or request.attention else {}))
     try:
+        options = translator.options(
+            **fields, **({"alignment": True} if request.alignment or request.attention else {})
+        )
         check_decode_config(options)
     except UserError as e:
         raise ApiError(

@@ -56,10 +56,11 @@ def describe(name: str, path: str, config: dict, translator: Translator) -> dict
     }
 
 
-def load_translator(path: str, device: str, decode: DecodeConfig) -> tuple[Translator, dict]:
+def load_translator(path: str, device: str, decode: DecodeConfig, engine: str = "torch") -> tuple[Translator, dict]:
     """A checkpoint's translator (and its training config), used once so packed weights exist
-    before the first request. The server's decode.tgt_lang is the default of tagged models
-    only: an untagged one on the same server ignores it."""
+    before the first request (``engine=ctranslate2``: one that searches with CTranslate2). The
+    server's decode.tgt_lang is the default of tagged models only: an untagged one on the same
+    server ignores it."""
     model, tokenizer, config = load_model(path)
     if not tokenizer.tags:
         decode = replace(decode, tgt_lang=None)
@@ -67,14 +68,19 @@ def load_translator(path: str, device: str, decode: DecodeConfig) -> tuple[Trans
         raise UserError(
             f"{path}: decode.tgt_lang={decode.tgt_lang!r}: the model knows {', '.join(tokenizer.languages)}"
         )
-    translator = Translator([model.to(resolve_device(device))], tokenizer, decode)
+    if engine == "ctranslate2":
+        from transformer.serve.ct2_engine import CT2Translator
+
+        translator: Translator = CT2Translator(path, decode, model=model, tokenizer=tokenizer)
+    else:
+        translator = Translator([model.to(resolve_device(device))], tokenizer, decode, checkpoint=path)
     translator.translate("warm up", tgt_lang=decode.tgt_lang or (tokenizer.languages or [None])[0])
     return translator, config
 
 
-def load_served_model(name: str, path: str, device: str, decode: DecodeConfig) -> ServedModel:
+def load_served_model(name: str, path: str, device: str, decode: DecodeConfig, engine: str = "torch") -> ServedModel:
     """The model under ``name`` (empty: its languages, e.g. en-de)."""
-    translator, config = load_translator(path, device, decode)
+    translator, config = load_translator(path, device, decode, engine)
     if not name:
         data = config.get("data", {})
         name = f"{data['src_lang']}-{data['tgt_lang']}" if data.get("src_lang") and data.get("tgt_lang") else "default"
@@ -86,13 +92,18 @@ def load_models(cfg: ServeRunConfig) -> list[ServedModel]:
     """``checkpoint=`` (one model, named after its languages) or ``models={name: path}``."""
     if bool(cfg.checkpoint) == bool(cfg.models):
         raise UserError("give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...} (exactly one of them)")
+    if cfg.serve.engine not in ("torch", "ctranslate2"):
+        raise UserError(f"serve.engine={cfg.serve.engine!r}: expected torch or ctranslate2")
     try:
         check_decode_config(cfg.decode)
     except UserError as e:
         raise UserError(f"{e} (the server's decode defaults)") from None
     if cfg.checkpoint:
-        return [load_served_model("", cfg.checkpoint, cfg.device, cfg.decode)]
+        return [load_served_model("", cfg.checkpoint, cfg.device, cfg.decode, cfg.serve.engine)]
     for name in cfg.models:
         if not name.strip() or "/" in name:
             raise UserError(f"models: {name!r} is not a usable model name (non-empty, no '/')")
-    return [load_served_model(name, str(path), cfg.device, cfg.decode) for name, path in cfg.models.items()]
+    return [
+        load_served_model(name, str(path), cfg.device, cfg.decode, cfg.serve.engine)
+        for name, path in cfg.models.items()
+    ]

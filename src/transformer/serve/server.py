@@ -117,7 +117,7 @@ def serve(cfg: ServeRunConfig) -> None:
     models = load_models(cfg)
     decoders = (
         [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads, cfg.serve) for m in models]
-        if cfg.serve.decode_process
+        if cfg.serve.decode_process and cfg.serve.engine == "torch"  # CTranslate2 releases the GIL itself
         else []
     )
     for model, decoder in zip(models, decoders):

@@ -21,6 +21,7 @@ USAGE = """usage: transformer-serve checkpoint=RUN_DIR_OR_PT | models={en-de: RU
   serve.cors_origins=[url]     origins a browser may call from (default: none)
   serve.batch_timeout_s=60     a batch running longer: the worker is killed and restarted (503)
   serve.worker_max_rss_mb=0    restart the worker between batches past this memory (0: no limit)
+  serve.engine=torch           or ctranslate2: search with CTranslate2 (a conversion cached beside the checkpoint)
   decode.KEY=VALUE             defaults of the search (beam_size, n_best, length_penalty, ...)
 See docs/serving.md."""
 
@@ -62,6 +63,8 @@ class ServeConfig:
     cors_origins: list[str] = field(
         default_factory=list
     )  # origins browsers may call from, e.g. [https://x.org] (empty: none)
+    # torch | ctranslate2: search in CTranslate2 on a conversion cached beside the checkpoint (docs/fast-decoding.md)
+    engine: str = "torch"
 
 
 @dataclass
