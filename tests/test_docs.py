@@ -32,7 +32,7 @@ SCALE = {"builtin_splits(20000, 500, 500, 1234)": "builtin_splits(300, 20, 20, 1
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
-def tested_blocks(path: Path) -> list[tuple[str, str]]:
+def marked_blocks(path: Path) -> list[tuple[str, str]]:
     """(language, code) of every block marked as tested, in page order."""
     return [(lang, code) for lang, code in BLOCK.findall(path.read_text(encoding="utf-8"))]
 
@@ -53,9 +53,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_block(command: list[str], workdir: Path, env: dict[str, str], name: str) -> str:
+    """Run one block's command; its output, or a failure that shows the block and its output."""
+    log = workdir / f".{name}.log"
+    with open(log, "w") as sink:  # a file, not a pipe: a server left in the background must not hold it
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            process.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # whatever the block left running
+            except ProcessLookupError:
+                pass
+    out = log.read_text(encoding="utf-8", errors="replace")
+    assert process.returncode == 0, f"{name}: this block failed:\n{command[-1]}\n--- output\n{out[-4000:]}"
+    return out
+
+
 def run_page(path: Path, workdir: Path, expected: set[str]) -> list[str]:
-    """Run the page's tested blocks in ``workdir``; returns their outputs. Every substitution of
-    ``expected`` must have been used by some block."""
+    """Run the page's tested blocks in ``workdir``, shell blocks one by one and consecutive
+    Python blocks as one script (so they share names); returns the outputs. Every
+    substitution of ``expected`` must have been used by some block."""
     env = os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "OMP_NUM_THREADS": "1",
@@ -63,34 +83,22 @@ def run_page(path: Path, workdir: Path, expected: set[str]) -> list[str]:
         "PYTHONWARNINGS": "ignore",
     }
     used: set[str] = set()
-    outputs = []
     port = str(free_port())
-    for lang, code in tested_blocks(path):
+    commands: list[list[str]] = []
+    for lang, code in marked_blocks(path):
         code = scaled(code, used).replace("8000", port)
-        command = ["bash", "-e", "-c", code] if lang == "sh" else [sys.executable, "-c", code]
-        log = workdir / f".block{len(outputs)}.log"
-        with open(log, "w") as sink:  # a file, not a pipe: a server left in the background must not hold it
-            process = subprocess.Popen(
-                command, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            try:
-                process.wait(timeout=300)
-            finally:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)  # whatever the block left running
-                except ProcessLookupError:
-                    pass
-        out = log.read_text(encoding="utf-8", errors="replace")
-        assert process.returncode == 0, f"{path.name}: this block failed:\n{code}\n--- output\n{out[-4000:]}"
-        outputs.append(out)
+        if lang == "python" and commands and commands[-1][0] == sys.executable:
+            commands[-1][-1] += "\n" + code
+        else:
+            commands.append(["bash", "-e", "-c", code] if lang == "sh" else [sys.executable, "-c", code])
     assert expected <= used, f"{path.name}: the test's substitutions {expected - used} no longer match the page"
-    return outputs
+    return [run_block(command, workdir, env, f"{path.stem}-{i}") for i, command in enumerate(commands)]
 
 
 def test_readme_and_getting_started_show_the_same_tour() -> None:
-    readme = tested_blocks(ROOT / "README.md")
+    readme = marked_blocks(ROOT / "README.md")
     assert [lang for lang, _ in readme].count("sh") >= 6, "the tour lost its commands"
-    assert tested_blocks(ROOT / "docs" / "getting-started.md") == readme
+    assert marked_blocks(ROOT / "docs" / "getting-started.md") == readme
 
 
 def test_the_readme_tour_runs(tmp_path: Path) -> None:
