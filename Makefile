@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data clean
+.PHONY: help setup train test docs docs-serve wheel-check multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,6 +33,19 @@ test: setup  ## lint, check formatting, run the tests
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/python -m pytest
+
+$(BIN)/mkdocs: pyproject.toml | setup
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(BIN)/mkdocs  ## build the documentation site into site/ (mkdocs build --strict: a broken link fails)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(BIN)/mkdocs  ## preview the documentation site at http://127.0.0.1:8000, rebuilt on every save
+	$(BIN)/mkdocs serve
+
+wheel-check: $(BIN)/mkdocs  ## build the wheel, install it in a clean venv, train from it outside the checkout
+	bash .ci/wheel-check $(BIN)/python
 
 multi30k: setup  ## the tuned Multi30k recipe: train (<= 60 min on 2 cores), then test2016 BLEU
 	$(BIN)/transformer-train experiment=multi30k_en_de run_dir=runs/multi30k hydra.run.dir=runs/multi30k
@@ -60,5 +73,5 @@ bench-data: setup  ## start-up time and memory on generated corpora of 100k-4.5M
 	$(BIN)/python scripts/bench_data.py
 
 clean:  ## remove .venv, runs and caches
-	rm -rf $(VENV) runs outputs multirun .pytest_cache src/*.egg-info
+	rm -rf $(VENV) runs outputs multirun .pytest_cache src/*.egg-info site build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from transformer.commands import quiet_logging, run_plain_command
+from transformer.commands import print_version, quiet_logging, run_plain_command
 from transformer.config import DecodeConfig, config_dir, register_configs
 from transformer.errors import UserError
 from transformer.runtime import use_fast_allocator
@@ -24,6 +24,8 @@ from transformer.runtime import use_fast_allocator
 
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     """Run ``task`` under Hydra with the packaged configs, turning UserErrors into one line."""
+    if print_version(sys.argv[1:]):
+        return
     register_configs()
 
     def guarded(cfg: DictConfig) -> Any:

@@ -14,6 +14,16 @@ from omegaconf import OmegaConf
 from transformer.errors import UserError, first_line
 
 
+def print_version(argv: list[str]) -> bool:
+    """``--version`` as the first argument of any command: print the package version (True)."""
+    if argv[:1] != ["--version"]:
+        return False
+    from importlib.metadata import version
+
+    print(f"transformer {version('transformer')}")
+    return True
+
+
 def run_plain_command(
     schema: type, argv: list[str], usage: str, task: Callable[[Any], None], listed: tuple[str, ...] = ()
 ) -> None:
@@ -22,6 +32,8 @@ def run_plain_command(
     ``task(config)``; UserErrors print one line and exit with 2."""
     from omegaconf.errors import OmegaConfBaseException
 
+    if print_version(argv):
+        return
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
