@@ -79,8 +79,8 @@ RANGES: dict[str, dict[str, Range]] = {
         "dropout": PROBABILITY,
         "attention_dropout": PROBABILITY,
         "activation_dropout": PROBABILITY,
-        "src_word_dropout": PROBABILITY,
-        "tgt_word_dropout": PROBABILITY,
+        "src_word_dropout": Range(0, 1),  # 1: every token of that side hidden (tests use it)
+        "tgt_word_dropout": Range(0, 1),
         "max_positions": Range(3),  # BOS, one subword, EOS
     },
     "data": {
