@@ -76,12 +76,16 @@ def test_body_without_length_is_cut_at_the_cap(base: str) -> None:
         )
         piece = b"%x\r\n%s\r\n" % (8192, b"a" * 8192)
         sent = 0
-        while not select.select([s], [], [], 0)[0]:
-            assert sent < 100 * cap, "the server read 100 times its cap without answering"
-            s.sendall(piece)
-            sent += 8192
-        answer = read_response(s)
-    assert answer.startswith(b"HTTP/1.1 413") and f"passed {cap} bytes".encode() in answer
+        try:
+            while not select.select([s], [], [], 0)[0]:
+                assert sent < 100 * cap, "the server read 100 times its cap without answering"
+                s.sendall(piece)
+                sent += 8192
+            answer = read_response(s)
+        except ConnectionResetError:  # answered and closed while this side still wrote: the answer may be lost
+            answer = None
+    assert sent < 100 * cap
+    assert answer is None or (answer.startswith(b"HTTP/1.1 413") and f"passed {cap} bytes".encode() in answer)
 
 
 def test_slow_body_gets_408_and_slow_headers_are_closed(base: str) -> None:
