@@ -187,7 +187,7 @@ def test_back_translation_needs_a_reverse_model(tmp_path: Path) -> None:
 def test_distill_command_names_a_missing_or_wrong_teacher(cli, tmp_path: Path) -> None:
     missing = cli("distill", "experiment=tiny", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
-        "error: teacher=RUN_OR_PT is required"
+        "error: teacher must be given (teacher=...; see --help)"
     )
     wrong = cli("distill", "teacher=nowhere.pt", "experiment=tiny", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert wrong.returncode == 2 and "error: teacher=nowhere.pt: no checkpoint there" in wrong.stderr

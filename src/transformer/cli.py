@@ -90,10 +90,6 @@ def train_main() -> None:
 def _distill(cfg: DictConfig) -> float:
     from transformer.distill import distill
 
-    if OmegaConf.is_missing(cfg, "teacher"):
-        raise UserError(
-            "teacher=RUN_OR_PT is required: the checkpoint or run directory whose translations the student learns"
-        )
     if not cfg.run_dir:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     metrics = distill(cfg)
