@@ -384,7 +384,7 @@ def test_tensorboard_logs(averaged_run: Path) -> None:
 def test_compile_saves_plain_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """Dynamo traces the model either way; only the slow case generates code (~1 min on 2 cores)."""
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=backend))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend, **kw))
     result = loop.train(tiny(tmp_path, "trainer.compile=true", "trainer.max_steps=3", "trainer.eval_every=3"))
     assert result["step"] == 3
     ckpt = weights(tmp_path / "checkpoints/last.pt")
