@@ -211,3 +211,58 @@ def test_compiled_training_run_matches_its_records(tmp_path: Path, monkeypatch: 
     loop.train(tiny(tmp_path, "trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=1000", *over))
     assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train_records(tmp_path))
+
+
+# scripts/gpu_check.sh ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_table_reads_every_part(tmp_path: Path) -> None:
+    """One table from the parts' JSON and metrics: speed ratios against HF (training) and
+    CTranslate2 (decoding); a part that timed out is named."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpu_table import table
+
+    row = {"precision": "bf16", "ms_per_step": 1.0, "peak_mem_mb": 900.0, "tflops": 1.0, "peak_tflops": 2.0}
+    train = [row | {"impl": "ours", "tokens_per_s": 300.0, "mfu": 0.4, "mfu_datasheet": 0.3}]
+    train.append(row | {"impl": "hf", "tokens_per_s": 200.0, "mfu": 0.2, "mfu_datasheet": None})
+    (tmp_path / "bench_train.json").write_text(json.dumps(train))
+    (tmp_path / "wmt").mkdir()
+    logs = [{"step": s, "tokens_per_s": v, "peak_mem_mb": 5000.0} for s, v in ((1, 10.0), (25, 900.0), (50, 1100.0))]
+    (tmp_path / "wmt/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs))
+    (tmp_path / "wmt/results.json").write_text(json.dumps({"precision": "bf16"}))
+    decode = [
+        {"system": s, "beam": 5, "sent_per_s": v, "tok_per_s": 10 * v} for s, v in (("ours", 30.0), ("ct2-fp32", 20.0))
+    ]
+    (tmp_path / "bench_decode.json").write_text(json.dumps([d | {"gpu_peak_mib": 100.0} for d in decode]))
+    (tmp_path / "status.txt").write_text("cuda_tests 0\nbench_compiled 124\n")
+    lines = table(tmp_path).splitlines()
+    assert "| train step | ours | bf16 | 300 | 40.0% | 30.0% | 900 | - | 1.50x HF |" in lines
+    assert "| WMT14 recipe, 50 updates | ours (trainer) | bf16 | 1000 | - | - | 5000 | - | - |" in lines
+    assert "| decode beam 5 | ours | fp32 | 300 | - | - | 100 | 30.0 | 1.50x ct2-fp32 |" in lines
+    assert lines[-1] == "failed parts: bench_compiled: timed out"
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
+    """CPU=1: the script's every part at tiny sizes (minutes on 2 cores), then its table."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"CPU": "1", "PYTHON": sys.executable, "STEP_TIMEOUT_SCALE": "10", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert {r.split(" | ")[1] for r in rows} >= {"ours", "hf", "ours+compile", "ours (trainer)"}
+    assert sum(r.startswith("| decode beam 2 |") for r in rows) == 2
