@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test multi30k bench-train bench-decode bench-soak bench-serve bench-data clean
+.PHONY: help setup train test multi30k bench-train bench-decode bench-soak bench-serve bench-data gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench-serve: setup  ## transformer-serve with and without dynamic batching, agai
 
 bench-data: setup  ## start-up time and memory on generated corpora of 100k-4.5M pairs
 	$(BIN)/python scripts/bench_data.py
+
+gpu-check:  ## on a GPU machine: CUDA tests, training and decoding benchmarks, one table (docs/gpu.md)
+	bash scripts/gpu_check.sh
 
 clean:  ## remove .venv, runs and caches
 	rm -rf $(VENV) runs outputs multirun .pytest_cache src/*.egg-info

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from test_train import losses, tiny, toy_examples, toy_model, train_records, weights
+from test_train import losses, poison_losses, tiny, toy_examples, toy_model, train_records, weights
 from transformer.checkpoint import load_checkpoint
 from transformer.data.batching import collate, token_batches
 from transformer.errors import UserError
@@ -142,17 +142,7 @@ def test_deferred_metrics_skip_nonfinite_updates_then_stop(
     the weights from before the problem saved."""
     overrides = ("trainer.max_bad_steps=3", "trainer.eval_every=1000", "trainer.log_every=2")
     trainer = loop.Trainer(tiny(tmp_path, *overrides, "trainer.deferred_metrics=true"))
-    real, calls, before = step.label_smoothed_loss, [0], {}
-
-    def poisoned(logits, target, smoothing):
-        calls[0] += 1
-        loss, nll = real(logits, target, smoothing)
-        if calls[0] <= 4:
-            return loss, nll
-        before.setdefault("weights", {k: v.clone() for k, v in trainer.model.state_dict().items()})
-        return loss * float("nan"), nll
-
-    monkeypatch.setattr(step, "label_smoothed_loss", poisoned)
+    before = poison_losses(monkeypatch, trainer, good=4)
     with pytest.raises(UserError, match="4 consecutive non-finite steps after step 8"):
         trainer.run()
     assert any("2 non-finite updates since the last log line" in r.getMessage() for r in caplog.records)
