@@ -77,7 +77,7 @@ step cuda_tests 90 $py -m pytest tests/test_cuda.py tests/test_decode.py -k "cud
 bench=(scripts/bench_train.py --synthetic --model $model --vocab $vocab --max-tokens $tokens --precision $precision
   --device $device --steps $steps --warmup $warmup --cache "$out/bench")
 step bench_train 90 $py "${bench[@]}" --impl ours hf --json "$out/bench_train.json"
-step bench_compiled 90 $py "${bench[@]}" --impl ours --compile --json "$out/bench_compiled.json"
+step bench_compiled 90 $py "${bench[@]}" --impl ours --compile --warmup $((warmup + 2)) --json "$out/bench_compiled.json"
 step corpus 20 $py -c "from bench_data import write_corpus; write_corpus(__import__('pathlib').Path('$out/corpus'), $pairs, n_eval=$limit)"
 data=(data.source=files data.format=text data.cache=false data.valid_max_sentences=$limit
   "data.train_src=$out/corpus/train.en" "data.train_tgt=$out/corpus/train.de"
