@@ -47,12 +47,12 @@ def recipe_row(out: Path) -> list[str]:
     if not train:
         return []
     speeds = [r["tokens_per_s"] for r in train[1:]] or [train[0]["tokens_per_s"]]
-    memory = max((r.get("peak_mem_mb") or 0) for r in train)
+    memory = max((r.get("peak_mem_mb") or 0) for r in train)  # CUDA only: none on a CPU
     steps, results = train[-1]["step"], out / "wmt" / "results.json"
     precision = json.loads(results.read_text()).get("precision", "?") if results.exists() else "?"
     return [
         f"| WMT14 recipe, {steps} updates | ours (trainer) | {precision} | {statistics.median(speeds):.0f} | - | - | "
-        f"{memory:.0f} | - | - |"
+        f"{f'{memory:.0f}' if memory else '-'} | - | - |"
     ]
 
 
