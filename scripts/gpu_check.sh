@@ -61,8 +61,8 @@ if [ -n "${CPU:-}" ]; then  # the same steps, sized for a CPU (a check of the sc
     trainer.precision=fp32 trainer.compile=false trainer.device=cpu trainer.threads=1 data.encode_workers=1)
   decode_systems=(ours hf)
 else
-  device=cuda precision=bf16 model=base vocab=32000 tokens=25000 steps=20 warmup=3 pairs=40000 beam=5 limit=300
-  recipe=(trainer.max_steps=200 trainer.log_every=25 trainer.eval_every=200 data.tokenizer_sample=40000)
+  device=cuda precision=bf16 model=base vocab=32000 tokens=25000 steps=20 warmup=3 pairs=20000 beam=5 limit=300
+  recipe=(trainer.max_steps=200 trainer.log_every=25 trainer.eval_every=200 data.tokenizer_sample=20000)
   decode_systems=(ours ours-bf16 hf hf-bf16)
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
   if $py -c 'import ctranslate2, sys; sys.exit(ctranslate2.get_cuda_device_count() == 0)' 2>/dev/null; then
@@ -73,18 +73,18 @@ else
 fi
 $py -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee "$out/torch.txt"
 
-step cuda_tests 90 $py -m pytest tests/test_cuda.py tests/test_decode.py -k "cuda or test_cuda" -q -p no:cacheprovider -rs
+step cuda_tests 75 $py -m pytest tests/test_cuda.py tests/test_decode.py -k "cuda or test_cuda" -q -p no:cacheprovider -rs
 bench=(scripts/bench_train.py --synthetic --model $model --vocab $vocab --max-tokens $tokens --precision $precision
   --device $device --steps $steps --warmup $warmup --cache "$out/bench")
-step bench_train 90 $py "${bench[@]}" --impl ours hf --json "$out/bench_train.json"
-step bench_compiled 90 $py "${bench[@]}" --impl ours --compile --warmup $((warmup + 2)) --json "$out/bench_compiled.json"
-step corpus 20 $py -c "from bench_data import write_corpus; write_corpus(__import__('pathlib').Path('$out/corpus'), $pairs, n_eval=$limit)"
+step bench_train 85 $py "${bench[@]}" --impl ours hf --json "$out/bench_train.json"
+step bench_compiled 85 $py "${bench[@]}" --impl ours --compile --warmup $((warmup + 2)) --json "$out/bench_compiled.json"
+step corpus 15 $py -c "from bench_data import write_corpus; write_corpus(__import__('pathlib').Path('$out/corpus'), $pairs, n_eval=$limit)"
 data=(data.source=files data.format=text data.cache=false data.valid_max_sentences=$limit
   "data.train_src=$out/corpus/train.en" "data.train_tgt=$out/corpus/train.de"
   "data.valid_src=$out/corpus/valid.en" "data.valid_tgt=$out/corpus/valid.de")
 step recipe 120 $py scripts/train.py experiment=wmt14_en_de_base "${data[@]}" "${recipe[@]}" trainer.save_every=0 \
   trainer.average_last=0 trainer.progress=false evaluate_test=false "run_dir=$out/wmt" "hydra.run.dir=$out/wmt"
-step bench_decode 70 $py scripts/bench_decode.py --checkpoint "$out/wmt" --device $device --beam $beam \
+step bench_decode 95 $py scripts/bench_decode.py --checkpoint "$out/wmt" --device $device --beam $beam \
   --systems "${decode_systems[@]}" --src "$out/corpus/test.en" --ref "$out/corpus/test.de" --limit $limit \
   --max-len 60 --json "$out/bench_decode.json"
 if [ -n "${CHECKPOINT:-}" ]; then  # a trained Multi30k checkpoint: test2016 on the GPU, process start and load included
