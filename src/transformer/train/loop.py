@@ -66,8 +66,8 @@ class Trainer:
         self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(
             cfg, self.tokenizer, rt, None if resume else init
         )
-        self.setup_state(resume, started)
         self.tally = Tally(self.device) if rt.deferred else None  # trainer.deferred_metrics
+        self.setup_state(resume, started)
         resumed_at, t = self.progress.step if resume else None, cfg.trainer
         self.runlog = RunLog(
             self.run_dir, enabled=self.dist.main, resumed_at=resumed_at, bar=t.progress, total=t.max_steps
