@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test docs docs-serve wheel-check multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data clean
+.PHONY: help setup train test docs docs-serve wheel-check multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ bench-chaos: setup  ## transformer-serve under faults: worker killed, slow clien
 
 bench-data: setup  ## start-up time and memory on generated corpora of 100k-4.5M pairs
 	$(BIN)/python scripts/bench_data.py
+
+gpu-check:  ## on a GPU machine: CUDA tests, training and decoding benchmarks, one table (docs/gpu.md)
+	bash scripts/gpu_check.sh
 
 clean:  ## remove .venv, runs and caches
 	rm -rf $(VENV) runs outputs multirun .pytest_cache src/*.egg-info site build dist

@@ -90,11 +90,11 @@ def rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def decode_ours(checkpoint: str, cfg: DecodeConfig):
+def decode_ours(checkpoint: str, cfg: DecodeConfig, device: torch.device):
     from transformer.checkpoint import load_model
 
     model, _, _ = load_model(checkpoint)
-    device = torch.device("cpu")
+    model = model.to(device)
     [model] = prepare_models([model], resolve_decode(cfg, device, model), device)  # once, as Translator does
     shortlist = resolve_shortlist(cfg, checkpoint, model.cfg.tgt_vocab_size)
 
@@ -104,16 +104,16 @@ def decode_ours(checkpoint: str, cfg: DecodeConfig):
     return run
 
 
-def decode_hf(export_dir: str, cfg: DecodeConfig, specials: Specials):
+def decode_hf(export_dir: str, cfg: DecodeConfig, specials: Specials, device: torch.device):
     from transformers import AutoModelForSeq2SeqLM
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(export_dir).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(export_dir).eval().to(device)
 
     @torch.inference_mode()
     def run(ids: list[list[int]]) -> list[list[int]]:
         out: list = [None] * len(ids)
         for batch in token_batches([len(s) for s in ids], cfg.batch_tokens, 0, 0, shuffle=False):
-            src = pad([ids[i] for i in batch], specials.pad)
+            src = pad([ids[i] for i in batch], specials.pad).to(device)
             with autocast(src.device, cfg.precision):
                 seqs = model.generate(
                     input_ids=src,
@@ -132,11 +132,12 @@ def decode_hf(export_dir: str, cfg: DecodeConfig, specials: Specials):
     return run
 
 
-def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer, stock: bool = False):
-    """``stock``: a conversion by CTranslate2's own Marian loader, whose vocabulary has no <pad>."""
+def decode_ct2(ct2_dir: str, cfg: DecodeConfig, threads: int, tokenizer, stock: bool = False, device: str = "cpu"):
+    """``stock``: a conversion by CTranslate2's own Marian loader, whose vocabulary has no <pad>.
+    On CUDA, CTranslate2's CUDA build (the PyPI wheel's) runs on the GPU."""
     import ctranslate2
 
-    translator = ctranslate2.Translator(ct2_dir, device="cpu", inter_threads=1, intra_threads=threads)
+    translator = ctranslate2.Translator(ct2_dir, device=device, inter_threads=1, intra_threads=threads)
     if isinstance(tokenizer, MappedTokenizer):
         src_piece, tgt_id = tokenizer.src_vocab.__getitem__, tokenizer.tgt_index.__getitem__
     else:
@@ -183,12 +184,14 @@ def run_one(args) -> dict:
     sources, references = load_files(args.src, args.ref)
     sources, references = sources[: args.limit or None], references[: args.limit or None]
     src_ids = tokenizer.encode_src(sources)
+    device = torch.device(args.device)
     if system.startswith("ours"):
-        run = decode_ours(args.checkpoint, cfg)
+        run = decode_ours(args.checkpoint, cfg, device)
     elif system.startswith("hf"):
-        run = decode_hf(args.export, cfg, specials)
+        run = decode_hf(args.export, cfg, specials, device)
     else:
-        run = decode_ct2(args.ct2 + system[len("ct2") :], cfg, args.threads, tokenizer, stock=bool(args.hf))
+        ct2_dir = args.ct2 + system[len("ct2") :]
+        run = decode_ct2(ct2_dir, cfg, args.threads, tokenizer, stock=bool(args.hf), device=device.type)
     run(src_ids[:8])  # warm-up: lazy init, allocator
     before = rss_mib()
     start = time.perf_counter()
@@ -198,6 +201,7 @@ def run_one(args) -> dict:
         outputs, split = run(src_ids), {}
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None  # torch's (not CT2's)
     hyps = tokenizer.decode_tgt(outputs)
     tokens = sum(len([t for t in o if t not in (specials.eos, specials.pad, specials.bos)]) for o in outputs)
     return {
@@ -208,6 +212,7 @@ def run_one(args) -> dict:
         "sent_per_s": len(src_ids) / seconds,
         "tok_per_s": tokens / seconds,
         "rss_increase_mib": max(peak - before, 0.0),
+        "gpu_peak_mib": gpu_mib,
         "bleu": score(hyps, references)["bleu"],
         **split,
     }
@@ -336,6 +341,7 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
                 ]
                 + ([f"--hf={args.hf}"] if args.hf else [])
                 + (["--profile"] if args.profile else [])
+                + [f"--device={args.device}"]
             )
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
@@ -398,6 +404,7 @@ def parser() -> argparse.ArgumentParser:
         "--make-opus-like", metavar="DIR", help="write a random MarianMTModel of opus-mt-en-de's shapes to DIR and exit"
     )
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: ours, HF and CTranslate2 all decode there")
     parser.add_argument(
         "--profile",
         action="store_true",

@@ -1,7 +1,11 @@
 """Training-step speed: our Transformer against Hugging Face MarianMTModel of the same shapes.
 
-Both train on the same Multi30k batches (our BPE, our token-budget batching) with the same
-optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping; each
+Both train on the same Multi30k batches (our BPE, our token-budget batching), or with
+--synthetic on WMT-length batches of random ids (20-60 subwords a side, --vocab pieces),
+with the same optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping.
+Ours runs the trainer's own update (train/step.py: on CUDA with deferred metrics, so the
+host never waits for the GPU; --compile as trainer.compile, --buckets as data.length_buckets).
+Steps are timed together, one synchronisation before and after; each
 configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
 the allocator setting our trainer applies (``runtime.keep_freed_memory``) and, in fp32, its
 oneDNN linear layers where they time faster (``trainer.onednn_linear=auto``; --mkl: without); HF as it ships, or with
@@ -11,6 +15,7 @@ measured in the same run.
 
     python scripts/bench_train.py                      # small model, fp32 + bf16, ours vs HF
     python scripts/bench_train.py --model base --device cuda --precision bf16
+    python scripts/bench_train.py --model base --device cuda --precision bf16 --synthetic --vocab 32000 --max-tokens 25000
 """
 
 from __future__ import annotations
@@ -19,18 +24,18 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from transformer.config import DataConfig, ModelConfig, config_dir
-from transformer.data.batching import collate, encode_examples, token_batches
+from transformer.config import DataConfig, ModelConfig, TrainerConfig, config_dir
+from transformer.data.batching import Example, collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
@@ -39,8 +44,13 @@ from transformer.model import build_model
 from transformer.model.kernels import linear_on_packed, onednn_shapes, pack_weight
 from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.runtime import autocast, keep_freed_memory
-from transformer.train.loss import label_smoothed_loss
-from transformer.vocab import PAD
+from transformer.train.build import compiled
+from transformer.train.optim import build_optimizer
+from transformer.train.step import update
+from transformer.vocab import BOS, EOS, PAD
+
+# dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts), for MFU beside the measured matmul peak
+DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def model_config(name: str, vocab: int) -> ModelConfig:
@@ -53,8 +63,23 @@ def model_config(name: str, vocab: int) -> ModelConfig:
     return cfg
 
 
+def synthetic_batches(args) -> tuple[list, int]:
+    """--steps + --warmup token-budget batches of WMT-length pairs of random ids: source and
+    target 20-60 subwords each (EOS, BOS added) over a --vocab vocabulary."""
+    rng = np.random.default_rng(1)
+    n = (args.steps + args.warmup + 2) * args.max_tokens // 20
+    lengths = rng.integers(20, 61, size=(n, 2))
+    ids = rng.integers(4, args.vocab, size=(n, 2, 60)).tolist()
+    examples = [Example(s[:a] + [EOS], [BOS] + t[:b] + [EOS]) for (s, t), (a, b) in zip(ids, lengths.tolist())]
+    buckets = args.buckets or ()
+    order = token_batches(lengths + 1, args.max_tokens, seed=1, epoch=0, buckets=buckets)[: args.steps + args.warmup]
+    return [collate([examples[i] for i in b], buckets=buckets) for b in order], args.vocab
+
+
 def load_batches(args) -> tuple[list, int]:
     """The first --steps + --warmup batches of epoch 0, and the vocabulary size."""
+    if args.synthetic:
+        return synthetic_batches(args)
     root = os.environ.get("MULTI30K_DIR", args.data)
     data = DataConfig(name="multi30k", source="files", train_src=f"{root}/train.en.gz", train_tgt=f"{root}/train.de.gz")
     pairs = load_split(data, "train")
@@ -66,8 +91,10 @@ def load_batches(args) -> tuple[list, int]:
         tok.save(Path(args.cache))
     examples = encode_examples(*tok.encode_pairs(pairs), 128, "bench")
     lengths = [(len(e.src), len(e.tgt) - 1) for e in examples]
-    order = token_batches(lengths, args.max_tokens, seed=1, epoch=0)[: args.steps + args.warmup]
-    return [collate([examples[i] for i in b]) for b in order], tok.src_vocab_size
+    order = token_batches(lengths, args.max_tokens, seed=1, epoch=0, buckets=args.buckets or ())[
+        : args.steps + args.warmup
+    ]
+    return [collate([examples[i] for i in b], buckets=args.buckets or ()) for b in order], tok.src_vocab_size
 
 
 def hf_marian(cfg: ModelConfig):
@@ -126,8 +153,64 @@ def train_flops(cfg: ModelConfig, batch) -> float:
     return 3.0 * (enc + dec + out)
 
 
+def ours_step(args, model, device: torch.device):
+    """Our trainer's update (train/step.py) on one batch: fused AdamW, clipping at 1.0,
+    label smoothing 0.1, deferred metrics on CUDA; --compile and --buckets as the trainer
+    compiles (train/build.py)."""
+    t = TrainerConfig(lr=1e-4, schedule="constant", warmup_steps=1, clip_norm=1.0, label_smoothing=0.1)
+    optimizer = build_optimizer(model, t)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    net = compiled(model, list(args.buckets or ())) if args.compile else model
+    deferred = device.type == "cuda"  # trainer.deferred_metrics=auto
+    d_model = model.cfg.d_model
+
+    def run(b, i: int) -> None:
+        update(
+            net,
+            model,
+            optimizer,
+            scaler,
+            [b],
+            t=t,
+            precision=args.precision,
+            step=i + 1,
+            d_model=d_model,
+            world=1,
+            deferred=deferred,
+        )
+
+    return run
+
+
+def hf_step(args, model, device: torch.device):
+    """One training step of MarianMTModel as a Hugging Face user writes it: cross-entropy with
+    label smoothing on fp32 logits, clipping, fused AdamW (HF Trainer's default)."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True
+    )
+    net = torch.compile(model, dynamic=True) if args.compile else model
+
+    def run(b, i: int) -> None:
+        with autocast(device, args.precision):
+            logits = net(input_ids=b.src, attention_mask=(b.src != PAD).long(), decoder_input_ids=b.tgt_in).logits
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                b.tgt_out.flatten(),
+                ignore_index=PAD,
+                label_smoothing=0.1,
+                reduction="sum",
+            )
+        (loss / b.n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
 def run_one(args) -> dict:
-    """Time one (implementation, precision) configuration in this process."""
+    """Time one (implementation, precision) configuration in this process: --warmup steps,
+    then --steps steps timed together (the GPU's queue drained before and after)."""
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,53 +227,42 @@ def run_one(args) -> dict:
         train_linears_on_onednn(
             model, onednn_shapes(model, rows=512, training=True)
         )  # what our trainer does (trainer.onednn_linear=auto)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True
-    )  # HF Trainer default
-    net = torch.compile(model) if args.compile else model  # what trainer.compile does
-    times, tokens, flops = [], 0, 0.0
-    for i, batch in enumerate(batches):
-        b = batch.to(device)
-        sync(device)
-        start = time.perf_counter()
-        with autocast(device, args.precision):
-            if ours:
-                keep = b.tgt_out != PAD
-                loss, _ = label_smoothed_loss(net(b.src, b.tgt_in, keep), b.tgt_out[keep], 0.1)
-            else:
-                logits = net(input_ids=b.src, attention_mask=(b.src != PAD).long(), decoder_input_ids=b.tgt_in).logits
-                loss = F.cross_entropy(
-                    logits.float().flatten(0, 1),
-                    b.tgt_out.flatten(),
-                    ignore_index=PAD,
-                    label_smoothing=0.1,
-                    reduction="sum",
-                )
-        (loss / b.n_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            tokens += b.n_tokens
-            flops += train_flops(cfg, batch)
-    total = sum(times)
+    run = ours_step(args, model, device) if ours else hf_step(args, model, device)
+    on_device = [b.to(device) for b in batches]
+    for i, b in enumerate(on_device[: args.warmup]):
+        run(b, i)
+    sync(device)
+    start = time.perf_counter()
+    for i, b in enumerate(on_device[args.warmup :], args.warmup):
+        run(b, i)
+    sync(device)
+    total = time.perf_counter() - start
+    timed = batches[args.warmup :]
+    return measures(args, device, model, cfg, timed, total)
+
+
+def measures(args, device: torch.device, model, cfg: ModelConfig, timed: list, total: float) -> dict:
+    """The row of one configuration: speed, memory, FLOP rate and MFU against the measured
+    matmul peak and (on a known GPU) the datasheet's."""
+    tokens, flops = sum(b.n_tokens for b in timed), sum(train_flops(cfg, b) for b in timed)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16 if args.precision == "fp16" else torch.float32
     peak = matmul_peak(device, dtype)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device) / 2**20
+        name = torch.cuda.get_device_name(device)
+        sheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in name), 0.0) if dtype != torch.float32 else 0.0
     else:
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory, sheet = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0.0
     return {
-        "impl": args.impl,
+        "impl": args.impl + ("+compile" if args.compile else ""),
         "precision": args.precision,
         "tokens_per_s": tokens / total,
-        "ms_per_step": 1000 * statistics.median(times),
+        "ms_per_step": 1000 * total / len(timed),
         "peak_mem_mb": memory,
         "tflops": flops / total / 1e12,
         "mfu": flops / total / peak,
         "peak_tflops": peak / 1e12,
+        "mfu_datasheet": flops / total / (sheet * 1e12) if sheet else None,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
     }
 
@@ -200,27 +272,36 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     hf = {r["precision"]: r for r in results if r["impl"] == "hf"}
     print(
         f"\nmodel={args.model} device={args.device} threads={args.threads or torch.get_num_threads()} "
-        f"max_tokens={args.max_tokens} steps={args.steps} same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
+        f"max_tokens={args.max_tokens} steps={args.steps} synthetic={args.synthetic} buckets={args.buckets} "
+        f"same_allocator={args.same_allocator} mkl={args.mkl} compile={args.compile} "
+        f"no_cudnn_attention={args.no_cudnn_attention} torch={torch.__version__}"
         + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     )
     print(f"hardware: {class_line()}\n")
-    print("| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU | vs HF |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| impl | precision | tokens/s | ms/step | peak mem MB | TFLOP/s | MFU (measured peak) | MFU (datasheet) | vs HF |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         peer = hf.get(r["precision"])
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        sheet = f"{100 * r['mfu_datasheet']:.1f}%" if r["mfu_datasheet"] else "-"
         print(
             f"| {r['impl']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.0f} | {r['peak_mem_mb']:.0f} | "
-            f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {ratio} |"
+            f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {sheet} | {ratio} |"
         )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", help="a config name under configs/model")
     parser.add_argument("--data", default="../shared/data/multi30k", help="Multi30k folder (or env MULTI30K_DIR)")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="WMT-length random ids (20-60 a side) instead of Multi30k"
+    )
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--buckets", type=int, nargs="*", help="pad lengths as data.length_buckets does")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
@@ -251,7 +332,32 @@ def main() -> None:
         help="native, or avx2: run as on an AVX2-only CPU (caps oneDNN, MKL, ATen)",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def child_command(args: argparse.Namespace, impl: str, precision: str) -> list[str]:
+    """This script, timing one (implementation, precision) in a fresh process."""
+    values = {
+        "impl": impl,
+        "precision": precision,
+        "model": args.model,
+        "data": args.data,
+        "vocab": args.vocab,
+        "max-tokens": args.max_tokens,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "device": args.device,
+        "cache": args.cache,
+    }
+    cmd = [sys.executable, __file__, "--child"] + [f"--{k}={v}" for k, v in values.items()]
+    switches = ("synthetic", "same_allocator", "mkl", "compile", "no_cudnn_attention")
+    cmd += [f"--{name.replace('_', '-')}" for name in switches if getattr(args, name)]
+    return cmd + (["--buckets", *map(str, args.buckets)] if args.buckets else [])
+
+
+def main() -> None:
+    args = parse_args()
     emulate_isa(args.isa)
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -264,46 +370,12 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     results = []
-    switches = [
-        f"--{name.replace('_', '-')}"
-        for name in ("same_allocator", "mkl", "compile", "no_cudnn_attention")
-        if getattr(args, name)
-    ]
     for precision in args.precision:
         for impl in args.impl:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                "--impl",
-                impl,
-                "--precision",
-                precision,
-                "--model",
-                args.model,
-                "--data",
-                args.data,
-                "--vocab",
-                str(args.vocab),
-                "--max-tokens",
-                str(args.max_tokens),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-                "--cache",
-                args.cache,
-            ] + switches
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(child_command(args, impl, precision), capture_output=True, text=True)
             if out.returncode != 0:
-                print(
-                    f"{impl} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}",
-                    file=sys.stderr,
-                )
+                last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+                print(f"{impl} {precision}: failed\n{last}", file=sys.stderr)
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print_table(args, results)

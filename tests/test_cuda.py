@@ -1,6 +1,6 @@
 """The CUDA path: the same properties the CPU tests prove, on a GPU. Skipped where there is
 none (CI); run on a GPU machine with ``pytest tests/test_cuda.py tests/test_decode.py``
-(``scripts/cuda_check.sh`` runs them with the CUDA benchmarks). Cached decoding and beam 1 =
+(``scripts/gpu_check.sh`` runs them with the GPU benchmarks). Cached decoding and beam 1 =
 greedy run on CUDA as a ``device`` parameter of their tests in test_decode.py."""
 
 from __future__ import annotations
@@ -67,3 +67,47 @@ def test_ddp_on_nccl_equals_one_process_with_accumulation(tmp_path: Path) -> Non
         )
     )
     assert [loss for _, _, loss in losses(ddp)] == pytest.approx([loss for _, _, loss in losses(single)], rel=1e-3)
+
+
+# the paths that keep a GPU busy (tests/test_gpu_paths.py proves them on the CPU) ---------------
+
+
+def test_masked_and_causal_attention_run_on_the_fused_kernels() -> None:
+    """Key padding (a boolean mask) runs on the memory-efficient kernel, causal self-attention
+    (is_causal, no mask) on flash: with only those backends allowed nothing falls back to math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from transformer.model.transformer import padding_mask
+
+    q, k, v = (torch.randn(2, 8, 16, 64, device=CUDA, dtype=torch.bfloat16) for _ in range(3))
+    mask = padding_mask(torch.tensor([[5] * 16, [5] * 9 + [PAD] * 7], device=CUDA))
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.isfinite(masked).all() and torch.isfinite(causal).all()
+
+
+def test_deferred_metrics_on_cuda_log_what_per_step_reading_logs(tmp_path: Path) -> None:
+    """On CUDA (where trainer.deferred_metrics=auto turns them on) the records equal the per-step
+    reading's, up to the GPU's nondeterministic gradient sums."""
+    from test_gpu_paths import RUN, comparable
+
+    plain, deferred = tmp_path / "plain", tmp_path / "deferred"
+    loop.train(tiny(plain, *RUN, "trainer.device=cuda", "trainer.deferred_metrics=false"))
+    loop.train(tiny(deferred, *RUN, "trainer.device=cuda"))
+    a, b = comparable(plain), comparable(deferred)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+
+
+def test_compiled_bf16_training_on_cuda_learns(tmp_path: Path) -> None:
+    """trainer.compile (inductor) with length buckets in bf16 on the GPU: the loss falls and the
+    weights stay fp32."""
+    assert_learns_with_fp32_weights(
+        tmp_path,
+        "trainer.device=cuda",
+        "trainer.precision=bf16",
+        "trainer.compile=true",
+        "data.length_buckets=[64]",
+    )

@@ -351,6 +351,7 @@ def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Pat
         "trainer.average_last=2",
         "trainer.keep_last=2",
         "trainer.precision=fp32",
+        "trainer.compile=false",
         "trainer.device=cpu",
         "trainer.progress=false",
         "trainer.threads=1",

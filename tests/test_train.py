@@ -177,21 +177,28 @@ def test_corrupt_last_checkpoint_falls_back_to_newest_step(tmp_path: Path, caplo
     assert [s for s, _, _ in losses(tmp_path)] == list(range(1, 13))
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    trainer = loop.Trainer(tiny(tmp_path, "trainer.max_bad_steps=3", "trainer.eval_every=1000", "trainer.log_every=1"))
+def poison_losses(monkeypatch: pytest.MonkeyPatch, trainer: loop.Trainer, good: int) -> dict:
+    """After ``good`` updates every training loss is NaN; returns {"weights": the model's
+    state just before the first NaN}, filled in when it comes."""
     real, calls, before = step.label_smoothed_loss, [0], {}
 
     def poisoned(logits, target, smoothing):
         calls[0] += 1
         loss, nll = real(logits, target, smoothing)
-        if calls[0] <= 4:
+        if calls[0] <= good:
             return loss, nll
         before.setdefault("weights", {k: v.clone() for k, v in trainer.model.state_dict().items()})
         return loss * float("nan"), nll
 
     monkeypatch.setattr(step, "label_smoothed_loss", poisoned)
+    return before
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    trainer = loop.Trainer(tiny(tmp_path, "trainer.max_bad_steps=3", "trainer.eval_every=1000", "trainer.log_every=1"))
+    before = poison_losses(monkeypatch, trainer, good=4)
     with pytest.raises(UserError, match="3 consecutive non-finite steps after step 4"):
         trainer.run()
     assert sum("non-finite" in r.getMessage() for r in caplog.records) == 3
@@ -385,7 +392,7 @@ def test_tensorboard_logs(averaged_run: Path) -> None:
 def test_compile_saves_plain_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """Dynamo traces the model either way; only the slow case generates code (~1 min on 2 cores)."""
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=backend))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend, **kw))
     result = loop.train(tiny(tmp_path, "trainer.compile=true", "trainer.max_steps=3", "trainer.eval_every=3"))
     assert result["step"] == 3
     ckpt = weights(tmp_path / "checkpoints/last.pt")

@@ -32,6 +32,7 @@ CHOICES = {
         "schedule": ("inverse_sqrt", "cosine", "noam", "constant"),
         "precision": PRECISIONS,
         "onednn_linear": SWITCHES,
+        "deferred_metrics": SWITCHES,
     },
     "decode": {
         "precision": PRECISIONS,
@@ -227,6 +228,9 @@ class DataConfig:
     # batching
     max_len: int = 256  # longer pairs (in subwords) are dropped from training, with a count
     max_tokens: int = 4096  # token budget per batch (padded source or target, whichever is larger)
+    # pad each training batch's source and target to the smallest of these lengths holding both (past the
+    # largest: a multiple of it), so a compiled model (trainer.compile) meets a few shapes; []: no padding
+    length_buckets: list[int] = field(default_factory=list)
     valid_max_sentences: int = 0  # cap on validation sentences used for BLEU during training (0: all)
     # multilingual (README "Multilingual training")
     # several corpora in one run: a list of CorpusConfig entries (a data config's keys, each with its
@@ -289,7 +293,10 @@ class TrainerConfig:
     patience: int = 0  # early stopping: evaluations without a better BLEU (0: off)
     average_last: int = 0  # average the last N kept checkpoints at the end (0: off)
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (with data.length_buckets it meets a few shapes: docs/gpu.md)
+    # auto | true | false: loss, token counts and the finite check stay on the device, read at log steps only (the
+    # host never waits for the GPU; a non-finite update is skipped by the fused AdamW, counted at the next log line)
+    deferred_metrics: str = "auto"  # auto: true on CUDA
     onednn_linear: str = "auto"  # auto | true | false: fp32 CPU linear layers on oneDNN instead of MKL; auto times both per layer shape at start-up
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
     # CPU with the system allocator (TRANSFORMER_ALLOCATOR=system, or no mimalloc): glibc keeps

@@ -33,18 +33,21 @@ class Batch:
     src: Tensor  # (B, S) right-padded with PAD
     tgt_in: Tensor  # (B, T) BOS + pieces
     tgt_out: Tensor  # (B, T) pieces + EOS
-    n_tokens: int  # target tokens that count in the loss
+    positions: Tensor  # (M,) where tgt_out.flatten() holds a real token: found on the host, never on the GPU
+    target: Tensor  # (M,) tgt_out.flatten()[positions], the tokens the loss counts
+    n_tokens: int  # target tokens that count in the loss (M)
     pad_id: int = PAD  # the padding id (an imported model's own)
 
     def to(self, device: torch.device) -> Batch:
-        nb = device.type == "cuda"
-        return Batch(
-            self.src.to(device, non_blocking=nb),
-            self.tgt_in.to(device, non_blocking=nb),
-            self.tgt_out.to(device, non_blocking=nb),
-            self.n_tokens,
-            self.pad_id,
-        )
+        """On ``device``; to CUDA from pinned memory without blocking, so the host builds the
+        next batch while the GPU runs this one."""
+        cuda = device.type == "cuda"
+
+        def move(t: Tensor) -> Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        tensors = (self.src, self.tgt_in, self.tgt_out, self.positions, self.target)
+        return Batch(*(move(t) for t in tensors), self.n_tokens, self.pad_id)
 
 
 def id_lengths(ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -103,31 +106,58 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
         yield group
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> Tensor:
-    """Right-pad to the longest sequence: (B, L) int64."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+def pad(seqs: Sequence[Sequence[int]], pad_id: int = PAD, length: int = 0) -> Tensor:
+    """Right-pad to the longest sequence, or to ``length`` if longer: (B, L) int64."""
+    out = torch.full((len(seqs), max(length, *(len(s) for s in seqs))), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
 
 
-def collate(examples: Sequence[Example], pad_id: int = PAD) -> Batch:
-    src = pad([e.src for e in examples], pad_id)
-    tgt = pad([e.tgt for e in examples], pad_id)
+def bucket_lengths(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """Each of ``lengths`` rounded up to the smallest of ``buckets`` (increasing) holding it;
+    past the largest, to the next multiple of it."""
+    edges = np.asarray(buckets, dtype=np.int64)
+    beyond = -(-lengths // edges[-1]) * edges[-1]
+    return np.where(lengths <= edges[-1], edges[np.minimum(np.searchsorted(edges, lengths), len(edges) - 1)], beyond)
+
+
+def collate(examples: Sequence[Example], pad_id: int = PAD, buckets: Sequence[int] = ()) -> Batch:
+    """The batch of ``examples``. With ``buckets`` (data.length_buckets) source and target are
+    both padded to the bucket of the longer side, so a compiled model meets a few shapes."""
+    longest = max(max(len(e.src), len(e.tgt) - 1) for e in examples)
+    length = int(bucket_lengths(np.array([longest]), buckets)[0]) if buckets else 0
+    src = pad([e.src for e in examples], pad_id, length)
+    tgt = pad([e.tgt for e in examples], pad_id, length + 1 if length else 0)
+    tgt_out = tgt[:, 1:]
+    positions = (tgt_out.flatten() != pad_id).nonzero().squeeze(1)
     return Batch(
-        src=src, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:], n_tokens=sum(len(e.tgt) - 1 for e in examples), pad_id=pad_id
+        src=src,
+        tgt_in=tgt[:, :-1],
+        tgt_out=tgt_out,
+        n_tokens=sum(len(e.tgt) - 1 for e in examples),
+        pad_id=pad_id,
+        positions=positions,
+        target=tgt_out.flatten()[positions],
     )
 
 
 def token_batches(
-    lengths: Sequence[tuple[int, int]] | np.ndarray, max_tokens: int, seed: int, epoch: int, shuffle: bool = True
+    lengths: Sequence[tuple[int, int]] | np.ndarray,
+    max_tokens: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    buckets: Sequence[int] = (),
 ) -> list[list[int]]:
     """Indices grouped so that each batch's padded size (rows x longest side) stays within
     ``max_tokens``. Examples are sorted by length (random tie-break per epoch) so batches
     hold similar lengths; batch order is shuffled per epoch. Every index appears once.
     ``lengths`` may be an (n, 2) array: sorting is numpy's, and the result is the same as
     for the list of tuples (the tie-break shuffle is ``random``'s, as it always was). Plain
-    ints (n,) are source lengths alone: decoding's batches, with ``shuffle=False``."""
+    ints (n,) are source lengths alone: decoding's batches, with ``shuffle=False``. With
+    ``buckets`` (data.length_buckets) a batch's size counts its rows at their bucket's length,
+    as ``collate`` pads them."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim == 1:
         lengths = np.stack([lengths, np.zeros_like(lengths)], axis=1)
@@ -142,7 +172,8 @@ def token_batches(
     key = lengths[order, 0] * (int(lengths[:, 1].max()) + 1) + lengths[order, 1]  # (source, target) in one int
     order = order[np.argsort(key, kind="stable")]  # stable: the shuffle breaks ties
     starts, count, longest = [0], 0, 0  # batch k is order[starts[k]:starts[k + 1]]
-    for k, size in enumerate(lengths.max(axis=1)[order].tolist()):  # greedy, as plain as Python gets
+    sizes = bucket_lengths(lengths.max(axis=1), buckets) if buckets else lengths.max(axis=1)
+    for k, size in enumerate(sizes[order].tolist()):  # greedy, as plain as Python gets
         if size > longest:
             longest = size
         count += 1

@@ -90,5 +90,7 @@ def buffer_batches(
     examples = encode_examples(
         *tokenizer.encode_pairs(pairs), max_len, f"{cfg.name} train (stream buffer)", cfg.max_len_ratio
     )
-    for batch in balanced_shard(token_batches(pair_lengths(examples), cfg.max_tokens, seed, epoch), rank, world):
+    for batch in balanced_shard(
+        token_batches(pair_lengths(examples), cfg.max_tokens, seed, epoch, buckets=cfg.length_buckets), rank, world
+    ):
         yield [examples[i] for i in batch]

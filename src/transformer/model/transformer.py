@@ -58,8 +58,9 @@ class Dropout(nn.Module):
     sampler took a third of a training step): one 64-bit draw gives four 15-bit uniform
     integers, so the mask costs a quarter of the generator calls of ``torch.rand``
     (0.9 against 2.4 ms per million values). p is rounded to a multiple of 2^-15.
-    On GPUs the fused kernel is used. ``whole_vectors`` drops along the last dimension
-    together (one draw per token: word dropout)."""
+    On GPUs, and under torch.compile (whose graphs cannot hold ``random_``), the fused
+    kernel is used. ``whole_vectors`` drops along the last dimension together (one draw per
+    token: word dropout)."""
 
     def __init__(self, p: float, whole_vectors: bool = False):
         super().__init__()
@@ -72,10 +73,10 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         shape = (*x.shape[:-1], 1) if self.whole_vectors else x.shape
-        if x.is_cuda and self.whole_vectors:
-            return x * F.dropout(x.new_ones(shape), self.p, training=True)
-        if x.is_cuda:
-            return F.dropout(x, self.p, training=True)
+        if x.is_cuda or torch.compiler.is_compiling():
+            return (
+                x * F.dropout(x.new_ones(shape), self.p, training=True) if self.whole_vectors else F.dropout(x, self.p)
+            )
         numel = math.prod(shape)
         bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=x.device).random_()  # [0, 2^63)
         draws = bits.view(torch.int16)[:numel].view(shape) & 0x7FFF  # uniform on [0, 2^15)
@@ -281,10 +282,12 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, tgt: Tensor, keep: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) for every target position, or (M, V) for the M positions where
-        ``keep`` (B, T) is True: training skips the output projection on padding."""
+        ``keep`` (B, T) is True, or at ``keep`` (M,), indices into the flattened (B * T)
+        positions (``Batch.positions``: found on the host, so a GPU never waits to learn M):
+        training skips the output projection on padding."""
         memory, mask = self.encode(src)
         hidden = self.decode(tgt, memory, mask)
-        return self.output(hidden if keep is None else hidden[keep])
+        return self.output(hidden if keep is None else hidden.flatten(0, 1)[keep.flatten()])
 
     # Incremental decoding -------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from transformer.runtime import active_allocator, autocast, keep_freed_memory
 from transformer.train.distributed import Dist, setup_distributed, share
 from transformer.train.init import load_init_weights
 from transformer.train.optim import build_optimizer
+from transformer.train.step import check_deferrable
 
 
 @dataclass
@@ -31,12 +32,16 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16, ``auto`` resolved
     onednn: str  # auto | true | false
+    deferred: bool  # trainer.deferred_metrics, auto resolved
 
 
 def setup_runtime(cfg: Any) -> Runtime:
     """Processes, device, precision and threads; cfg.run_dir becomes rank 0's."""
     t = cfg.trainer
     validate(cfg)  # every enumerated key and every range, before anything runs
+    buckets = list(cfg.data.length_buckets)
+    if buckets and (buckets != sorted(set(buckets)) or buckets[0] < 1):
+        raise UserError(f"data.length_buckets={buckets}: expected increasing positive lengths, e.g. [32, 64, 128]")
     if t.threads > 0:  # first: the hardware description logged later counts the threads in use
         torch.set_num_threads(t.threads)
     dist, device = setup_distributed(t.device)
@@ -45,6 +50,9 @@ def setup_runtime(cfg: Any) -> Runtime:
         device,
         resolve_precision(t.precision, device, "trainer.precision"),
         setting(t.onednn_linear, "trainer.onednn_linear"),
+        {"auto": device.type == "cuda", "true": True, "false": False}[
+            setting(t.deferred_metrics, "trainer.deferred_metrics")
+        ],
     )
     autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading
     check_decode_config(cfg.decode)
@@ -54,6 +62,19 @@ def setup_runtime(cfg: Any) -> Runtime:
     if t.keep_freed_memory and device.type == "cpu" and active_allocator() == "system":
         keep_freed_memory()
     return rt
+
+
+def compiled(net: nn.Module, buckets: list[int]) -> nn.Module:
+    """``torch.compile``d ``net`` for token-budget batches, whose rows and lengths change from
+    batch to batch. The row count is a dynamic size from the first batch (step.py marks it);
+    the lengths are too without ``buckets``: one graph, and one more for a single-row batch.
+    With data.length_buckets each bucket's length is static: a graph per bucket (two with a
+    single-row batch), specialised to its shape."""
+    if not buckets:
+        return torch.compile(net, dynamic=True)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 2 * len(buckets) + 2)  # else dynamo falls back to eager
+    return torch.compile(net, dynamic=False)
 
 
 def setup_model(
@@ -77,6 +98,9 @@ def setup_model(
             net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
     if t.compile:
-        net = torch.compile(net)  # checkpoints keep the plain model's state dict
+        net = compiled(net, cfg.data.length_buckets)  # checkpoints keep the plain model's state dict
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    return model_cfg, model, net, build_optimizer(model, t), scaler
+    optimizer = build_optimizer(model, t)
+    if rt.deferred:
+        check_deferrable(optimizer)
+    return model_cfg, model, net, optimizer, scaler

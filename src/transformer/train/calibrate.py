@@ -13,6 +13,7 @@ from transformer.decode.translator import translate_ids
 from transformer.train import budget
 from transformer.train.distributed import share
 from transformer.train.state import throwaway
+from transformer.train.step import host_stats
 from transformer.train.validation import eval_decode_config, valid_loss
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def plan_budget(trainer: Any, started: float) -> dict:
     with throwaway(model, trainer.optimizer, trainer.scaler):
         costs = budget.measure_costs(
             started,
-            trainer.train_step,
+            lambda group: host_stats(trainer.train_step(group)),  # read: deferred metrics would not wait for the GPU
             list(itertools.islice(chunked(data.epoch_batches(0), t.update_freq), 13)),
             lambda: valid_loss(model, data.valid_examples, cfg.data.max_tokens, trainer.device, trainer.precision),
             lambda: search(eval_decode_config(cfg)),

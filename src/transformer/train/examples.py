@@ -154,7 +154,9 @@ class RunData:
             )
         examples = self.epoch_examples(epoch)
         batches = shard(
-            token_batches(pair_lengths(examples), d.max_tokens, seed, epoch), self.dist.rank, self.dist.world
+            token_batches(pair_lengths(examples), d.max_tokens, seed, epoch, buckets=d.length_buckets),
+            self.dist.rank,
+            self.dist.world,
         )
         return ([examples[i] for i in b] for b in batches[skip:])
 

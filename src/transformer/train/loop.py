@@ -46,7 +46,7 @@ from transformer.train.state import (
     training_checkpoint,
     write_checkpoints,
 )
-from transformer.train.step import update
+from transformer.train.step import Tally, host_stats, update
 from transformer.train.stopping import BadSteps, catch_signals, patience_spent, stop_reason
 from transformer.train.validation import validate
 
@@ -72,6 +72,7 @@ class Trainer:
         self.model_cfg, self.model, self.net, self.optimizer, self.scaler = setup_model(
             cfg, self.tokenizer, rt, None if resume else init
         )
+        self.tally = Tally(self.device) if rt.deferred else None  # trainer.deferred_metrics
         self.setup_state(resume, started)
         resumed_at, t = self.progress.step if resume else None, cfg.trainer
         self.runlog = RunLog(
@@ -110,7 +111,8 @@ class Trainer:
 
     def train_step(self, group: list[list[Example]]) -> dict:
         """One optimizer update over ``group`` (update_freq batches); see step.update."""
-        batches = [collate(examples, self.model_cfg.pad_id).to(self.device) for examples in group]
+        buckets, pad_id = self.cfg.data.length_buckets, self.model_cfg.pad_id
+        batches = [collate(examples, pad_id, buckets).to(self.device) for examples in group]
         parts = (self.net, self.model, self.optimizer, self.scaler)
         step, d_model, world = self.progress.step + 1, self.model_cfg.d_model, self.dist.world
         anchor = (self.plan.revised_at, self.plan.anchor) if self.plan else NO_ANCHOR
@@ -123,6 +125,7 @@ class Trainer:
             d_model=d_model,
             world=world,
             anchor=anchor,
+            deferred=self.tally is not None,
         )
 
     def run(self) -> dict:
@@ -159,6 +162,7 @@ class Trainer:
         step = self.progress.step
         self.runlog.tick()
         if step % t.log_every == 0 or step == 1:
+            stats = stats if self.tally is None else self.settle(stats)
             now = time.time()
             stats["tokens_per_s"] = self.window["tokens"] / max(now - self.window["time"], 1e-9)
             self.window = {"tokens": 0, "time": now}
@@ -209,13 +213,30 @@ class Trainer:
         return ""
 
     def guard(self, stats: dict) -> bool:
-        """False for a NaN/inf step (skipped); stops after trainer.max_bad_steps in a row."""
+        """False for a NaN/inf step (skipped); stops after trainer.max_bad_steps in a row.
+        Deferred metrics: the device has skipped it, and ``settle`` counts it at the log step."""
+        if self.tally is not None:
+            self.tally.add(stats["finite"])
+            return True
         if self.bad_steps.finite(stats, self.progress.step + 1, self.precision):
             return True
         if error := self.bad_steps.error(self.progress.step, self.ckpt_dir / "last.pt"):
             self.save()
             raise error
         return False
+
+    def settle(self, stats: dict) -> dict:
+        """Deferred metrics, read at a log step (the one wait for the GPU between log lines):
+        this update's statistics and the tokens since the last line; the non-finite updates
+        the device skipped are reported, and trainer.max_bad_steps of them in a row stop the run."""
+        self.window["tokens"] = int(self.window["tokens"])
+        skipped, self.bad_steps.count = self.tally.read()
+        if skipped:
+            log.warning("step %d: %d non-finite updates since the last log line, skipped", self.progress.step, skipped)
+        if error := self.bad_steps.error(self.progress.step, self.ckpt_dir / "last.pt"):
+            self.save()
+            raise error
+        return host_stats(stats)
 
     # logging, validation, checkpoints ----------------------------------------------
 
