@@ -206,7 +206,7 @@ def test_ct2_engine_refuses_what_it_cannot_do_naming_the_field(ct2_translator) -
     from transformer.serve.ct2_engine import CT2Translator
 
     with pytest.raises(ApiError) as refused:
-        decode_options(ct2_translator, TranslateRequest(text="three", alignment=True))
+        decode_options(ct2_translator, TranslateRequest(text="three", alignment=True), None)
     assert refused.value.status == 422 and refused.value.field == "alignment"
     with pytest.raises(UserError, match="decode.constraints"):
         ct2_translator.hypotheses(["three"], constraints=[["drei"]])
