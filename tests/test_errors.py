@@ -312,6 +312,22 @@ def test_cli_serve_port_out_of_range(cli, tiny_run: Path, tmp_path: Path) -> Non
     )
 
 
+def test_serve_address_is_checked_before_any_model_loads() -> None:
+    import socket
+
+    from transformer.serve.server import check_address
+
+    with pytest.raises(UserError, match=r"host='no\.such\.host\.invalid': cannot resolve it"):
+        check_address("no.such.host.invalid", 8000)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"host='127.0.0.1' port={port}: cannot listen there"):
+            check_address("127.0.0.1", port)
+    check_address("127.0.0.1", port)  # free again: no error
+
+
 @pytest.mark.slow
 def test_cli_average_last_zero(cli, tiny_run: Path, tmp_path: Path) -> None:
     result = cli("average", f"inputs={tiny_run}", "output=avg.pt", "last=0", cwd=tmp_path)

@@ -15,7 +15,7 @@ from transformer.data.corpus import load_files
 from transformer.data.multilingual import split_parts
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
-from transformer.rundir import TEST_HYPOTHESES
+from transformer.rundir import TEST_HYPOTHESES, atomic_write
 from transformer.train.loop import train  # before the package binds its name `train` to train_and_test
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,8 @@ def evaluate(
         if output
         else Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"{name}.hyp.txt"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write(out, "".join(h + "\n" for h in hypotheses))
+    atomic_write(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     result["hypotheses_file"] = str(out)
     log.info("%s: BLEU %.2f chrF %.2f (%s)", name, result["bleu"], result["chrf"], result["bleu_signature"])
     return result

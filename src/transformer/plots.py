@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from transformer.errors import UserError
+from transformer.rundir import atomic_file
 
 if TYPE_CHECKING:
     from transformer.decode.translator import Translation, Translator
@@ -57,8 +58,8 @@ def plot_attention(
         ax.set_title(title, fontsize="small")
     fig.colorbar(image, ax=ax, shrink=0.8)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path
 
 

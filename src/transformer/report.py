@@ -26,6 +26,7 @@ from transformer.plots import new_figure
 from transformer.rundir import (
     RESUME_CHANGES,
     TEST_SCORES,
+    atomic_file,
     atomic_write,
     read_records,
     read_results,
@@ -95,7 +96,8 @@ def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
     axes[1, 0].legend()
     fig.suptitle(str(run_dir), fontsize="small")
     path = Path(path) if path else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=100, format=path.suffix.lstrip(".") or "png")
     return path
 
 

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from transformer.report import minutes_text
-from transformer.rundir import RESULTS
+from transformer.rundir import RESULTS, atomic_write
 
 
 def sweep_rows(sweep_dir: str | Path) -> list[dict]:
@@ -75,8 +75,8 @@ def write_sweep_summary(sweep_dir: str | Path) -> str:
     """Write ``summary.md`` and ``summary.json`` into the sweep directory; returns the table."""
     rows = sweep_rows(sweep_dir)
     table = summary_table(rows)
-    Path(sweep_dir, "summary.md").write_text(table + "\n", encoding="utf-8")
-    Path(sweep_dir, "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    atomic_write(Path(sweep_dir, "summary.md"), table + "\n")
+    atomic_write(Path(sweep_dir, "summary.json"), json.dumps(rows, indent=2) + "\n")
     return table
 
 

@@ -9,6 +9,7 @@ the time a client may take to send them (``guarded_protocol``).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from importlib.util import find_spec
@@ -102,6 +103,21 @@ def uvicorn_config(app: Any, host: str, port: int, cfg: ServeConfig, log_level: 
     )
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so an unknown name, an address this machine does not
+    have or a port in use is one error line before any model is loaded, not after."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:
+        raise UserError(f"host={host!r}: cannot resolve it ({e.strerror or e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(f"host={host!r} port={port}: cannot listen there ({e.strerror or e})") from None
+
+
 def serve(cfg: ServeRunConfig) -> None:
     if find_spec("fastapi") is None or find_spec("uvicorn") is None:
         raise UserError("transformer-serve needs the serve extra: pip install 'transformer[serve]' (fastapi, uvicorn)")
@@ -112,6 +128,7 @@ def serve(cfg: ServeRunConfig) -> None:
 
     validate(cfg, ("",))  # port (config.RANGES)
     check_serve_config(cfg)
+    check_address(cfg.host, cfg.port)
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)
     models = load_models(cfg)
