@@ -3,9 +3,10 @@
 Both train on the same Multi30k batches (our BPE, our token-budget batching), or with
 --synthetic on WMT-length batches of random ids (20-60 subwords a side, --vocab pieces),
 with the same optimizer (fused AdamW, HF Trainer's default), label smoothing and clipping.
-Ours runs the trainer's own update (train/step.py: on CUDA with deferred metrics, so the
-host never waits for the GPU; --compile as trainer.compile, --buckets as data.length_buckets).
-Steps are timed together, one synchronisation before and after; each
+Ours is set up by the trainer's own code (train/build.py: --compile as trainer.compile,
+--buckets as data.length_buckets) and runs its update (train/step.py: on CUDA with deferred
+metrics, so the host never waits for the GPU). Steps are timed together, one
+synchronisation before and after; each
 configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
 the allocator setting our trainer applies (``runtime.keep_freed_memory``) and, in fp32, its
 oneDNN linear layers where they time faster (``trainer.onednn_linear=auto``; --mkl: without); HF as it ships, or with
@@ -28,24 +29,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from transformer.config import DataConfig, ModelConfig, TrainerConfig, config_dir
+from transformer.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig, config_dir
 from transformer.data.batching import Example, collate, encode_examples, token_batches
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 from transformer.hardware import class_line, emulate_isa
-from transformer.model import build_model
-from transformer.model.kernels import linear_on_packed, onednn_shapes, pack_weight
-from transformer.model.onednn_linear import train_linears_on_onednn
+from transformer.model.kernels import linear_on_packed, pack_weight
 from transformer.runtime import autocast, keep_freed_memory
-from transformer.train.build import compiled
-from transformer.train.optim import build_optimizer
+from transformer.train.build import Runtime, setup_model
+from transformer.train.distributed import Dist
 from transformer.train.step import update
 from transformer.vocab import BOS, EOS, PAD
 
@@ -153,16 +153,23 @@ def train_flops(cfg: ModelConfig, batch) -> float:
     return 3.0 * (enc + dec + out)
 
 
-def ours_step(args, model, device: torch.device):
-    """Our trainer's update (train/step.py) on one batch: fused AdamW, clipping at 1.0,
-    label smoothing 0.1, deferred metrics on CUDA; --compile and --buckets as the trainer
-    compiles (train/build.py)."""
-    t = TrainerConfig(lr=1e-4, schedule="constant", warmup_steps=1, clip_norm=1.0, label_smoothing=0.1)
-    optimizer = build_optimizer(model, t)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    net = compiled(model, list(args.buckets or ())) if args.compile else model
-    deferred = device.type == "cuda"  # trainer.deferred_metrics=auto
-    d_model = model.cfg.d_model
+class VocabSizes(NamedTuple):
+    """What train.build.setup_model reads from a tokenizer (synthetic batches have none)."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+
+
+def ours_step(args, cfg: ModelConfig, device: torch.device):
+    """(model, step) as our trainer sets them up (train/build.py: oneDNN linear layers where
+    faster in fp32 on CPU, --mkl: without; --compile and --buckets as trainer.compile and
+    data.length_buckets; fused AdamW) and its update (train/step.py) on one batch: clipping at
+    1.0, label smoothing 0.1, deferred metrics on CUDA."""
+    t = TrainerConfig(lr=1e-4, schedule="constant", warmup_steps=1, clip_norm=1.0, label_smoothing=0.1, seed=0)
+    t.compile, t.onednn_linear = args.compile, "false" if args.mkl else "auto"
+    run_cfg = TrainConfig(model=cfg, data=DataConfig(length_buckets=list(args.buckets or ())), trainer=t)
+    rt = Runtime(Dist(), device, args.precision, t.onednn_linear, deferred=device.type == "cuda")  # deferred: auto
+    _, model, net, optimizer, scaler = setup_model(run_cfg, VocabSizes(cfg.src_vocab_size, cfg.tgt_vocab_size), rt)
 
     def run(b, i: int) -> None:
         update(
@@ -174,12 +181,12 @@ def ours_step(args, model, device: torch.device):
             t=t,
             precision=args.precision,
             step=i + 1,
-            d_model=d_model,
+            d_model=cfg.d_model,
             world=1,
-            deferred=deferred,
+            deferred=rt.deferred,
         )
 
-    return run
+    return model, run
 
 
 def hf_step(args, model, device: torch.device):
@@ -221,13 +228,11 @@ def run_one(args) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(False)  # what ours does inside attention (model/attention.py)
     batches, vocab = load_batches(args)
     cfg = model_config(args.model, vocab)
-    ours = args.impl == "ours"
-    model = (build_model(cfg) if ours else hf_marian(cfg)).to(device).train()
-    if ours and not args.mkl and not args.compile and device.type == "cpu" and args.precision == "fp32":
-        train_linears_on_onednn(
-            model, onednn_shapes(model, rows=512, training=True)
-        )  # what our trainer does (trainer.onednn_linear=auto)
-    run = ours_step(args, model, device) if ours else hf_step(args, model, device)
+    if args.impl == "ours":
+        model, run = ours_step(args, cfg, device)
+    else:
+        model = hf_marian(cfg).to(device).train()
+        run = hf_step(args, model, device)
     on_device = [b.to(device) for b in batches]
     for i, b in enumerate(on_device[: args.warmup]):
         run(b, i)

@@ -1,6 +1,6 @@
 """transformer-decode, runnable from a checkout: python scripts/decode.py key=value ..."""
 
-from transformer.cli import decode_cli
+from transformer.cli.decode import main
 
 if __name__ == "__main__":
-    decode_cli()
+    main()

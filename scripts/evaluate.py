@@ -1,6 +1,6 @@
 """transformer-evaluate, runnable from a checkout: python scripts/evaluate.py key=value ..."""
 
-from transformer.cli import evaluate_cli
+from transformer.cli.evaluate import main
 
 if __name__ == "__main__":
-    evaluate_cli()
+    main()

@@ -1,6 +1,6 @@
 """transformer-serve, runnable from a checkout: python scripts/serve.py checkpoint=RUN key=value ..."""
 
-from transformer.cli import serve_main
+from transformer.cli.serve import main
 
 if __name__ == "__main__":
-    serve_main()
+    main()

@@ -1,6 +1,6 @@
 """transformer-train, runnable from a checkout: python scripts/train.py key=value ..."""
 
-from transformer.cli import train_main
+from transformer.cli.train import main
 
 if __name__ == "__main__":
-    train_main()
+    main()

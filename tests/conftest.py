@@ -65,7 +65,7 @@ def tiny_cfg(tmp_path: Path) -> DictConfig:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformer import train
+    from transformer.evaluate import train_and_test as train
 
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     cfg = compose_config("train", ["experiment=tiny", f"run_dir={run_dir}"])

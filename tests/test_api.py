@@ -1,4 +1,4 @@
-"""The Python API as a user calls it (Translator, train, evaluate), its agreement with the
+"""The Python API as a user calls it (Translator, train_and_test, evaluate), its agreement with the
 console scripts, the attention picture, and the documentation of every config key."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import transformer
 from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.decode.translator import pack_models, resolve_decode
 from transformer.errors import UserError
+from transformer.evaluate import evaluate, train_and_test
 from transformer.runtime import autocast
 
 SENTENCES = ["twenty-one", "I have three red apples.", "the nineteen small dogs", "three hundred forty-five"]
@@ -111,7 +111,7 @@ def test_train_and_evaluate_from_python(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("train", overrides)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        metrics = transformer.train(cfg)
+        metrics = train_and_test(cfg)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -119,7 +119,7 @@ def test_train_and_evaluate_from_python(compose_cfg, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
     out = tmp_path / "valid.hyp.txt"
-    scores = transformer.evaluate(
+    scores = evaluate(
         cfg.run_dir,
         data=OmegaConf.to_object(cfg.data),
         split="valid",

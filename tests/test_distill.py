@@ -209,8 +209,8 @@ def test_a_student_with_a_narrow_decoder_exports_to_the_same_logits(tmp_path: Pa
 
     from test_decode import padded, random_sources, tiny_tokenizer
     from transformer.checkpoint import FORMAT, load_model
-    from transformer.export import main as export_main
-    from transformer.import_hf import main as import_main
+    from transformer.cli.export import main as export_main
+    from transformer.cli.import_hf import main as import_main
     from transformer.vocab import BOS, EOS, PAD
 
     tokenizer = tiny_tokenizer()

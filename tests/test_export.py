@@ -17,10 +17,11 @@ transformers = pytest.importorskip("transformers")
 
 from test_decode import eos_prone, padded, random_sources, tiny_model, tiny_tokenizer  # noqa: E402
 from transformer.checkpoint import FORMAT  # noqa: E402
+from transformer.cli.export import main  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.decode.translator import translate_ids  # noqa: E402
 from transformer.errors import UserError  # noqa: E402
-from transformer.export import convert_ct2, main, to_hf  # noqa: E402
+from transformer.export import convert_ct2, to_hf  # noqa: E402
 from transformer.vocab import BOS, EOS, PAD  # noqa: E402
 
 MAX_LEN = 24  # generated tokens including EOS (HF: max_length = MAX_LEN + 1, counting the start token)

@@ -46,7 +46,7 @@ OVERRIDES = [  # a model that learns the builtin corpus in a minute on one core
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformer import train
+    from transformer.evaluate import train_and_test as train
 
     run_dir = tmp_path_factory.mktemp("fast_decode") / "run"
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -128,7 +128,7 @@ def test_auto_picks_exact_paths_unless_a_loss_is_allowed(translator: Translator,
 def test_shortlist_command_stays_within_bound_and_never_leaves_the_list(
     trained: Path, translator: Translator, valid
 ) -> None:
-    from transformer.shortlist import main
+    from transformer.cli.shortlist import main
 
     main([f"checkpoint={trained}", "k=8", "frequent=10", "valid_sentences=50"])
     path = beside(trained)

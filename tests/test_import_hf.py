@@ -19,12 +19,13 @@ transformers = pytest.importorskip("transformers")
 from conftest import compose_config  # noqa: E402
 from hf_models import write_m2m100, write_marian  # noqa: E402
 from transformer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from transformer.cli.import_hf import main  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.data.batching import pad  # noqa: E402
 from transformer.decode.translator import Translator, translate_ids  # noqa: E402
 from transformer.errors import UserError  # noqa: E402
 from transformer.export import export  # noqa: E402
-from transformer.import_hf import import_directory, import_hf, main  # noqa: E402
+from transformer.import_hf import import_directory, import_hf  # noqa: E402
 from transformer.train import loop  # noqa: E402
 from transformer.train.init import apply_init_from  # noqa: E402
 

@@ -18,7 +18,6 @@ LAYERS = [
         "transformer.vocab",
         "transformer.hardware",
         "transformer.rundir",
-        "transformer.commands",
         "transformer.runtime",
     ),
     ("transformer.model", "transformer.data"),

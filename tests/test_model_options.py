@@ -172,7 +172,7 @@ def test_ema_after_k_steps_is_the_hand_computed_average() -> None:
 def test_export_refuses_each_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Hugging Face and CTranslate2 export alike: one line naming the key, nothing written."""
     pytest.importorskip("transformers")
-    from transformer.export import main
+    from transformer.cli.export import main
 
     tokenizer = tiny_tokenizer()
     for key, value in [("norm", "rmsnorm"), ("activation", "swiglu"), ("activation", "geglu"), ("positional", "rope")]:

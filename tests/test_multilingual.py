@@ -238,7 +238,7 @@ def both_ways_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"run_dir={run}",
     ]
     cfg = compose_config("train", overrides)
-    from transformer import train
+    from transformer.evaluate import train_and_test as train
 
     write_run_report(run, cfg, train(cfg))
     return run

@@ -238,7 +238,7 @@ def test_several_models_by_name(tiny_run: Path) -> None:
 def test_command_names_a_bad_setting(
     tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from transformer.cli import serve_cli
+    from transformer.cli.serve import run as serve_cli
 
     for argv, message in (
         ([f"checkpoint={tiny_run}", "serve.max_queue=0"], "error: serve.max_queue=0 must be > 0"),

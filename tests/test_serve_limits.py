@@ -263,7 +263,7 @@ def tagged(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     """A two-step run of the builtin corpus both ways with target-language tags (de, en)."""
     from conftest import compose_config
     from test_multilingual import QUICK, TINY_MODEL
-    from transformer import train
+    from transformer.evaluate import train_and_test as train
 
     run = tmp_path_factory.mktemp("tagged") / "run"
     overrides = [

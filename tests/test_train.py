@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from conftest import compose_config
 from transformer.checkpoint import load_checkpoint
+from transformer.cli.average import main as average_main
 from transformer.config import ModelConfig
 from transformer.data.batching import Example, collate
 from transformer.data.builtin import builtin_splits
@@ -33,7 +34,6 @@ from transformer.data.tokenizer import build_tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
 from transformer.train import loop, step, validation
-from transformer.train.average import main as average_main
 from transformer.vocab import BOS, EOS
 
 ROOT = Path(__file__).resolve().parents[1]

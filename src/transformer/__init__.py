@@ -2,15 +2,17 @@
 
 from transformer import Translator
 Translator.from_checkpoint("runs/builtin").translate(["twenty-one"])
+
+Training and scoring from Python: ``from transformer.evaluate import evaluate, train_and_test``.
+No name here shadows a module of the package: ``transformer.train`` and ``transformer.evaluate``
+are the modules, whatever was imported first (tests/test_module_names.py).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from transformer.decode.translator import Translation, Translator
-from transformer.evaluate import evaluate
-from transformer.evaluate import train_and_test as train
 
-__all__ = ["Translator", "Translation", "evaluate", "train"]
+__all__ = ["Translator", "Translation"]
 try:
     __version__ = version("transformer")  # one source of truth: pyproject.toml's version
 except PackageNotFoundError:  # a source tree on sys.path without an install

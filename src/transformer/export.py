@@ -16,9 +16,7 @@ with paper positions or with separate source/target embeddings) are refused with
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,13 +320,3 @@ def run_export(cfg: ExportConfig) -> None:
     print(f"transformers model: {out}")
     if cfg.ct2:
         print(f"CTranslate2 model: {convert_ct2(out, cfg.ct2, cfg.quantization)}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from transformer.commands import run_plain_command
-
-    run_plain_command(ExportConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_export)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -365,13 +363,3 @@ class ImportConfig:
 def run_import(cfg: ImportConfig) -> None:
     out = import_hf(cfg.hf, cfg.output, cfg.src_lang, cfg.tgt_lang)
     print(f"checkpoint: {out}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from transformer.commands import run_plain_command
-
-    run_plain_command(ImportConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_import)
-
-
-if __name__ == "__main__":
-    main()

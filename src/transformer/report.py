@@ -2,7 +2,7 @@
 run directory (sweep.py sums up a multirun).
 
 ``transformer-train`` calls ``write_run_report`` once training returns; Python users call it
-themselves after ``transformer.train(cfg)``, which stays free of plotting.
+themselves after ``evaluate.train_and_test(cfg)``, which stays free of plotting.
 """
 
 from __future__ import annotations

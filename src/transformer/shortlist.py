@@ -5,8 +5,6 @@ checkpoint (``decode.shortlist=auto`` finds it there; decode/shortlist.py says h
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -92,13 +90,3 @@ def run_shortlist(cfg: ShortlistConfig) -> Path:
     save_shortlist(table, output)
     print(f"shortlist of {len(pairs)} training pairs (k={cfg.k}, {cfg.frequent} frequent): {output}")
     return output
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from transformer.commands import run_plain_command
-
-    run_plain_command(ShortlistConfig, sys.argv[1:] if argv is None else list(argv), USAGE, run_shortlist)
-
-
-if __name__ == "__main__":
-    main()

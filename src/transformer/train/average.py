@@ -14,7 +14,6 @@ checkpoint (its tokenizer, model config and other fields are the oldest input's)
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,13 +58,3 @@ def average(cfg: AverageConfig) -> None:
     paths = checkpoints_to_average(cfg.inputs, cfg.last)
     atomic_save(average_checkpoints(paths), Path(cfg.output).expanduser())
     log.info("averaged %d checkpoints into %s: %s", len(paths), cfg.output, ", ".join(str(p) for p in paths))
-
-
-def main(argv: list[str] | None = None) -> None:
-    from transformer.commands import run_plain_command
-
-    run_plain_command(AverageConfig, sys.argv[1:] if argv is None else list(argv), USAGE, average, listed=("inputs",))
-
-
-if __name__ == "__main__":
-    main()
