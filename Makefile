@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train test docs docs-serve wheel-check multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data gpu-check clean
+.PHONY: help setup train lint test test-all docs docs-serve wheel-check multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,9 +29,14 @@ train: setup  ## train on the built-in corpus (minutes on a CPU), translate, pri
 	@echo "--- test BLEU"
 	$(BIN)/transformer-evaluate checkpoint=$(RUN) data=builtin
 
-test: setup  ## lint, check formatting, run the tests
+lint: setup  ## ruff check and the formatter's check
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
+
+test: lint  ## lint, then every test but the end-to-end ones marked slow (~2-3 min on 2 cores)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: lint  ## lint, then every test, the slow end-to-end ones included (what CI runs; ~15 min on 2 cores)
 	$(BIN)/python -m pytest
 
 $(BIN)/mkdocs: pyproject.toml | setup

@@ -128,6 +128,7 @@ def test_translations_carry_word_alignments(translator: Translator) -> None:
     assert [h[0].alignment for h in same] == [h[0].alignment for h in translator.hypotheses(SENTENCES, alignment=True)]
 
 
+@pytest.mark.slow
 def test_decode_prints_pharaoh_alignments(translator: Translator, tiny_run: Path, cli, tmp_path: Path) -> None:
     source = tmp_path / "src.txt"
     source.write_text("".join(s + "\n" for s in SENTENCES), encoding="utf-8")

@@ -37,6 +37,7 @@ def test_translate_returns_strings(translator: Translator) -> None:
         translator.translate(SENTENCES, beam_sise=2)
 
 
+@pytest.mark.slow
 def test_translator_equals_the_decode_command(translator: Translator, tiny_run: Path, cli, tmp_path: Path) -> None:
     source = tmp_path / "source.txt"
     source.write_text("".join(s + "\n" for s in SENTENCES), encoding="utf-8")
@@ -131,6 +132,7 @@ def test_train_and_evaluate_from_python(compose_cfg, tmp_path: Path) -> None:
     assert scores["bleu_signature"].startswith("nrefs:1|") and 0 <= scores["bleu"] <= 100
 
 
+@pytest.mark.slow
 def test_help_lists_the_groups(cli, tmp_path: Path) -> None:
     result = cli("train", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

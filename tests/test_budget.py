@@ -167,6 +167,7 @@ def calibrating(trainer: loop.Trainer) -> bool:
     return trainer.progress.plan is None  # the start-up timings (undone afterwards)
 
 
+@pytest.mark.slow
 def test_a_machine_that_slows_halfway_still_ends_on_time_annealed(tmp_path: Path, monkeypatch, caplog) -> None:
     clock = FakeClock(lambda trainer, now: 0.5 if now < BUDGET_MINUTES * 30 else 1.0)
     clock.install(monkeypatch)
@@ -180,6 +181,7 @@ def test_a_machine_that_slows_halfway_still_ends_on_time_annealed(tmp_path: Path
     assert_on_time_and_annealed(metrics, tmp_path, clock)
 
 
+@pytest.mark.slow
 def test_a_machine_faster_than_its_start_up_guess_uses_the_budget(tmp_path: Path, monkeypatch) -> None:
     clock = FakeClock(lambda trainer, now: 3.0 if calibrating(trainer) else 0.5)  # 6x faster after start-up
     clock.install(monkeypatch)
@@ -192,6 +194,7 @@ def test_a_machine_faster_than_its_start_up_guess_uses_the_budget(tmp_path: Path
     assert_on_time_and_annealed(metrics, tmp_path, clock)
 
 
+@pytest.mark.slow
 def test_a_killed_budgeted_run_resumes_exactly_with_its_revisions(tmp_path: Path, monkeypatch) -> None:
     """Killed (an exception in update 95) after several revisions, then resumed from its last
     checkpoint: the same losses, rates, evaluations and plan as the run never stopped."""

@@ -35,6 +35,7 @@ def cli_run(cli, workdir: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_train_writes_a_checkpoint(cli_run: Path) -> None:
     assert (cli_run / "checkpoints" / "best.pt").is_file()
     assert (cli_run / "checkpoints" / "last.pt").is_file()
@@ -42,6 +43,7 @@ def test_train_writes_a_checkpoint(cli_run: Path) -> None:
     assert not list(cli_run.glob("checkpoints/.*.tmp"))
 
 
+@pytest.mark.slow
 def test_evaluate_prints_scores_and_writes_hypotheses(cli, cli_run: Path, workdir: Path) -> None:
     result = cli(
         "evaluate",
@@ -61,6 +63,7 @@ def test_evaluate_prints_scores_and_writes_hypotheses(cli, cli_run: Path, workdi
     assert hyp_file.with_suffix(".json").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_an_ensemble(cli, cli_run: Path, workdir: Path) -> None:
     """The model ensembled with itself scores as the model alone (same probabilities)."""
     args = [
@@ -102,6 +105,7 @@ def decoded_file(cli, cli_run: Path, workdir: Path) -> tuple[list[str], str]:
     return result.stdout.split("\n")[:-1], result.stderr
 
 
+@pytest.mark.slow
 def test_decode_from_a_file_keeps_one_line_per_input(decoded_file: tuple[list[str], str]) -> None:
     outputs, stderr = decoded_file
     assert len(outputs) == len(LINES)
@@ -109,6 +113,7 @@ def test_decode_from_a_file_keeps_one_line_per_input(decoded_file: tuple[list[st
     assert re.search(rf"input line {OVER_LONG_LINE} has \d+ subwords, more than model.max_positions=128", stderr)
 
 
+@pytest.mark.slow
 def test_decode_from_stdin_keeps_order_and_prints_scores(
     cli, cli_run: Path, workdir: Path, decoded_file: tuple[list[str], str]
 ) -> None:
@@ -123,6 +128,7 @@ def test_decode_from_stdin_keeps_order_and_prints_scores(
     assert [row.split("\t", 1)[1] for row in rows] == list(reversed(outputs))
 
 
+@pytest.mark.slow
 def test_decode_n_best(cli, cli_run: Path, workdir: Path) -> None:
     stdin = "twenty-one\nthe nineteen small dogs\n"
     result = cli("decode", f"checkpoint={cli_run}", "decode=beam", "decode.n_best=3", cwd=workdir, input=stdin)

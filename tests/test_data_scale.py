@@ -304,6 +304,7 @@ def test_streamed_files_train_and_resume_exactly(corpus_dir: Path, tmp_path: Pat
 # the WMT14 recipe ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Path) -> None:
     import sys
 
@@ -372,6 +373,7 @@ def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Pat
     assert list((tmp_path / "cache").glob("train-*"))  # the recipe's corpus went through the cache
 
 
+@pytest.mark.slow
 def test_ddp_ranks_map_one_cache_and_train_as_one_process(corpus_dir: Path, tmp_path: Path) -> None:
     """Two gloo ranks: rank 0 builds the cache, rank 1 maps it; the updates equal one process
     with update_freq=2. Streamed files also train over two ranks (equal batch counts: no hang)."""

@@ -121,6 +121,7 @@ def distill_config(run: Path, teacher: Path, *overrides: str):
     )
 
 
+@pytest.mark.slow
 def test_tiny_teacher_to_student_killed_in_translation_and_resumed(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "distill"
     kill_after(monkeypatch, 1)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- test -->"
 BLOCK = re.compile(re.escape(MARK) + r"\s*\n```(\w+)\n(.*?)\n```", re.S)
@@ -101,6 +103,7 @@ def test_readme_and_getting_started_show_the_same_tour() -> None:
     assert marked_blocks(ROOT / "docs" / "getting-started.md") == readme
 
 
+@pytest.mark.slow
 def test_the_readme_tour_runs(tmp_path: Path) -> None:
     outputs = run_page(ROOT / "README.md", tmp_path, set(SCALE))
     run = tmp_path / "runs" / "mine"
@@ -113,6 +116,7 @@ def test_the_readme_tour_runs(tmp_path: Path) -> None:
     assert (tmp_path / "export" / "mine" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_api_page_runs(tmp_path: Path) -> None:
     run_page(ROOT / "docs" / "api.md", tmp_path, {"experiment=builtin"})
     assert (tmp_path / "runs" / "api" / "README.md").is_file()  # write_run_report's run card
@@ -137,6 +141,7 @@ def test_every_relative_link_of_the_readme_resolves() -> None:
     assert not broken, f"README.md links to what is not there: {broken}"
 
 
+@pytest.mark.slow
 def test_version_flag(cli, tmp_path: Path) -> None:
     import transformer
 

@@ -238,6 +238,7 @@ BAD_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
 def test_each_bad_setting_is_named_before_any_work(tiny_cfg, override: str, message: str) -> None:
     from conftest import compose_config

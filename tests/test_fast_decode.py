@@ -87,6 +87,7 @@ def test_int8_linear_is_close_to_fp32_and_slices_like_it() -> None:
         torch.testing.assert_close(packed(x), F.linear(x, linear.weight[rows], linear.bias[rows]))
 
 
+@pytest.mark.slow
 def test_int8_search_within_the_bleu_bound(translator: Translator, valid) -> None:
     fp32 = bleu(translator, valid, beam_size=3, quantize="none", precision="fp32")
     int8 = bleu(translator, valid, beam_size=3, quantize="int8")
@@ -125,6 +126,7 @@ def test_auto_picks_exact_paths_unless_a_loss_is_allowed(translator: Translator,
         path.unlink()
 
 
+@pytest.mark.slow
 def test_shortlist_command_stays_within_bound_and_never_leaves_the_list(
     trained: Path, translator: Translator, valid
 ) -> None:

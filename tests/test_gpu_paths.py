@@ -124,6 +124,7 @@ def comparable(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("minutes", "tokens_per_s")} for r in train_records(run_dir)]
 
 
+@pytest.mark.slow
 def test_deferred_metrics_log_what_per_step_reading_logs(tmp_path: Path) -> None:
     """Loss, token counts and the finite check kept on the device and read at log steps: the
     same records and the same weights as reading them after every update."""
@@ -186,6 +187,7 @@ def compiled_graphs(monkeypatch: pytest.MonkeyPatch, buckets: tuple[int, ...]) -
     return counter.frame_count
 
 
+@pytest.mark.slow
 def test_compile_builds_a_bounded_number_of_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Token-budget batches change rows and lengths at every step; the compiled model still
     builds one graph (two with a single-row batch), or one per length bucket (two with a
@@ -194,6 +196,7 @@ def test_compile_builds_a_bounded_number_of_graphs(monkeypatch: pytest.MonkeyPat
     assert 1 <= compiled_graphs(monkeypatch, (16, 32, 64)) <= 2 * 3
 
 
+@pytest.mark.slow
 def test_compiled_training_run_matches_its_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.compile with length buckets and deferred metrics through the loop (dynamo
     traces; the graphs run eagerly): the run trains and logs every update."""

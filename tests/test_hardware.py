@@ -52,6 +52,7 @@ def test_emulation_caps_count() -> None:
     assert json.dumps(SAPPHIRE.to_dict())  # goes into results.json as it is
 
 
+@pytest.mark.slow
 def test_explicit_bf16_on_emulating_cpu_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     hardware.warn_emulated_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="transformer.hardware"):
@@ -164,6 +165,7 @@ def test_allocator_env_preloads_mimalloc_once() -> None:
         allocator_env({"TRANSFORMER_ALLOCATOR": "jemalloc"}, lib)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_use_fast_allocator_reruns_the_process_under_mimalloc() -> None:
     from transformer.runtime import mimalloc_library

@@ -206,6 +206,7 @@ def fine_tune(run_dir: Path, checkpoint: Path, *overrides: str):
     )
 
 
+@pytest.mark.slow
 def test_fine_tune_starts_from_the_import_and_resumes_exactly(marian, tmp_path):
     _, checkpoint = marian
     full, split = tmp_path / "full", tmp_path / "split"
@@ -292,6 +293,7 @@ def test_hub_names_are_not_looked_up_offline(tmp_path, capsys, monkeypatch):
     assert err.endswith("missing: no such directory") and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_cli_names_the_contradicting_key(marian, tmp_path, cli):
     _, checkpoint = marian
     done = cli(

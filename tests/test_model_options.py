@@ -209,6 +209,7 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path, option: str) -> No
         assert str(a["model_config"][key]).lower() == value  # the option reached the model
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_validation_and_old_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints: "model" the averages (step by step the recursion), "train_model" the
     trained weights; validation sees the averages and leaves training as it was; a run

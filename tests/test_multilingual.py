@@ -248,6 +248,7 @@ def words(texts: Sequence[str]) -> set[str]:
     return {w for t in texts for w in re.findall(r"\w+", t.lower())}
 
 
+@pytest.mark.slow
 def test_both_ways_decodes_into_the_language_its_tag_names(both_ways_run: Path) -> None:
     translator = Translator.from_checkpoint(both_ways_run, device="cpu")
     assert translator.tokenizer.languages == ["de", "en"]
@@ -280,6 +281,7 @@ def test_both_ways_records_bleu_per_pair(both_ways_run: Path) -> None:
     assert "decode.tgt_lang=de" in card and 'tgt_lang="de"' in card
 
 
+@pytest.mark.slow
 def test_decode_cli_names_the_models_languages(both_ways_run: Path, cli, tmp_path: Path) -> None:
     bad = cli("decode", f"checkpoint={both_ways_run}", "sentence=twenty-one", "decode.tgt_lang=fr", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
@@ -296,6 +298,7 @@ def test_corpora_overrides_parse_back() -> None:
     assert OverridesParser.create().parse_override(f"data.corpora={hydra_value(value)}").value() == value
 
 
+@pytest.mark.slow
 def test_card_evaluate_command_scores_each_pair_as_training_did(both_ways_run: Path, cli, tmp_path: Path) -> None:
     card = (both_ways_run / "README.md").read_text(encoding="utf-8")
     command = next(line for line in card.splitlines() if line.startswith("transformer-evaluate "))

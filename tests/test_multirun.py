@@ -34,6 +34,7 @@ def sweep(cli, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return sweep_dir, result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", range(len(WIDTHS)))
 def test_each_job_has_its_own_run_directory(sweep: tuple[Path, str], job: int) -> None:
     run = sweep[0] / str(job)

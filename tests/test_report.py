@@ -41,6 +41,7 @@ def card(report_run: Path) -> str:
     return (report_run / "README.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_curves_png_is_written(report_run: Path) -> None:
     data = (report_run / "curves.png").read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 20_000
@@ -67,6 +68,7 @@ def test_card_holds_scores_signatures_model_and_data(report_run: Path, card: str
     assert "Resolved config:" in card  # trained from Python: no .hydra/overrides.yaml
 
 
+@pytest.mark.slow
 def test_card_evaluate_command_reproduces_the_test_score(report_run: Path, card: str, cli, tmp_path: Path) -> None:
     command = next(line for line in card.splitlines() if line.startswith("transformer-evaluate "))
     args = shlex.split(command)[1:]

@@ -139,6 +139,7 @@ BREAKING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, change", BREAKING, ids=[o for o, _ in BREAKING])
 def test_resume_refuses_a_change_that_breaks_exactness(four_steps: Path, override: str, change: str) -> None:
     with pytest.raises(UserError, match=re.escape(change)) as err:
@@ -148,6 +149,7 @@ def test_resume_refuses_a_change_that_breaks_exactness(four_steps: Path, overrid
     assert load_checkpoint(four_steps / "checkpoints/last.pt")["progress"]["step"] == 4  # nothing was touched
 
 
+@pytest.mark.slow
 def test_resume_accepts_allowed_and_free_changes_and_records_them(four_steps: Path, tmp_path: Path) -> None:
     run = copy_run(four_steps, tmp_path / "run")
     allow = "trainer.resume_allow=[trainer.lr,trainer.max_steps]"

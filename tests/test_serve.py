@@ -161,6 +161,7 @@ def test_request_of_a_client_that_left_is_dropped(served: ServedModel) -> None:
         assert httpx.post(f"{base}/translate", json={"text": SENTENCES[0]}).status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight(served: ServedModel, tiny_run: Path, tmp_path: Path) -> None:
     """A real server (decoding in its child process) drains on SIGTERM."""
     port = free_port()
@@ -252,6 +253,7 @@ def test_command_names_a_bad_setting(
         assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_page_translates_in_a_browser(served: ServedModel) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:

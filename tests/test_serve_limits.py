@@ -211,6 +211,7 @@ def test_blank_lines_stay_empty(served: ServedModel, base: str) -> None:
     assert served.translator.translate(texts) == [t["text"] for t in answer]  # the Python API agrees
 
 
+@pytest.mark.slow
 def test_blank_lines_stay_empty_in_the_cli(tiny_run: Path, cli, tmp_path: Path) -> None:
     result = cli("decode", f"checkpoint={tiny_run}", "device=cpu", cwd=tmp_path, input="twenty-one\n\nthree\n")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -282,6 +283,7 @@ def tagged(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     return load_served_model("both", str(run), "cpu", DecodeConfig(beam_size=2, tgt_lang="de"))
 
 
+@pytest.mark.slow
 def test_tagged_and_untagged_models_on_one_server(tiny_run: Path, tagged: ServedModel) -> None:
     served = load_served_model("", str(tiny_run), "cpu", DecodeConfig(beam_size=2, tgt_lang="de"))  # ignored by it
     with live_server([served, tagged], ServeConfig()) as url:

@@ -59,6 +59,7 @@ def codes(seen: dict[str, float]) -> set[str]:
     return {k.split('code="')[1].split('"')[0] for k in seen if k.startswith("transformer_serve_requests_total")}
 
 
+@pytest.mark.slow
 def test_killed_worker_fails_only_its_batch_and_comes_back(server: tuple[str, ServedModel]) -> None:
     base, served = server
     decoder = served.decoder
@@ -92,6 +93,7 @@ def test_killed_worker_fails_only_its_batch_and_comes_back(server: tuple[str, Se
     assert "500" not in codes(seen)
 
 
+@pytest.mark.slow
 def test_hung_batch_is_stopped(server: tuple[str, ServedModel]) -> None:
     base, served = server
     decoder = served.decoder

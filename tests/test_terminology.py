@@ -67,6 +67,7 @@ def test_a_constraint_that_cannot_fit_warns(translator: Translator, caplog: pyte
     assert hyps[0] and "input line 1: no output within the length limit holds every constraint" in caplog.text
 
 
+@pytest.mark.slow
 def test_decode_reads_prefix_and_constraints_files(translator: Translator, tiny_run: Path, cli, tmp_path: Path) -> None:
     source, prefixes, constraints = tmp_path / "src.txt", tmp_path / "prefix.txt", tmp_path / "constraints.txt"
     source.write_text("".join(s + "\n" for s in SENTENCES), encoding="utf-8")

@@ -98,6 +98,7 @@ def start_and_signal(run_dir: Path, overrides: Sequence[str], at_step: int, sig:
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
     done = subprocess.run(train_command(full, *KILL_RUN), cwd=tmp_path, env=ENV, capture_output=True, text=True)
@@ -138,6 +139,7 @@ def test_bidirectional_epochs_train_each_pair_both_ways_then_forward_only(tmp_pa
         loop.Trainer(tiny(tmp_path / "separate", "trainer.bidirectional_epochs=1", "data.joint_vocab=false"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = start_and_signal(
@@ -230,6 +232,7 @@ def assert_learns_with_fp32_weights(run_dir: Path, *overrides: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_trains(tmp_path: Path) -> None:
     assert_learns_with_fp32_weights(tmp_path, "trainer.precision=bf16")
 
@@ -428,6 +431,7 @@ def torchrun(run_dir: Path, *overrides: str, device: str = "cpu") -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_equals_one_process_with_accumulation(tmp_path: Path) -> None:
     """Two gloo ranks take batches b0 and b1 of each pair; one process with update_freq=2 takes
     [b0, b1]: same updates. The distributed run also stops at step 6 and resumes to 10."""
@@ -491,6 +495,7 @@ def test_stream_batches_cover_every_pair_once_per_epoch(jsonl_dataset: Path) -> 
     assert not seen - Counter(every)  # disjoint: no pair twice across the ranks
 
 
+@pytest.mark.slow
 def test_streaming_training_resumes_exactly(tmp_path: Path, jsonl_dataset: Path) -> None:
     data = [
         "data=hub",
