@@ -73,7 +73,7 @@ else
 fi
 $py -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee "$out/torch.txt"
 
-step cuda_tests 75 $py -m pytest tests/test_cuda.py tests/test_decode.py -k "cuda or test_cuda" -q -p no:cacheprovider -rs
+step cuda_tests 75 $py -m pytest tests/test_cuda.py tests/decode/test_decode.py -k "cuda or test_cuda" -q -p no:cacheprovider -rs
 bench=(scripts/bench_train.py --synthetic --model $model --vocab $vocab --max-tokens $tokens --precision $precision
   --device $device --steps $steps --warmup $warmup --cache "$out/bench")
 step bench_train 85 $py "${bench[@]}" --impl ours hf --json "$out/bench_train.json"

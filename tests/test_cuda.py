@@ -1,5 +1,5 @@
 """The CUDA path: the same properties the CPU tests prove, on a GPU. Skipped where there is
-none (CI); run on a GPU machine with ``pytest tests/test_cuda.py tests/test_decode.py``
+none (CI); run on a GPU machine with ``pytest tests/test_cuda.py tests/decode/test_decode.py``
 (``scripts/gpu_check.sh`` runs them with the GPU benchmarks). Cached decoding and beam 1 =
 greedy run on CUDA as a ``device`` parameter of their tests in test_decode.py."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_decode import padded, random_sources, tiny_model
-from test_train import assert_learns_with_fp32_weights, losses, tiny, torchrun
+from tiny import padded, random_sources, tiny_model
+from training import assert_learns_with_fp32_weights, losses, tiny, torchrun
 from transformer.runtime import autocast
 from transformer.train import loop
 from transformer.train.loss import label_smoothed_loss

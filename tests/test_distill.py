@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from test_decode import tiny_model
+from tiny import tiny_model
 from transformer import distill
 from transformer.config import DataConfig, TrainConfig, typed
 from transformer.data.builtin import builtin_splits
@@ -208,7 +208,7 @@ def test_a_student_with_a_narrow_decoder_exports_to_the_same_logits(tmp_path: Pa
     transformers = pytest.importorskip("transformers")
     from dataclasses import asdict
 
-    from test_decode import padded, random_sources, tiny_tokenizer
+    from tiny import padded, random_sources, tiny_tokenizer
     from transformer.checkpoint import FORMAT, load_model
     from transformer.cli.export import main as export_main
     from transformer.cli.import_hf import main as import_main

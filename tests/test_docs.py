@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from serve_live import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- test -->"
@@ -47,12 +48,6 @@ def scaled(code: str, used: set[str]) -> str:
         if text in code:
             code, _ = code.replace(text, small), used.add(text)
     return code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_block(command: list[str], workdir: Path, env: dict[str, str], name: str) -> str:

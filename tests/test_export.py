@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from test_decode import eos_prone, padded, random_sources, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import eos_prone, padded, random_sources, tiny_model, tiny_tokenizer  # noqa: E402
 from transformer.checkpoint import FORMAT  # noqa: E402
 from transformer.cli.export import main  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402

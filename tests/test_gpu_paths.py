@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from test_train import losses, poison_losses, tiny, toy_examples, toy_model, train_records, weights
+from training import losses, poison_losses, tiny, toy_examples, toy_model, train_records, weights
 from transformer.checkpoint import load_checkpoint
 from transformer.data.batching import collate, token_batches
 from transformer.errors import UserError

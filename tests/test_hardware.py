@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from conftest import compose_config
+from training import train_quietly
 from transformer import hardware
 from transformer.config import ModelConfig, setting
 from transformer.errors import UserError
@@ -23,7 +23,6 @@ from transformer.model import build_model
 from transformer.model.kernels import onednn_shapes, shape_of
 from transformer.model.onednn_linear import train_linears_on_onednn
 from transformer.model.prepack import packed_for_cpu
-from transformer.train import loop
 
 CPU = torch.device("cpu")
 AVX2 = Hardware(
@@ -125,15 +124,6 @@ def logits_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(4, 300, (3, 7), generator=torch.Generator().manual_seed(1)), torch.randint(
         4, 300, (3, 5), generator=torch.Generator().manual_seed(2)
     )
-
-
-def train_quietly(cfg) -> dict:
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return loop.train(cfg)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 def test_results_name_the_hardware_and_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

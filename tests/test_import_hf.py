@@ -312,7 +312,7 @@ def test_train_cli_names_the_contradicting_key(marian, tmp_path, cli):
 def test_checkpoints_without_the_new_model_keys_still_load():
     """Checkpoints written before the import options existed get their defaults (ids 0-3,
     embeddings scaled, no logits bias) and compute what they computed."""
-    from test_decode import random_sources, tiny_model, tiny_tokenizer
+    from tiny import random_sources, tiny_model, tiny_tokenizer
     from transformer.checkpoint import FORMAT
 
     tokenizer = tiny_tokenizer()

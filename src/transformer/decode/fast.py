@@ -30,7 +30,7 @@ from transformer.model.quantize import Int8Linear, int8_available
 
 log = logging.getLogger(__name__)
 
-INT8_BLEU_LOSS = 0.3  # the BLEU int8 search may lose against fp32 (tests/test_fast_decode.py holds it to this)
+INT8_BLEU_LOSS = 0.3  # the BLEU int8 search may lose against fp32 (tests/decode/test_fast_decode.py holds it to this)
 
 
 def resolve_quantize(cfg: DecodeConfig, device: torch.device, model: nn.Module) -> str:

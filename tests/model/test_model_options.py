@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_decode import VOCAB, padded, random_sources, tiny_model, tiny_tokenizer
-from test_train import losses, tiny
+from tiny import VOCAB, padded, random_sources, tiny_model, tiny_tokenizer
+from training import losses, tiny
 from transformer.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from transformer.config import DecodeConfig, ModelConfig
 from transformer.decode.search import beam_search, greedy_search

@@ -1,10 +1,11 @@
 """Every console command (pyproject.toml's [project.scripts], as installed) lives in the ``transformer.cli`` package, one module
-each, and answers ``--version`` and ``--help`` (called in this process: tests/test_cli.py runs
+each, and answers ``--version`` and ``--help`` (called in this process: tests/cli/test_cli.py runs
 the installed scripts end to end)."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from importlib.metadata import distribution
 
@@ -46,7 +47,10 @@ def command_line(monkeypatch: pytest.MonkeyPatch):
             status = e.code or 0
         return status, capsys.readouterr().out
 
-    return run
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield run
+    root.handlers[:], root.level = handlers, level  # a command's logging setup holds the captured stderr
 
 
 @pytest.mark.parametrize("command", sorted(SCRIPTS))

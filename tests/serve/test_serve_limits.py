@@ -263,7 +263,7 @@ def test_small_request_is_not_queued_behind_a_big_one(served: ServedModel) -> No
 def tagged(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     """A two-step run of the builtin corpus both ways with target-language tags (de, en)."""
     from conftest import compose_config
-    from test_multilingual import QUICK, TINY_MODEL
+    from training import QUICK, TINY_MODEL
     from transformer.evaluate import train_and_test as train
 
     run = tmp_path_factory.mktemp("tagged") / "run"

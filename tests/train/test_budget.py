@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from test_hardware import train_quietly
+from training import train_quietly
 from transformer.checkpoint import load_checkpoint
 from transformer.config import TrainerConfig
 from transformer.errors import UserError

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from test_train import ENV, last_step, train_command
+from training import ENV, last_step, train_command
 from transformer.checkpoint import load_checkpoint
 from transformer.data.builtin import builtin_splits
 from transformer.data.tokenizer import build_tokenizer

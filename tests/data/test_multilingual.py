@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import compose_config
+from training import QUICK, TINY_MODEL
 from transformer.data.builtin import builtin_splits
 from transformer.data.multilingual import corpora, corpus_shares, epoch_indices, tag_prefix
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
@@ -27,17 +28,7 @@ from transformer.train.examples import RunData
 from transformer.vocab import BOS, EOS
 
 PAIRS = builtin_splits(200, 20, 20, 1234)["train"]
-TINY_MODEL = [
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.d_ff=64",
-    "model.n_encoder_layers=1",
-    "model.n_decoder_layers=1",
-    "model.dropout=0.0",
-    "model.max_positions=128",
-]
 SMALL_DATA = ["data.builtin_train=300", "data.builtin_valid=20", "data.builtin_test=20", "data.vocab_size=200"]
-QUICK = ["trainer.progress=false", "trainer.threads=1", "trainer.precision=fp32", "trainer.warmup_steps=5"]
 BOTH_WAYS = "data.corpora=[{src_lang:en,tgt_lang:de},{src_lang:en,tgt_lang:de,reverse:true}]"
 
 

@@ -8,9 +8,7 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,22 +20,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-from omegaconf import DictConfig
 
 from conftest import compose_config
+from training import (
+    ENV,
+    assert_learns_with_fp32_weights,
+    last_step,
+    losses,
+    poison_losses,
+    tiny,
+    torchrun,
+    toy_examples,
+    toy_model,
+    train_command,
+    weights,
+)
 from transformer.checkpoint import load_checkpoint
 from transformer.cli.average import main as average_main
-from transformer.config import ModelConfig
 from transformer.data.batching import Example, collate
 from transformer.data.builtin import builtin_splits
 from transformer.data.tokenizer import build_tokenizer
 from transformer.errors import UserError
-from transformer.model import build_model
 from transformer.train import loop, step, validation
-from transformer.vocab import BOS, EOS
+from transformer.vocab import BOS
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # 200 tiny pairs at max_tokens=512 make 8 batches an epoch: 40 steps cross 4 epoch boundaries,
 # and a checkpoint every 5 steps is never at an epoch boundary before the end.
 KILL_RUN = [
@@ -49,37 +55,6 @@ KILL_RUN = [
     "trainer.eval_every=1000",
     "evaluate_test=false",
 ]
-
-
-def tiny(run_dir: Path, *overrides: str) -> DictConfig:
-    return compose_config("train", ["experiment=tiny", "evaluate_test=false", f"run_dir={run_dir}", *overrides])
-
-
-def train_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def losses(run_dir: Path) -> list[tuple[int, int, float]]:
-    return [(r["step"], r["epoch"], r["loss"]) for r in train_records(run_dir)]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
-
-
-def train_command(run_dir: Path, *overrides: str) -> list[str]:
-    script = Path(sys.executable).parent / "transformer-train"
-    return [str(script), *overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-
-
-def last_step(run_dir: Path) -> int:
-    """Step of the newest complete line of metrics.jsonl (0 before the first)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.endswith("\n")]
-    return json.loads(lines[-1])["step"] if lines else 0
 
 
 def start_and_signal(run_dir: Path, overrides: Sequence[str], at_step: int, sig: int) -> subprocess.Popen:
@@ -179,23 +154,6 @@ def test_corrupt_last_checkpoint_falls_back_to_newest_step(tmp_path: Path, caplo
     assert [s for s, _, _ in losses(tmp_path)] == list(range(1, 13))
 
 
-def poison_losses(monkeypatch: pytest.MonkeyPatch, trainer: loop.Trainer, good: int) -> dict:
-    """After ``good`` updates every training loss is NaN; returns {"weights": the model's
-    state just before the first NaN}, filled in when it comes."""
-    real, calls, before = step.label_smoothed_loss, [0], {}
-
-    def poisoned(logits, target, smoothing):
-        calls[0] += 1
-        loss, nll = real(logits, target, smoothing)
-        if calls[0] <= good:
-            return loss, nll
-        before.setdefault("weights", {k: v.clone() for k, v in trainer.model.state_dict().items()})
-        return loss * float("nan"), nll
-
-    monkeypatch.setattr(step, "label_smoothed_loss", poisoned)
-    return before
-
-
 def test_nan_steps_are_skipped_then_the_run_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -209,29 +167,6 @@ def test_nan_steps_are_skipped_then_the_run_stops(
     assert all(torch.equal(v, before["weights"][k]) for k, v in ckpt["model"].items())
 
 
-def assert_learns_with_fp32_weights(run_dir: Path, *overrides: str) -> None:
-    """40 updates at a high rate lower the loss by 0.5; the checkpoint holds finite fp32 CPU
-    weights whatever the autocast precision or device."""
-    loop.train(
-        tiny(
-            run_dir,
-            "trainer.max_steps=40",
-            "trainer.log_every=1",
-            "trainer.eval_every=1000",
-            "trainer.lr=3e-3",
-            *overrides,
-        )
-    )
-    curve = [loss for _, _, loss in losses(run_dir)]
-    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
-    state = weights(run_dir / "checkpoints/last.pt")
-    assert all(
-        v.dtype == torch.float32 and v.device.type == "cpu" and torch.isfinite(v).all()
-        for v in state.values()
-        if v.is_floating_point()
-    )
-
-
 @pytest.mark.slow
 def test_bf16_on_cpu_trains(tmp_path: Path) -> None:
     assert_learns_with_fp32_weights(tmp_path, "trainer.precision=bf16")
@@ -240,28 +175,6 @@ def test_bf16_on_cpu_trains(tmp_path: Path) -> None:
 def test_fp16_on_cpu_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         loop.Trainer(tiny(tmp_path, "trainer.precision=fp16", "trainer.device=cpu"))
-
-
-def toy_model(dropout: float = 0.0) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(
-        ModelConfig(
-            d_model=32,
-            n_heads=2,
-            n_encoder_layers=1,
-            n_decoder_layers=1,
-            d_ff=64,
-            dropout=dropout,
-            max_positions=64,
-            src_vocab_size=40,
-            tgt_vocab_size=40,
-        )
-    )
-
-
-def toy_examples(n: int, rng: random.Random) -> list[Example]:
-    words = lambda: [rng.randrange(4, 40) for _ in range(rng.randint(1, 9))]  # noqa: E731
-    return [Example(words() + [EOS], [BOS] + words() + [EOS]) for _ in range(n)]
 
 
 def gradients(
@@ -401,34 +314,6 @@ def test_compile_saves_plain_state_dict(tmp_path: Path, monkeypatch: pytest.Monk
     ckpt = weights(tmp_path / "checkpoints/last.pt")
     assert not any("_orig_mod" in k for k in ckpt)
     assert all(torch.isfinite(v).all() for v in ckpt.values() if v.is_floating_point())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(run_dir: Path, *overrides: str, device: str = "cpu") -> None:
-    """Two ranks of the tiny experiment: gloo on CPU, NCCL on CUDA."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(ROOT / "scripts/train.py"),
-        "experiment=tiny",
-        f"trainer.device={device}",
-        "trainer.log_every=1",
-        "trainer.eval_every=1000",
-        "evaluate_test=false",
-        f"run_dir={run_dir}",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-    ]
-    done = subprocess.run(command, cwd=run_dir.parent, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -308,7 +308,7 @@ def test_streamed_files_train_and_resume_exactly(corpus_dir: Path, tmp_path: Pat
 def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Path) -> None:
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     from bench_data import write_corpus
 
     recipe = compose_config("train", ["experiment=wmt14_en_de_base"])
@@ -377,7 +377,7 @@ def test_wmt14_recipe_composes_as_the_paper_and_trains_two_updates(tmp_path: Pat
 def test_ddp_ranks_map_one_cache_and_train_as_one_process(corpus_dir: Path, tmp_path: Path) -> None:
     """Two gloo ranks: rank 0 builds the cache, rank 1 maps it; the updates equal one process
     with update_freq=2. Streamed files also train over two ranks (equal batch counts: no hang)."""
-    from test_train import torchrun
+    from training import torchrun
 
     data = [*files_overrides(corpus_dir), "trainer.schedule=constant", "trainer.max_steps=4"]
     torchrun(tmp_path / "ddp", *data)
