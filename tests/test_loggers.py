@@ -30,6 +30,7 @@ from transformer.train.loggers import (
     register_logger,
 )
 from transformer.train.loggers import scalars as plotted
+from transformer.train.runlog import RunLog
 
 STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=1", "trainer.progress=false"]
 
@@ -91,6 +92,14 @@ def test_a_logger_registered_outside_receives_every_record(tmp_path: Path, recor
     assert lines(run) == first + resumed
     assert resumed[0] == {"step": 4, "resume_changes": {"trainer.max_steps": [4, 6], "trainer.lr": [0.001, 0.002]}}
     assert [r["step"] for r in resumed if "loss" in r] == [5, 6] and recorder.calls[0] == ("init", 4, 6, 6)
+
+
+def test_only_rank_0_builds_loggers(tmp_path: Path, recorder: type[Recorder]) -> None:
+    other_rank = RunLog([Recorder], RunInfo(tmp_path, config={"trainer": {"max_steps": 1}}), enabled=False)
+    other_rank.log("train", {"step": 1, "loss": 1.0}, "text")
+    other_rank.tick()
+    other_rank.close()
+    assert recorder.calls == []
 
 
 def test_a_logger_from_an_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

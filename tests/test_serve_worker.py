@@ -20,7 +20,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
-from serve_live import live_server, metrics, wait_for  # noqa: E402
+from serve_live import free_port, live_server, metrics, wait_for  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.serve.batcher import Batcher, Job, WorkerLost  # noqa: E402
 from transformer.serve.models import ServedModel, load_served_model  # noqa: E402
@@ -76,7 +76,8 @@ def test_the_server_process_loads_no_weights(tiny_run: Path, monkeypatch: pytest
 
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", counted)
     monkeypatch.setattr(server_module, "draining_server", InProcess)
-    server_module.serve(ServeRunConfig(checkpoint=str(tiny_run), device="cpu"))  # serve.decode_process=true
+    cfg = ServeRunConfig(checkpoint=str(tiny_run), device="cpu", port=free_port())  # nothing listens on it
+    server_module.serve(cfg)  # serve.decode_process=true
     assert loads == [] and seen["meta"]
     reference = Translator.from_checkpoint(tiny_run, "cpu")
     assert loads == ["Transformer"]  # what counted would have seen of a load in this process
