@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 import textwrap
 import time
@@ -153,6 +154,11 @@ def test_a_missing_client_library_and_a_repeated_name_are_errors(monkeypatch: py
     monkeypatch.setitem(LOGGERS, "needy", Needy)
     with pytest.raises(UserError, match=r"^trainer.loggers: needy needs the no_such_client_library package"):
         logger_class("needy")
+    monkeypatch.setattr(loggers, "find_spec", lambda module: None)  # as if the extra were not installed
+    with pytest.raises(
+        UserError, match=re.escape("mlflow needs the mlflow package (pip install 'transformer[mlflow]')")
+    ):
+        logger_class("mlflow")
     with pytest.raises(UserError, match="named twice"):
         logger_classes(["jsonl", "jsonl"])
     with pytest.raises(TypeError):

@@ -47,6 +47,7 @@ class MetricLogger:
     hooks other than ``log`` do nothing unless overridden."""
 
     requires: tuple[str, ...] = ()  # modules that must be importable (checked before any work)
+    install = ""  # how to install them, for that error (default: pip install <the first missing module>)
 
     def log(self, group: str, record: dict[str, Any], step: int) -> None:
         """One record of ``group`` (train, valid or resume) at update ``step``: the one method to write."""
@@ -154,7 +155,6 @@ LOGGERS: dict[str, type[MetricLogger] | str] = {
     "wandb": "transformer.train.trackers:WandbLogger",
     "mlflow": "transformer.train.trackers:MlflowLogger",
 }
-EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # the pip extra that installs a built-in logger's client
 
 
 def register_logger(name: str, cls: type[MetricLogger]) -> type[MetricLogger]:
@@ -185,8 +185,8 @@ def logger_class(name: str) -> type[MetricLogger]:
     if not (isinstance(found, type) and issubclass(found, MetricLogger)):
         raise UserError(f"trainer.loggers: {name!r} is {found!r}, not a MetricLogger subclass")
     if missing := [m for m in found.requires if find_spec(m) is None]:
-        extra = f"pip install 'transformer[{EXTRAS[name]}]'" if name in EXTRAS else f"pip install {missing[0]}"
-        raise UserError(f"trainer.loggers: {name} needs the {missing[0]} package ({extra})")
+        how = found.install or f"pip install {missing[0]}"
+        raise UserError(f"trainer.loggers: {name} needs the {missing[0]} package ({how})")
     return found
 
 

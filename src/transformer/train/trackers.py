@@ -42,6 +42,7 @@ class WandbLogger(MetricLogger):
     WANDB_DIR says otherwise); the validation translations as HTML."""
 
     requires = ("wandb",)
+    install = "pip install 'transformer[wandb]'"
 
     def __init__(self, run: RunInfo):
         import wandb
@@ -77,6 +78,7 @@ class MlflowLogger(MetricLogger):
     the config as parameters (dotted keys), texts as artifacts ``<tag>/step_NNNNNNNN.txt``."""
 
     requires = ("mlflow",)
+    install = "pip install 'transformer[mlflow]'"
 
     def __init__(self, run: RunInfo):
         from mlflow.tracking import MlflowClient
