@@ -33,8 +33,9 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-def load_checkpoint(path: Path | str) -> dict:
-    """The checkpoint dict; a clear error for a missing, truncated or foreign file."""
+def load_checkpoint(path: Path | str, mmap: bool = False) -> dict:
+    """The checkpoint dict; a clear error for a missing, truncated or foreign file. ``mmap``:
+    tensors stay in the file (memory-mapped) until something reads them."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -44,7 +45,7 @@ def load_checkpoint(path: Path | str) -> dict:
             f"(a file cut short by a crash, or another kind of file)"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(
             f"{path}: not a readable checkpoint: a PyTorch archive whose contents are damaged or foreign ({first_line(e)})"
@@ -65,9 +66,12 @@ def resolve_checkpoint(path: str, name: str = "best.pt") -> Path:
     return p
 
 
-def model_from_checkpoint(ckpt: dict, tokenizer: Tokenizer | None = None) -> tuple[Transformer, Tokenizer]:
+def model_from_checkpoint(
+    ckpt: dict, tokenizer: Tokenizer | None = None, weights: bool = True
+) -> tuple[Transformer, Tokenizer]:
     """Rebuild the model and its tokenizer. A tokenizer given separately must have the
-    vocabulary the model was trained with."""
+    vocabulary the model was trained with. ``weights=False``: the model's shape only, its
+    parameters on the meta device (no memory, nothing read)."""
     cfg = ModelConfig(**ckpt["model_config"])
     tok = tokenizer or Tokenizer.from_state(ckpt["tokenizer"])
     if (tok.src_vocab_size, tok.tgt_vocab_size) != (cfg.src_vocab_size, cfg.tgt_vocab_size):
@@ -79,16 +83,22 @@ def model_from_checkpoint(ckpt: dict, tokenizer: Tokenizer | None = None) -> tup
         raise UserError(
             "tokenizer differs from the one saved in the checkpoint (same size, other pieces): use the run's own tokenizer"
         )
+    if not weights:
+        with torch.device("meta"):
+            return build_model(cfg), tok
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     return model, tok
 
 
-def load_model(path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[Transformer, Tokenizer, dict]:
+def load_model(
+    path: str | Path, tokenizer: Tokenizer | None = None, weights: bool = True
+) -> tuple[Transformer, Tokenizer, dict]:
     """(model in eval mode, tokenizer, the checkpoint's training config) of a checkpoint file
-    or run directory (its best.pt); ``tokenizer``: the one an ensemble member must share."""
-    ckpt = load_checkpoint(resolve_checkpoint(str(path)))
-    model, tok = model_from_checkpoint(ckpt, tokenizer)
+    or run directory (its best.pt); ``tokenizer``: the one an ensemble member must share.
+    ``weights=False``: the weights stay on disk and the model is its shape (meta device)."""
+    ckpt = load_checkpoint(resolve_checkpoint(str(path)), mmap=not weights)
+    model, tok = model_from_checkpoint(ckpt, tokenizer, weights)
     return model.eval(), tok, ckpt.get("config", {})
 
 

@@ -308,6 +308,9 @@ class TrainerConfig:
     # start from this checkpoint's weights, tokenizer and model config (fresh optimizer; resume wins)
     init_from: str | None = None
     progress: bool = True  # show a tqdm progress bar
+    loggers: list[str] = field(
+        default_factory=lambda: ["jsonl", "tensorboard", "console"]
+    )  # where records go: jsonl | tensorboard | console | wandb | mlflow, or a logger registered by name (docs/runs.md#loggers)
 
 
 @dataclass

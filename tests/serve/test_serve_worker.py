@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
-from serve_live import live_server, metrics, wait_for  # noqa: E402
+from serve_live import free_port, live_server, metrics, wait_for  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
 from transformer.serve.batcher import Batcher, Job, WorkerLost  # noqa: E402
 from transformer.serve.models import ServedModel, load_served_model  # noqa: E402
@@ -40,6 +41,48 @@ def server(tiny_run: Path) -> tuple[str, ServedModel]:
             yield base, served
     finally:
         served.decoder.close()
+
+
+def test_the_server_process_loads_no_weights(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformer-serve with a decoding process: its own process reads each checkpoint's
+    config, tokenizer and model shape, never the weights (no load_state_dict; parameters on
+    the meta device); the worker loads them, once, and answers as an in-process translator."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from transformer.decode.translator import Translator
+    from transformer.serve import server as server_module
+    from transformer.serve.settings import ServeRunConfig
+
+    loads: list[str] = []
+    load_state_dict = torch.nn.Module.load_state_dict
+
+    def counted(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        loads.append(type(self).__name__)
+        return load_state_dict(self, *args, **kwargs)
+
+    seen: dict[str, Any] = {}
+
+    class InProcess:  # instead of uvicorn: requests through the app, in this process
+        def __init__(self, config: Any, state: Any, timeout_s: float):
+            self.app, self.state = config.app, state
+
+        def run(self) -> None:
+            with TestClient(self.app) as client:
+                seen["answer"] = client.post("/translate", json={"texts": SENTENCES}).json()
+                seen["models"] = client.get("/models").json()["models"]
+            model = self.state.models["en-de"].translator.models[0]
+            seen["meta"] = all(p.is_meta for p in model.parameters())
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", counted)
+    monkeypatch.setattr(server_module, "draining_server", InProcess)
+    cfg = ServeRunConfig(checkpoint=str(tiny_run), device="cpu", port=free_port())  # nothing listens on it
+    server_module.serve(cfg)  # serve.decode_process=true
+    assert loads == [] and seen["meta"]
+    reference = Translator.from_checkpoint(tiny_run, "cpu")
+    assert loads == ["Transformer"]  # what counted would have seen of a load in this process
+    assert [t["text"] for t in seen["answer"]["translations"]] == reference.translate(SENTENCES)
+    assert seen["models"][0]["parameters"] == reference.models[0].num_parameters()
 
 
 def post(base: str, texts: list[str], out: list) -> threading.Thread:

@@ -1,4 +1,9 @@
-"""The checkpoints a server translates with, by name, and what GET /models says of them."""
+"""The checkpoints a server translates with, by name, and what GET /models says of them.
+
+Where a model decodes in a worker process (``serve.decode_process``), the server's own
+process reads only what it needs to check and tokenize requests and to describe the model
+(config, tokenizer, the model's shape on the meta device): each model's weights are loaded
+once, in its worker."""
 
 from __future__ import annotations
 
@@ -56,18 +61,28 @@ def describe(name: str, path: str, config: dict, translator: Translator) -> dict
     }
 
 
-def load_translator(path: str, device: str, decode: DecodeConfig, engine: str = "torch") -> tuple[Translator, dict]:
+def decodes_in_worker(cfg: ServeRunConfig) -> bool:
+    """Whether each model decodes in a worker process (CTranslate2 releases the GIL itself)."""
+    return cfg.serve.decode_process and cfg.serve.engine == "torch"
+
+
+def load_translator(
+    path: str, device: str, decode: DecodeConfig, engine: str = "torch", weights: bool = True
+) -> tuple[Translator, dict]:
     """A checkpoint's translator (and its training config), used once so packed weights exist
     before the first request (``engine=ctranslate2``: one that searches with CTranslate2). The
     server's decode.tgt_lang is the default of tagged models only: an untagged one on the same
-    server ignores it."""
-    model, tokenizer, config = load_model(path)
+    server ignores it. ``weights=False``: a translator that tokenizes and describes but cannot
+    search (its model is on the meta device; a worker process decodes)."""
+    model, tokenizer, config = load_model(path, weights=weights)
     if not tokenizer.tags:
         decode = replace(decode, tgt_lang=None)
     elif decode.tgt_lang is not None and decode.tgt_lang not in tokenizer.tags:
         raise UserError(
             f"{path}: decode.tgt_lang={decode.tgt_lang!r}: the model knows {', '.join(tokenizer.languages)}"
         )
+    if not weights:
+        return Translator([model], tokenizer, decode, checkpoint=path), config
     if engine == "ctranslate2":
         from transformer.serve.ct2_engine import CT2Translator
 
@@ -78,9 +93,12 @@ def load_translator(path: str, device: str, decode: DecodeConfig, engine: str = 
     return translator, config
 
 
-def load_served_model(name: str, path: str, device: str, decode: DecodeConfig, engine: str = "torch") -> ServedModel:
-    """The model under ``name`` (empty: its languages, e.g. en-de)."""
-    translator, config = load_translator(path, device, decode, engine)
+def load_served_model(
+    name: str, path: str, device: str, decode: DecodeConfig, engine: str = "torch", weights: bool = True
+) -> ServedModel:
+    """The model under ``name`` (empty: its languages, e.g. en-de); ``weights=False`` for one
+    whose ``decoder`` (a worker process) will hold the weights."""
+    translator, config = load_translator(path, device, decode, engine, weights)
     if not name:
         data = config.get("data", {})
         name = f"{data['src_lang']}-{data['tgt_lang']}" if data.get("src_lang") and data.get("tgt_lang") else "default"
@@ -88,8 +106,9 @@ def load_served_model(name: str, path: str, device: str, decode: DecodeConfig, e
     return ServedModel(name, translator, describe(name, path, config, translator))
 
 
-def load_models(cfg: ServeRunConfig) -> list[ServedModel]:
-    """``checkpoint=`` (one model, named after its languages) or ``models={name: path}``."""
+def load_models(cfg: ServeRunConfig, weights: bool = True) -> list[ServedModel]:
+    """``checkpoint=`` (one model, named after its languages) or ``models={name: path}``;
+    ``weights=False`` where workers decode (``decodes_in_worker``)."""
     if bool(cfg.checkpoint) == bool(cfg.models):
         raise UserError("give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...} (exactly one of them)")
     if cfg.serve.engine not in ("torch", "ctranslate2"):
@@ -99,11 +118,11 @@ def load_models(cfg: ServeRunConfig) -> list[ServedModel]:
     except UserError as e:
         raise UserError(f"{e} (the server's decode defaults)") from None
     if cfg.checkpoint:
-        return [load_served_model("", cfg.checkpoint, cfg.device, cfg.decode, cfg.serve.engine)]
+        return [load_served_model("", cfg.checkpoint, cfg.device, cfg.decode, cfg.serve.engine, weights)]
     for name in cfg.models:
         if not name.strip() or "/" in name:
             raise UserError(f"models: {name!r} is not a usable model name (non-empty, no '/')")
     return [
-        load_served_model(name, str(path), cfg.device, cfg.decode, cfg.serve.engine)
+        load_served_model(name, str(path), cfg.device, cfg.decode, cfg.serve.engine, weights)
         for name, path in cfg.models.items()
     ]

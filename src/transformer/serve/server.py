@@ -123,7 +123,7 @@ def serve(cfg: ServeRunConfig) -> None:
         raise UserError("transformer-serve needs the serve extra: pip install 'transformer[serve]' (fastapi, uvicorn)")
     from transformer.serve.app import create_app
     from transformer.serve.guard import api_key, is_loopback
-    from transformer.serve.models import load_models
+    from transformer.serve.models import decodes_in_worker, load_models
     from transformer.serve.worker import ProcessDecoder
 
     validate(cfg, ("",))  # port (config.RANGES)
@@ -131,10 +131,11 @@ def serve(cfg: ServeRunConfig) -> None:
     check_address(cfg.host, cfg.port)
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)
-    models = load_models(cfg)
+    in_worker = decodes_in_worker(cfg)
+    models = load_models(cfg, weights=not in_worker)  # the weights are loaded once, in each model's worker
     decoders = (
         [ProcessDecoder(m.info["checkpoint"], cfg.device, cfg.decode, cfg.serve.threads, cfg.serve) for m in models]
-        if cfg.serve.decode_process and cfg.serve.engine == "torch"  # CTranslate2 releases the GIL itself
+        if in_worker
         else []
     )
     for model, decoder in zip(models, decoders):

@@ -5,7 +5,8 @@ run needs is in the checkpoint: weights, optimizer, scaler, RNG states, and wher
 epoch it stopped, so a killed run continues with the same batches and the same dropout.
 ``Trainer.__init__`` is a list of ``setup_*`` steps; the jobs around the loop live in their
 own modules: distributed.py (ranks, seeds), state.py (progress, checkpoints), step.py (one
-update), validation.py (loss and BLEU), runlog.py (metrics), budget.py (the time budget).
+update), validation.py (loss and BLEU), runlog.py (metrics, to the loggers of loggers.py),
+budget.py (the time budget).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from transformer.checkpoint import CHECKPOINT_DIR
-from transformer.config import TrainConfig, typed
+from transformer.config import TrainConfig, to_dict, typed
 from transformer.data.batching import Example, chunked, collate
 from transformer.errors import UserError
 from transformer.hardware import detect
@@ -34,8 +35,9 @@ from transformer.train.distributed import all_rng_states, finish_distributed, se
 from transformer.train.ema import EMA, averaged
 from transformer.train.examples import RunData
 from transformer.train.init import apply_init_from
+from transformer.train.loggers import RunInfo, logger_classes
 from transformer.train.optim import NO_ANCHOR
-from transformer.train.resume import check_resume, record_changes
+from transformer.train.resume import changes_record, check_resume
 from transformer.train.runlock import hold_run_dir
 from transformer.train.runlog import RunLog, train_record
 from transformer.train.state import (
@@ -59,6 +61,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig | Any, started: float | None = None):
         self.cfg = cfg = typed(cfg, TrainConfig)  # a no-op for train()'s, which is typed already
+        loggers = logger_classes(cfg.trainer.loggers)  # an unknown name stops here, before any work
         started = budget.clock() if started is None else started
         rt = setup_runtime(cfg)
         self.dist, self.device, self.precision = rt.dist, rt.device, rt.precision
@@ -74,12 +77,11 @@ class Trainer:
         )
         self.tally = Tally(self.device) if rt.deferred else None  # trainer.deferred_metrics
         self.setup_state(resume, started)
-        resumed_at, t = self.progress.step if resume else None, cfg.trainer
-        self.runlog = RunLog(
-            self.run_dir, enabled=self.dist.main, resumed_at=resumed_at, bar=t.progress, total=self.schedule.max_steps
-        )
-        if self.dist.main:
-            record_changes(self.run_dir, self.progress.step, changes)
+        resumed_at, total = self.progress.step if resume else None, self.schedule.max_steps
+        run = RunInfo(self.run_dir, resumed_at, total, cfg.trainer.progress, to_dict(cfg))
+        self.runlog = RunLog(loggers, run, enabled=self.dist.main)
+        if changes:
+            self.runlog.log("resume", changes_record(self.progress.step, changes))
 
     # setup -------------------------------------------------------------------------
 
@@ -245,7 +247,6 @@ class Trainer:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
         record = train_record(self.progress.step, self.progress.epoch, self.progress.elapsed, stats, peak)
         self.runlog.log("train", record)
-        self.runlog.progress(record)
 
     def validate(self) -> bool:
         """Validation NLL and BLEU on rank 0; returns whether this is the best BLEU so far

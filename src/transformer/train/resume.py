@@ -16,7 +16,7 @@ from typing import Any
 
 from transformer.config import to_dict
 from transformer.errors import UserError
-from transformer.rundir import RESUME_CHANGES, append_record
+from transformer.rundir import RESUME_CHANGES
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ FREE = frozenset(
         "trainer.onednn_linear",
         "trainer.keep_freed_memory",
         "trainer.progress",
+        "trainer.loggers",
         "trainer.log_every",
         "trainer.save_every",
         "trainer.keep_last",
@@ -113,7 +114,6 @@ def check_resume(cfg: Any, resume: tuple[Path, dict] | None) -> dict[str, tuple[
     return changes
 
 
-def record_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
-    """A metrics.jsonl record of the settings a resume changed (after its truncation to ``step``)."""
-    if changes:
-        append_record(run_dir, {"step": step, RESUME_CHANGES: {k: list(v) for k, v in changes.items()}})
+def changes_record(step: int, changes: dict[str, tuple[Any, Any]]) -> dict:
+    """The metrics.jsonl record of the settings a resume changed (logged after its truncation to ``step``)."""
+    return {"step": step, RESUME_CHANGES: {k: list(v) for k, v in changes.items()}}
