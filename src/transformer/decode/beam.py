@@ -5,6 +5,7 @@ ending in EOS (`finalize`), and carries the best k others forward as the next be
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +16,6 @@ from transformer.decode.rows import Rows
 from transformer.decode.rules import NEG_INF, Hypothesis, apply_limits, force_prefix
 from transformer.decode.scorer import Scorer
 from transformer.decode.spec import SearchSpec
-from transformer.vocab import Specials
 
 
 def _widen(rows: Rows, log_probs: Tensor, k: int, running: int) -> tuple[Rows, Tensor]:
@@ -91,21 +91,13 @@ def beam_search(
     scorer: Scorer,
     src: Tensor,
     *,
-    beam_size: int = 5,
-    n_best: int = 1,
-    length_penalty: float = 1.0,
-    lp_style: str = "gnmt",
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_len_limit: int = 1024,
-    min_len: int = 0,
-    early_stop: str = "exact",
-    specials: Specials = Specials(),
     prefix: Sequence[Sequence[int]] | None = None,
     constraints: Sequence[Sequence[Sequence[int]]] | None = None,
-    alignment: bool = False,
+    **settings: Any,
 ) -> list[list[Hypothesis]]:
-    """Beam search over all sentences at once; `n_best` hypotheses each, best first.
+    """Beam search over all sentences at once; `n_best` hypotheses each, best first. ``settings``:
+    `SearchSpec` fields (beam_size, n_best, length_penalty, lp_style, early_stop, the lengths,
+    specials, alignment).
 
     Each step every sentence ranks its beam * V extensions by running log-prob (by banks
     under constraints) and keeps the best 2 * beam (`ranking.rank`): among the first `beam` of
@@ -124,17 +116,4 @@ def beam_search(
     ``constraints`` and ``alignment``: see `rules`. A sentence returns fewer than `n_best`
     hypotheses only if fewer sequences have a nonzero probability under the rules.
     """
-    spec = SearchSpec(
-        beam_size=beam_size,
-        n_best=n_best,
-        length_penalty=length_penalty,
-        lp_style=lp_style,
-        early_stop=early_stop,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        max_len_limit=max_len_limit,
-        min_len=min_len,
-        specials=specials,
-        alignment=alignment,
-    )
-    return beam_search_with(scorer, src, spec, prefix, constraints)
+    return beam_search_with(scorer, src, SearchSpec(**settings), prefix, constraints)

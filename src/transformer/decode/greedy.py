@@ -4,6 +4,7 @@ step) and sampling (``n`` independent draws per sentence, e.g. for back-translat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,7 +13,6 @@ from transformer.decode.rows import Rows
 from transformer.decode.rules import Hypothesis, apply_limits, force_prefix
 from transformer.decode.scorer import Scorer
 from transformer.decode.spec import SearchSpec
-from transformer.vocab import Specials
 
 
 def decode_rows(
@@ -63,32 +63,15 @@ def _finish_rows(rows: Rows, done: Tensor, results: list[Hypothesis | None]) -> 
 
 
 def greedy_search(
-    scorer: Scorer,
-    src: Tensor,
-    *,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_len_limit: int = 1024,
-    min_len: int = 0,
-    specials: Specials = Specials(),
-    prefix: Sequence[Sequence[int]] | None = None,
-    alignment: bool = False,
+    scorer: Scorer, src: Tensor, *, prefix: Sequence[Sequence[int]] | None = None, **settings: Any
 ) -> list[list[Hypothesis]]:
-    """The most probable next token at every step; one hypothesis per sentence.
+    """The most probable next token at every step; one hypothesis per sentence. ``settings``:
+    `SearchSpec` fields (max_len_a, max_len_b, max_len_limit, min_len, specials, alignment).
 
     Scores are plain log-probs. Equals `beam_search(beam_size=1)` token for token whenever
     that beam search stops at its first finished hypothesis (see `beam_search`).
     """
-    spec = SearchSpec(
-        beam_size=1,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        max_len_limit=max_len_limit,
-        min_len=min_len,
-        specials=specials,
-        alignment=alignment,
-    )
-    return greedy_with(scorer, src, spec, prefix)
+    return greedy_with(scorer, src, SearchSpec(**settings), prefix)
 
 
 def greedy_with(

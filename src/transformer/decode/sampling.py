@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,7 +13,6 @@ from transformer.decode.greedy import decode_rows
 from transformer.decode.rules import NEG_INF, Hypothesis
 from transformer.decode.scorer import Scorer
 from transformer.decode.spec import SearchSpec
-from transformer.vocab import Specials
 
 
 def _outside_nucleus(probs: Tensor, ranked: tuple[Tensor, Tensor], top_p: float) -> Tensor:
@@ -78,36 +78,15 @@ def sample(
     src: Tensor,
     *,
     n: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_len_limit: int = 1024,
-    min_len: int = 0,
-    specials: Specials = Specials(),
     prefix: Sequence[Sequence[int]] | None = None,
-    alignment: bool = False,
+    **settings: Any,
 ) -> list[list[Hypothesis]]:
-    """`n` independent samples per sentence (e.g. for back-translation).
+    """`n` independent samples per sentence (e.g. for back-translation). ``settings``:
+    `SearchSpec` fields (temperature, top_k, top_p, the lengths, specials, alignment).
 
     Tokens are drawn from `filter_logits`; a hypothesis's log_prob and token_log_probs
     are the model's own (untempered, unfiltered), so they can be compared with search.
     Pass a seeded `generator` (on src's device) for reproducible samples.
     """
-    spec = SearchSpec(
-        beam_size=1,
-        n_best=n,
-        sampling=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        max_len_limit=max_len_limit,
-        min_len=min_len,
-        specials=specials,
-        alignment=alignment,
-    )
-    return sample_with(scorer, src, spec, prefix, generator)
+    return sample_with(scorer, src, SearchSpec(n_best=n, sampling=True, **settings), prefix, generator)

@@ -5,7 +5,7 @@ before any work starts (the CLI's error line and the server's 422 both come from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from transformer.config import DecodeConfig, validate_section
 from transformer.errors import UserError
@@ -44,21 +44,7 @@ class SearchSpec:
 
     @classmethod
     def of(cls, cfg: DecodeConfig, max_positions: int, specials: Specials = Specials()) -> SearchSpec:
-        """The search ``cfg`` asks for, on a model with ``max_positions`` positions."""
-        return cls(
-            beam_size=cfg.beam_size,
-            n_best=cfg.n_best,
-            length_penalty=cfg.length_penalty,
-            lp_style=cfg.lp_style,
-            early_stop=cfg.early_stop,
-            max_len_a=cfg.max_len_a,
-            max_len_b=cfg.max_len_b,
-            max_len_limit=max_positions - 1,
-            min_len=cfg.min_len,
-            specials=specials,
-            sampling=cfg.sampling,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            alignment=cfg.alignment,
-        )
+        """The search ``cfg`` asks for (its keys of the same names), on a model with ``max_positions`` positions."""
+        keys = {f.name for f in fields(DecodeConfig)}
+        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name in keys}
+        return cls(**shared, max_len_limit=max_positions - 1, specials=specials)
