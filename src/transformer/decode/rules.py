@@ -1,6 +1,6 @@
 """The rules every search applies to a step's log-probs, and what a search returns.
 
-Conventions shared by all searches (greedy and sampling in `greedy`, beam search in `beam`):
+Conventions shared by all searches (`greedy`, `sampling`, `beam`):
 
 * ``max_len`` counts generated tokens including EOS (BOS is not generated); at the
   last allowed position only EOS may be chosen, so every hypothesis finishes.
