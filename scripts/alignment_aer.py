@@ -29,7 +29,8 @@ from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.data.builtin import builtin_splits, number_to_english
 from transformer.decode.alignment import word_indices
-from transformer.decode.translator import target_ids, translate_ids
+from transformer.decode.batching import translate_ids
+from transformer.decode.guides import target_ids
 
 NUMBER_WORDS = {w for n in range(1000) for w in number_to_english(n).replace("-", " ").split()} | {"thousand"}
 

@@ -45,8 +45,9 @@ from transformer.data.batching import (
 )
 from transformer.data.corpus import load_files, load_split  # noqa: E402
 from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
+from transformer.decode.batching import translate_ids  # noqa: E402
 from transformer.decode.fast import resolve_shortlist  # noqa: E402
-from transformer.decode.translator import prepare_models, resolve_decode, translate_ids  # noqa: E402
+from transformer.decode.prepare import prepare_models, resolve_decode  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.hardware import class_line, emulate_isa  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402

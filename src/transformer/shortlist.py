@@ -14,8 +14,8 @@ from transformer.checkpoint import load_model
 from transformer.config import DataConfig, DecodeConfig
 from transformer.data.corpus import load_split
 from transformer.data.tokenizer import Tokenizer
+from transformer.decode.batching import translate_ids
 from transformer.decode.shortlist import Shortlist, beside, build_shortlist, save_shortlist
-from transformer.decode.translator import translate_ids
 from transformer.errors import UserError
 from transformer.evaluate import score
 from transformer.model import Transformer

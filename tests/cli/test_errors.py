@@ -269,6 +269,16 @@ def test_decode_settings_out_of_range_are_refused() -> None:
             check_decode_config(DecodeConfig(**{key: value}))
 
 
+def test_n_best_larger_than_the_beam_is_one_error() -> None:
+    """The one check across decode keys, shared by the CLI, the API and the server's 422."""
+    from transformer.config import DecodeConfig
+    from transformer.decode.spec import check_decode_config
+
+    with pytest.raises(UserError, match=re.escape("decode.n_best=3 is larger than beam_size=2")):
+        check_decode_config(DecodeConfig(beam_size=2, n_best=3))
+    check_decode_config(DecodeConfig(beam_size=1, n_best=3, sampling=True))  # samples are not a beam
+
+
 def test_vocabulary_too_small_for_the_corpus_names_the_key() -> None:
     pairs = builtin_splits(200, 1, 1, 3)["train"]
     with pytest.raises(UserError, match=r"^data.vocab_size=10 is too small: BPE needs at least \d+ pieces"):

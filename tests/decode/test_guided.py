@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from test_search import SOURCES, A, B, Scripted, TinyModel, brute_force, random_dist, same, src_of, table_dist
-from transformer.decode.constraints import Progress, allocate
+from transformer.decode.constraints import ConstraintState, allocate
 from transformer.decode.search import EOS, PAD, beam_search, greedy_search, length_penalty, sample
 from transformer.vocab import UNK
 
@@ -86,7 +86,7 @@ def test_prefix_without_room_for_eos_is_refused() -> None:
 
 
 def test_progress_follows_overlapping_phrases() -> None:
-    p = Progress.start([[4, 5], [5, 6], []])
+    p = ConstraintState.start([[4, 5], [5, 6], []])
     assert (p.total, p.count, p.next_tokens()) == (4, 0, {4, 5})
     p = p.advance(4)
     assert (p.count, p.next_tokens()) == (1, {4, 5})
@@ -95,7 +95,7 @@ def test_progress_follows_overlapping_phrases() -> None:
     p = p.advance(7)  # breaks the partial [5, 6]
     assert (p.count, p.next_tokens()) == (2, {5})
     assert p.advance(5).advance(6).done
-    twice = Progress.start([[4], [4]]).advance(4)
+    twice = ConstraintState.start([[4], [4]]).advance(4)
     assert twice.met == (True, False)  # one token meets one phrase
 
 

@@ -482,3 +482,29 @@ def test_top_p_over_a_wide_nucleus_matches_a_full_sort() -> None:
         expected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, probs.cumsum(dim=1) - probs < p)
         assert torch.equal(torch.isfinite(filter_logits(logits.log_softmax(dim=1), top_p=p)), expected)
         assert expected.sum(dim=1).max() > 64  # the flat rows reach past the first guess
+
+
+def test_rows_select_moves_every_per_row_field_alike() -> None:
+    """One ``select`` reorders every field of the per-row record (a new field is covered
+    without touching the search), and the scorer's state with it."""
+    from dataclasses import fields
+
+    from transformer.decode.rows import NOT_PER_ROW, Rows
+    from transformer.decode.spec import SearchSpec
+
+    src = torch.tensor([[A, EOS, PAD], [B, A, EOS], [A, B, EOS]])
+    spec = SearchSpec(alignment=True)
+    rows = Rows.start(Scripted(random_dist(0)), src, spec, prefix=[[A], [], [B, A]], constraints=[[[A]], [[B]], []])
+    rows.grow(torch.tensor([A, B, A]), torch.tensor([-0.5, -1.0, -1.5]))
+    index = torch.tensor([2, 0, 0, 1])
+    chosen = rows.select(index)
+    per_row = [f.name for f in fields(Rows) if f.name not in NOT_PER_ROW]
+    assert {"tokens", "constraints", "links", "src_real", "prefix"} <= set(per_row)
+    for name in per_row:
+        before, after = getattr(rows, name), getattr(chosen, name)
+        if isinstance(before, torch.Tensor):
+            assert torch.equal(after, before[index]), name
+        else:
+            assert after == [before[i] for i in index.tolist()], name
+    assert chosen.state.tolist() == rows.state[index].tolist()  # Scripted's state: each row's source key
+    assert rows.select(torch.tensor([], dtype=torch.long)).state is None  # no rows left: the scorer is not asked

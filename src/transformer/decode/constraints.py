@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Progress:
+class ConstraintState:
     """Where one hypothesis stands with its sentence's phrases (immutable: beams share them).
 
     ``partial`` holds (phrase, tokens matched) for every phrase begun but not finished, so
@@ -30,7 +30,7 @@ class Progress:
     partial: frozenset[tuple[int, int]] = frozenset()
 
     @classmethod
-    def start(cls, phrases: Sequence[Sequence[int]]) -> Progress:
+    def start(cls, phrases: Sequence[Sequence[int]]) -> ConstraintState:
         kept = tuple(tuple(p) for p in phrases if len(p) > 0)
         return cls(kept, (False,) * len(kept))
 
@@ -55,7 +55,7 @@ class Progress:
         tokens = {self.phrases[p][n] for p, n in self.partial}
         return tokens | {p[0] for p, m in zip(self.phrases, self.met) if not m}
 
-    def advance(self, token: int) -> Progress:
+    def advance(self, token: int) -> ConstraintState:
         """The progress after appending `token`; one token completes at most one phrase."""
         if not self.phrases:
             return self
@@ -67,7 +67,7 @@ class Progress:
                 partial.add((p, n + 1))
             elif not completed:
                 met[p], completed = True, True
-        return Progress(self.phrases, tuple(met), frozenset((p, n) for p, n in partial if not met[p]))
+        return ConstraintState(self.phrases, tuple(met), frozenset((p, n) for p, n in partial if not met[p]))
 
 
 def allocate(scores: Sequence[float], banks: Sequence[int], k: int) -> list[int]:

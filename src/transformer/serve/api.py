@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformer.config import DecodeConfig
 from transformer.data.multilingual import tag_prefix
 from transformer.decode.alignment import pharaoh
-from transformer.decode.search import max_lengths
-from transformer.decode.translator import Translation, Translator, check_decode_config
+from transformer.decode.rules import max_lengths
+from transformer.decode.spec import check_decode_config
+from transformer.decode.translator import Translation, Translator
 from transformer.errors import UserError
 from transformer.serve.settings import ServeConfig
 
@@ -138,7 +139,8 @@ def check_limits(request: TranslateRequest, cfg: ServeConfig) -> None:
 
 def decode_options(translator: Translator, request: TranslateRequest, target_language: str | None) -> DecodeConfig:
     """The server's decode defaults with the request's decode fields (``alignment`` also asks
-    the search for word alignments); 422 naming the field for a value out of range. An
+    the search for word alignments); 422 naming the field for a value out of range or an
+    n_best larger than the beam (``check_decode_config``, as the CLI's error line). An
     untagged model takes ``tgt_lang`` only when it names its own target language."""
     fields = {k: getattr(request, k) for k in DECODE_FIELDS if getattr(request, k) is not None}
     fields["tgt_lang"] = target_lang(translator, request.tgt_lang, target_language)
@@ -151,12 +153,6 @@ def decode_options(translator: Translator, request: TranslateRequest, target_lan
         raise ApiError(
             422, str(e).removeprefix("decode."), field=str(e).removeprefix("decode.").split("=")[0]
         ) from None
-    if not options.sampling and options.n_best > options.beam_size:
-        raise ApiError(
-            422,
-            f"n_best={options.n_best} is larger than beam_size={options.beam_size}: a beam holds at most that many",
-            field="n_best",
-        )
     return options
 
 

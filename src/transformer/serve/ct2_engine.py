@@ -28,8 +28,9 @@ import torch
 from transformer.checkpoint import load_model, resolve_checkpoint
 from transformer.config import DecodeConfig
 from transformer.data.tokenizer import Tokenizer
-from transformer.decode.search import length_penalty
-from transformer.decode.translator import Translation, Translator, check_decode_config
+from transformer.decode.rules import length_penalty
+from transformer.decode.spec import check_decode_config
+from transformer.decode.translator import Request, Translation, Translator
 from transformer.errors import UserError
 from transformer.model import Transformer
 
@@ -118,20 +119,10 @@ class CT2Translator(Translator):
         self.check(cfg)
         return cfg
 
-    def hypotheses(
-        self,
-        sentences: Sequence[str],
-        attention: bool = False,
-        attention_layer: int = -1,
-        attention_head: int = -1,
-        first_line: int = 1,
-        prefix: str | Sequence[str] | None = None,
-        constraints: Sequence[Sequence[str]] | None = None,
-        **overrides: Any,
-    ) -> list[list[Translation]]:
-        """n-best Translations per sentence, best first, as ``Translator.hypotheses``."""
-        cfg = super().options(**overrides)
-        self.check(cfg, attention, constraints, prefix)
+    def translations(self, sentences: Sequence[str], cfg: DecodeConfig, request: Request) -> list[list[Translation]]:
+        """n-best Translations per sentence, best first, as ``Translator.hypotheses`` (whose
+        signature this engine keeps: it implements only this step)."""
+        self.check(cfg, request.attention, request.constraints, request.prefix)
         source = [self.tokenizer.src_pieces(s) for s in sentences]
         limits = [self.limit(len(s), cfg) for s in source]
         out: list[list[Translation]] = [[] for _ in sentences]

@@ -13,7 +13,8 @@ from typing import Any
 
 from transformer.checkpoint import load_model
 from transformer.config import DecodeConfig
-from transformer.decode.translator import Translation, Translator, check_decode_config
+from transformer.decode.spec import check_decode_config
+from transformer.decode.translator import Translation, Translator
 from transformer.errors import UserError
 from transformer.runtime import resolve_device
 from transformer.serve.batcher import Worker

@@ -14,7 +14,7 @@ from torch import nn
 
 from transformer.config import ModelConfig, setting, validate
 from transformer.data.tokenizer import Tokenizer
-from transformer.decode.translator import check_decode_config
+from transformer.decode.spec import check_decode_config
 from transformer.errors import UserError
 from transformer.hardware import resolve_precision
 from transformer.model import Transformer, build_model

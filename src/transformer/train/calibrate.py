@@ -9,7 +9,7 @@ from typing import Any
 
 from transformer.config import DecodeConfig
 from transformer.data.batching import chunked
-from transformer.decode.translator import translate_ids
+from transformer.decode.batching import translate_ids
 from transformer.train import budget
 from transformer.train.distributed import share
 from transformer.train.state import throwaway

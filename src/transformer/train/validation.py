@@ -15,7 +15,7 @@ import torch
 from transformer.config import DecodeConfig
 from transformer.data.batching import Example, collate, token_batches
 from transformer.data.tokenizer import Tokenizer
-from transformer.decode.translator import translate_ids
+from transformer.decode.batching import translate_ids
 from transformer.model import Transformer
 from transformer.runtime import autocast
 from transformer.train.examples import RunData
