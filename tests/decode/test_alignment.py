@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_search import TinyModel
+
 from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.decode.alignment import pharaoh, word_indices, word_pairs

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from test_search import SOURCES, A, B, Scripted, TinyModel, brute_force, random_dist, same, src_of, table_dist
+
 from transformer.decode.constraints import ConstraintState, allocate
 from transformer.decode.search import EOS, PAD, beam_search, greedy_search, length_penalty, sample
 from transformer.vocab import UNK
