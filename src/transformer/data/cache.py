@@ -12,8 +12,9 @@ when it is collated. The BPE model trained on the same corpus is kept beside it
 
 A key is a hash of everything the arrays depend on: the source's ``identity`` (for files, each
 file's path, size, mtime and a hash of its first and last MiB, and the reading options and
-dedup); the tokenizer's model bytes; the length and ratio filters. Touching a file gives it a new key. A cache whose files
-do not match the sizes and blake2b digests in its ``meta.json`` is rebuilt with a warning.
+dedup); the tokenizer's model bytes; the length and ratio filters. Touching a file gives it
+a new key. A cache whose files do not match the sizes and blake2b digests in its
+``meta.json`` is rebuilt with a warning.
 """
 
 from __future__ import annotations

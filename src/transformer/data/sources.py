@@ -226,6 +226,7 @@ class Files(Source):
         "src_field",
         "tgt_field",
     )
+    # keys that change which pairs the training files give: part of the cache's key
     reading = ("format", "src_lang", "tgt_lang", "translation_field", "src_field", "tgt_field", "dedup")
 
     def named_files(self, split: str) -> list[str | None]:

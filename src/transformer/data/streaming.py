@@ -2,10 +2,10 @@
 from any source that can stream (``Source.stream``: a Hugging Face dataset, local files).
 
 The training split is read record by record through a shuffle buffer of
-``data.shuffle_buffer`` pairs (the library's for hub datasets, the same reservoir scheme for
-files: ``sources.shuffle_buffered``); every ``data.shuffle_buffer`` pairs are tokenized, sorted by length and cut into
-token-budget batches exactly as an in-memory epoch is (``token_batches``), so memory is bounded
-by the buffer, not the corpus. A hub stream trains the tokenizer on its first
+``data.shuffle_buffer`` pairs (the library's for hub datasets, the same reservoir scheme,
+``sources.shuffle_buffered``, for files); every ``data.shuffle_buffer`` pairs are tokenized,
+sorted by length and cut into token-budget batches exactly as an in-memory epoch is
+(``token_batches``), so memory is bounded by the buffer, not the corpus. A hub stream trains the tokenizer on its first
 ``data.tokenizer_sample`` pairs; files on a reproducible random sample (``data/storage.py``).
 
 Every rank reads the stream and takes a disjoint share of each buffer's batches, all ranks
