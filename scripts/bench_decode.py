@@ -43,7 +43,8 @@ from transformer.data.batching import (
     pad,  # noqa: E402
     token_batches,  # noqa: E402
 )
-from transformer.data.corpus import load_files, load_split  # noqa: E402
+from transformer.data.corpus import load_files  # noqa: E402
+from transformer.data.sources import load_split  # noqa: E402
 from transformer.data.tokenizer import MappedTokenizer  # noqa: E402
 from transformer.decode.batching import translate_ids  # noqa: E402
 from transformer.decode.fast import resolve_shortlist  # noqa: E402

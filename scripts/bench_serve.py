@@ -30,7 +30,8 @@ import httpx  # noqa: E402
 
 from transformer.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from transformer.config import DataConfig, DecodeConfig  # noqa: E402
-from transformer.data.corpus import load_files, load_split  # noqa: E402
+from transformer.data.corpus import load_files  # noqa: E402
+from transformer.data.sources import load_split  # noqa: E402
 from transformer.decode.translator import Translator  # noqa: E402
 
 MULTI30K = Path(os.environ.get("MULTI30K_DIR", "../shared/data/multi30k")) / "test2016.en.gz"

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from transformer.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig, config_dir
 from transformer.data.batching import Example, collate, encode_examples, token_batches
-from transformer.data.corpus import load_split
+from transformer.data.sources import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 from transformer.hardware import class_line, emulate_isa

@@ -16,7 +16,8 @@ from tiny import tiny_model
 from transformer import distill
 from transformer.config import DataConfig, TrainConfig, typed
 from transformer.data.builtin import builtin_splits
-from transformer.data.corpus import load_train_pairs, read_tsv
+from transformer.data.corpus import read_tsv
+from transformer.data.sources import load_train_pairs
 from transformer.data.synthetic import with_synthetic
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.translator import Translator

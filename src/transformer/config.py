@@ -27,7 +27,7 @@ CHOICES = {
         "positional": ("sinusoidal", "sinusoidal_fairseq", "learned", "rope"),
         "norm": ("layernorm", "rmsnorm"),
     },
-    "data": {"source": ("builtin", "files", "hub"), "format": ("text", "tsv", "jsonl")},
+    "data": {"format": ("text", "tsv", "jsonl")},  # data.source: the registered names (data/sources.py)
     "trainer": {
         "schedule": ("inverse_sqrt", "cosine", "noam", "constant"),
         "precision": PRECISIONS,

@@ -35,8 +35,9 @@ from typing import Any
 
 from transformer.checkpoint import CHECKPOINT_DIR, resolve_checkpoint
 from transformer.config import DecodeConfig, DistillConfig, DistillSettings, TrainConfig, typed
-from transformer.data.cache import cache_root, file_identity
-from transformer.data.corpus import load_train_pairs, open_text
+from transformer.data.cache import cache_root
+from transformer.data.corpus import file_identity, open_text
+from transformer.data.sources import load_train_pairs
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.evaluate import evaluate, train_and_test

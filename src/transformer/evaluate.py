@@ -12,7 +12,7 @@ import sacrebleu
 
 from transformer.config import DataConfig, DecodeConfig, TrainConfig, typed
 from transformer.data.corpus import load_files
-from transformer.data.multilingual import split_parts
+from transformer.data.sources import split_parts
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.rundir import TEST_HYPOTHESES, atomic_write

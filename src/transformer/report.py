@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import shlex
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transformer.config import DataConfig, DecodeConfig, ModelConfig, config_dir, to_dict
-from transformer.data.multilingual import corpora
+from transformer.data.sources import Mixture, corpus_source, source_for
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError
 from transformer.model import build_model
@@ -35,38 +36,6 @@ from transformer.rundir import (
 from transformer.train.budget import Plan
 
 log = logging.getLogger(__name__)
-
-# Data keys that decide which test sentences a data group reads, per data.source.
-SPLIT_KEYS = {
-    "builtin": ("name", "builtin_train", "builtin_valid", "builtin_test", "builtin_seed"),
-    "files": (
-        "name",
-        "format",
-        "src_lang",
-        "tgt_lang",
-        "test_src",
-        "test_tgt",
-        "test_file",
-        "translation_field",
-        "src_field",
-        "tgt_field",
-    ),
-    "hub": (
-        "name",
-        "hub_name",
-        "hub_config",
-        "src_lang",
-        "tgt_lang",
-        "test_split",
-        "translation_field",
-        "src_field",
-        "tgt_field",
-        "streaming",
-    ),
-}
-
-
-MULTILINGUAL_KEYS = ("corpora", "tgt_lang_tag", "sampling_temperature")  # added to SPLIT_KEYS when set
 
 # curves -----------------------------------------------------------------------------
 
@@ -126,7 +95,8 @@ def changed_overrides(
 ) -> list[str]:
     """``prefix.key=value`` for every key (of ``keys``) where ``values`` differs from what the
     config group file gives on top of the schema's defaults."""
-    base = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(group_file))
+    preset = [OmegaConf.load(group_file)] if group_file.is_file() else []  # a source registered elsewhere has none here
+    base = OmegaConf.merge(OmegaConf.structured(schema), *preset)
     defaults = OmegaConf.to_container(base, resolve=True, throw_on_missing=False)
     return [f"{prefix}.{k}={hydra_value(values[k])}" for k in keys or values if values[k] != defaults[k]]
 
@@ -139,13 +109,13 @@ def use_commands(run_dir: str, cfg: dict, languages: list[str]) -> list[str]:
     """Shell commands that score the run's test split as training did and translate with it
     (a multilingual model into the first of its ``languages``)."""
     configs = Path(config_dir())
-    data, source = cfg["data"], cfg["data"]["source"]
+    data, source = cfg["data"], corpus_source(data_config(cfg["data"]))
     decode = changed_overrides("decode", cfg["decode"], configs / "decode" / "beam.yaml", DecodeConfig)
-    keys = (*SPLIT_KEYS[source], *(k for k in MULTILINGUAL_KEYS if k in data))  # older runs lack them
-    data_opts = changed_overrides("data", data, configs / "data" / f"{source}.yaml", DataConfig, keys)
+    keys = (*source.split_keys, *(k for k in Mixture.split_keys if k in data))  # older runs lack them
+    data_opts = changed_overrides("data", data, configs / "data" / f"{source.name}.yaml", DataConfig, keys)
     tgt = [f"decode.tgt_lang={hydra_value(languages[0])}"] if languages and not cfg["decode"].get("tgt_lang") else []
     return [
-        shell(["transformer-evaluate", f"checkpoint={run_dir}", f"data={source}", *data_opts, *decode]),
+        shell(["transformer-evaluate", f"checkpoint={run_dir}", f"data={source.name}", *data_opts, *decode]),
         shell(
             [
                 "transformer-decode",
@@ -169,40 +139,33 @@ def use_commands(run_dir: str, cfg: dict, languages: list[str]) -> list[str]:
     ]
 
 
-def corpora_lines(data: dict, test: dict | None) -> list[str]:
+def corpora_lines(mixture: Mixture, data: dict, test: dict | None) -> list[str]:
     """One line per corpus of a multilingual run: its pair, where it comes from, its test BLEU."""
-    runs = corpora(DataConfig(**data))
     tags = ", sources tagged <2xx>" if data["tgt_lang_tag"] else ""
     lines = [
-        f"- name `{data['name']}`: {len(runs)} corpora, sampling temperature {data['sampling_temperature']:g}{tags}"
+        f"- name `{data['name']}`: {len(mixture.members)} corpora, sampling temperature {data['sampling_temperature']:g}{tags}"
     ]
     pairs = (test or {}).get("pairs", {})
-    for c in runs:
-        origin = c.cfg.hub_name if c.cfg.source == "hub" else c.cfg.source
+    for c, source in mixture.members:
         scored = f": test BLEU **{pairs[c.pair]['bleu']:.2f}**" if c.pair in pairs else ""
-        lines.append(f"  - {c.pair} (`{c.cfg.name}`, {origin}{', read reversed' if c.reverse else ''}){scored}")
+        lines.append(
+            f"  - {c.pair} (`{c.cfg.name}`, {source.origin()}{', read reversed' if c.reverse else ''}){scored}"
+        )
     return lines
 
 
+def data_config(data: dict) -> DataConfig:
+    """A run's saved data section as the schema (a key this version does not know is left out)."""
+    known = {f.name for f in fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in data.items() if k in known})
+
+
 def data_lines(data: dict, test: dict | None) -> list[str]:
-    if data.get("corpora") or data.get("tgt_lang_tag"):
-        return [*corpora_lines(data, test), *tokenizer_lines(data, test)]
-    lines = [f"- name `{data['name']}`, source `{data['source']}`, {data['src_lang']} -> {data['tgt_lang']}"]
-    if data["source"] == "builtin":
-        lines.append(
-            f"- generated pairs: {data['builtin_train']} train, {data['builtin_valid']} valid, {data['builtin_test']} test (seed {data['builtin_seed']})"
-        )
-    elif data["source"] == "hub":
-        lines.append(
-            f"- dataset `{data['hub_name']}` config `{data['hub_config']}`, splits {data['train_split']} / {data['valid_split']} / {data['test_split']}"
-        )
-    else:
-        for split in ("train", "valid", "test"):
-            files = (
-                [data[f"{split}_file"]] if data["format"] != "text" else [data[f"{split}_src"], data[f"{split}_tgt"]]
-            )
-            lines.append(f"- {split}: " + ", ".join(f"`{f}`" for f in files))
-    return lines + tokenizer_lines(data, test)
+    source = source_for(data_config(data))
+    if isinstance(source, Mixture):
+        return [*corpora_lines(source, data, test), *tokenizer_lines(data, test)]
+    lines = [f"- name `{data['name']}`, source `{source.name}`, {data['src_lang']} -> {data['tgt_lang']}"]
+    return lines + source.card_lines() + tokenizer_lines(data, test)
 
 
 def tokenizer_lines(data: dict, test: dict | None) -> list[str]:

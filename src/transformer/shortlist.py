@@ -12,7 +12,7 @@ from omegaconf import MISSING
 
 from transformer.checkpoint import load_model
 from transformer.config import DataConfig, DecodeConfig
-from transformer.data.corpus import load_split
+from transformer.data.sources import load_split
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.batching import translate_ids
 from transformer.decode.shortlist import Shortlist, beside, build_shortlist, save_shortlist

@@ -13,7 +13,7 @@ import pytest
 from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.config import DataConfig, ModelConfig
 from transformer.data.builtin import builtin_splits
-from transformer.data.corpus import load_split
+from transformer.data.sources import load_split
 from transformer.data.tokenizer import build_tokenizer
 from transformer.decode.translator import Translator
 from transformer.errors import UserError

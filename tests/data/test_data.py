@@ -16,7 +16,8 @@ import torch
 from transformer.config import DataConfig
 from transformer.data.batching import Example, collate, encode_examples, shard, token_batches
 from transformer.data.builtin import builtin_splits
-from transformer.data.corpus import clean_pairs, load_files, load_split, open_text, text_blocks
+from transformer.data.corpus import clean_pairs, load_files, open_text, text_blocks
+from transformer.data.sources import load_split
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 from transformer.vocab import BOS, EOS, PAD, UNK

@@ -22,8 +22,8 @@ from transformer.config import DataConfig
 from transformer.data.batching import balanced_shard, token_batches
 from transformer.data.builtin import builtin_splits
 from transformer.data.cache import CachedCorpus, open_corpus
-from transformer.data.corpus import load_split, load_train_pairs
-from transformer.data.source import train_examples
+from transformer.data.sources import corpus_source, load_split, load_train_pairs
+from transformer.data.storage import Storage, train_examples
 from transformer.data.tokenizer import build_tokenizer, sample_pairs
 from transformer.errors import UserError
 from transformer.train import loop
@@ -135,24 +135,25 @@ def test_cache_hits_and_misses(corpus_dir: Path, tmp_path: Path, caplog: pytest.
     cfg, root = data_cfg(corpus_dir), tmp_path / "cache"
     tok = build_tokenizer(load_train_pairs(cfg), 200, True, 10_000)
     with caplog.at_level(logging.INFO, logger="transformer"):
-        first = open_corpus(cfg, tok, 64, root)
+        first = open_corpus(corpus_source(cfg), tok, 64, root)
         assert "encoding" in caplog.text
         caplog.clear()
-        again = open_corpus(cfg, tok, 64, root)
+        again = open_corpus(corpus_source(cfg), tok, 64, root)
         assert "encoding" not in caplog.text  # a hit: mapped, not encoded
     assert again.directory == first.directory and as_tuples(again) == as_tuples(first)
     assert isinstance(again.ids["src"], np.memmap) and again.ids["src"].dtype == np.uint16
-    expected = train_examples(cfg, tok, 64, load_train_pairs(cfg), root)
+    source = corpus_source(cfg)
+    expected, _ = train_examples(source, Storage.MEMORY, tok, 64, source.train_parts(), root)
     assert as_tuples(first) == as_tuples(expected)  # the same examples, in the same order, as in memory
     assert np.array_equal(first.lengths, [(len(e.src), len(e.tgt) - 1) for e in expected])
 
     other_tok = build_tokenizer(load_train_pairs(cfg), 150, True, 10_000)
-    shorter = open_corpus(cfg, tok, 12, root)
-    assert len({first.directory, open_corpus(cfg, other_tok, 64, root).directory, shorter.directory}) == 3
+    shorter = open_corpus(source, tok, 12, root)
+    assert len({first.directory, open_corpus(source, other_tok, 64, root).directory, shorter.directory}) == 3
     assert len(shorter) < len(first)
     st = os.stat(cfg.train_src)
     os.utime(cfg.train_src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new identity
-    assert open_corpus(cfg, tok, 64, root).directory != first.directory
+    assert open_corpus(source, tok, 64, root).directory != first.directory
 
 
 def test_encoding_workers_build_the_same_cache(
@@ -164,14 +165,16 @@ def test_encoding_workers_build_the_same_cache(
     tok = build_tokenizer(load_train_pairs(data_cfg(corpus_dir)), 200, True, 10_000)
     built = {
         workers: as_tuples(
-            open_corpus(data_cfg(corpus_dir, f"data.encode_workers={workers}"), tok, 64, tmp_path / str(workers))
+            open_corpus(
+                corpus_source(data_cfg(corpus_dir, f"data.encode_workers={workers}")), tok, 64, tmp_path / str(workers)
+            )
         )
         for workers in (1, 3)
     }
     expected = [(tuple(s), tuple(t)) for s, t in zip(*tok.encode_pairs(load_train_pairs(data_cfg(corpus_dir))))]
     assert built[1] == built[3] == expected
     with pytest.raises(UserError, match="data.encode_workers=-1"):
-        open_corpus(data_cfg(corpus_dir, "data.encode_workers=-1"), tok, 64, tmp_path / "bad")
+        open_corpus(corpus_source(data_cfg(corpus_dir, "data.encode_workers=-1")), tok, 64, tmp_path / "bad")
 
 
 def test_corrupt_cache_is_rebuilt_with_a_warning(
@@ -179,20 +182,20 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(
 ) -> None:
     cfg, root = data_cfg(corpus_dir), tmp_path / "cache"
     tok = build_tokenizer(load_train_pairs(cfg), 200, True, 10_000)
-    good = as_tuples(open_corpus(cfg, tok, 64, root))
+    good = as_tuples(open_corpus(corpus_source(cfg), tok, 64, root))
     directory = next(root.glob("train-*"))
     ids = directory / "src.bin"
     damaged = bytearray(ids.read_bytes())
     damaged[10] ^= 0xFF  # one flipped byte: sizes still match
     ids.write_bytes(bytes(damaged))
     with caplog.at_level(logging.WARNING):
-        rebuilt = open_corpus(cfg, tok, 64, root)
+        rebuilt = open_corpus(corpus_source(cfg), tok, 64, root)
     assert "src.bin does not match meta.json" in caplog.text and "rebuilding" in caplog.text
     assert as_tuples(rebuilt) == good
     (directory / "meta.json").write_text("{not json", encoding="utf-8")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert as_tuples(open_corpus(cfg, tok, 64, root)) == good
+        assert as_tuples(open_corpus(corpus_source(cfg), tok, 64, root)) == good
     assert "unreadable" in caplog.text
     assert not list(root.glob("*.tmp-*"))  # no half-built directory left behind
 
@@ -240,8 +243,10 @@ def test_filters_count_what_they_drop(corpus_dir: Path, tmp_path: Path, caplog: 
     tok = build_tokenizer(pairs, 200, True, 10_000)
     for source in ("memory", "cache"):
         caplog.clear()
+        kept, corpus = Storage(source), corpus_source(cfg)
         with caplog.at_level(logging.WARNING):
-            examples = train_examples(cfg, tok, 64, pairs if source == "memory" else None, tmp_path / "cache")
+            parts = corpus.train_parts() if kept is Storage.MEMORY else []
+            examples, _ = train_examples(corpus, kept, tok, 64, parts, tmp_path / "cache")
         assert len(examples) == len(pairs) - 1, source  # the lopsided pair is gone
         assert ("one",) not in [(tok.decode_tgt([e.src])[0],) for e in examples]
         assert f"dropped 1 of {len(pairs)} pairs whose length ratio exceeds data.max_len_ratio=3" in caplog.text, source
@@ -260,7 +265,7 @@ def test_bpe_sample_is_reproducible_and_whole_for_small_corpora() -> None:
 
 @pytest.mark.parametrize("fmt", ["text", "tsv", "jsonl"])
 def test_streamed_files_give_every_pair_once_per_epoch_across_two_ranks(tmp_path: Path, fmt: str) -> None:
-    from transformer.data.streaming import stream_batches, stream_pairs
+    from transformer.data.streaming import stream_batches
 
     pairs = builtin_splits(301, 1, 1, 5)["train"]
     if fmt == "text":
@@ -278,15 +283,16 @@ def test_streamed_files_give_every_pair_once_per_epoch_across_two_ranks(tmp_path
     cfg = data_cfg(
         tmp_path, "data.streaming=true", f"data.format={fmt}", "data.shuffle_buffer=100", "data.max_tokens=256", *files
     )
-    assert list(stream_pairs(cfg)) == pairs
+    source = corpus_source(cfg)
+    assert list(source.stream()) == pairs
     tok = build_tokenizer(pairs, 200, True, 10_000)
     expected = Counter(map(tuple, tok.encode_tgt([t for _, t in pairs])))
-    one = [tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=0) for e in b]
+    one = [tuple(e.tgt) for b in stream_batches(source, tok, 128, seed=1, epoch=0) for e in b]
     assert Counter(one) == expected
     assert one != [
-        tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=1) for e in b
+        tuple(e.tgt) for b in stream_batches(source, tok, 128, seed=1, epoch=1) for e in b
     ]  # reshuffled each epoch
-    shards = [list(stream_batches(cfg, tok, 128, seed=1, epoch=0, rank=r, world=2)) for r in (0, 1)]
+    shards = [list(stream_batches(source, tok, 128, seed=1, epoch=0, rank=r, world=2)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) > 0  # equal counts keep DDP collectives in step
     assert Counter(tuple(e.tgt) for s in shards for b in s for e in b) == expected  # each pair exactly once
 

@@ -18,6 +18,7 @@ from conftest import compose_config
 from training import QUICK, TINY_MODEL
 from transformer.data.builtin import builtin_splits
 from transformer.data.multilingual import corpora, corpus_shares, epoch_indices, tag_prefix
+from transformer.data.sources import source_for
 from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
@@ -135,7 +136,7 @@ def test_entries_start_from_the_top_level_keys_or_a_preset_and_share_the_tokeniz
 )
 def test_bad_corpus_entries_fail_in_one_line(overrides: list[str], match: str) -> None:
     with pytest.raises(UserError, match=match) as err:
-        corpora(data_cfg(*overrides))
+        source_for(data_cfg(*overrides))
     assert "\n" not in str(err.value)
 
 

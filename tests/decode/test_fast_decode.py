@@ -16,7 +16,7 @@ from conftest import compose_config
 from transformer import Translator
 from transformer.checkpoint import load_model
 from transformer.config import DataConfig, DecodeConfig
-from transformer.data.corpus import load_split
+from transformer.data.sources import load_split
 from transformer.decode.fast import INT8_BLEU_LOSS, resolve_shortlist
 from transformer.decode.shortlist import beside, build_shortlist, load_shortlist
 from transformer.decode.translator import resolve_decode, translate_ids

@@ -355,7 +355,8 @@ def jsonl_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_stream_batches_cover_every_pair_once_per_epoch(jsonl_dataset: Path) -> None:
-    from transformer.data.streaming import stream_batches, stream_pairs
+    from transformer.data.sources import corpus_source
+    from transformer.data.streaming import stream_batches
 
     cfg = compose_config(
         "train",
@@ -367,14 +368,15 @@ def test_stream_batches_cover_every_pair_once_per_epoch(jsonl_dataset: Path) -> 
             "data.max_tokens=512",
         ],
     ).data
-    pairs = list(stream_pairs(cfg))
+    source = corpus_source(cfg)
+    pairs = list(source.stream())
     tok = build_tokenizer(pairs, 200, True, 1000)
-    every = [tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=0) for e in b]
+    every = [tuple(e.tgt) for b in stream_batches(source, tok, 128, seed=1, epoch=0) for e in b]
     assert sorted(every) == sorted(map(tuple, tok.encode_tgt([t for _, t in pairs])))
     assert every != [
-        tuple(e.tgt) for b in stream_batches(cfg, tok, 128, seed=1, epoch=1) for e in b
+        tuple(e.tgt) for b in stream_batches(source, tok, 128, seed=1, epoch=1) for e in b
     ]  # a new order each epoch
-    shards = [list(stream_batches(cfg, tok, 128, seed=1, epoch=0, rank=r, world=2)) for r in (0, 1)]
+    shards = [list(stream_batches(source, tok, 128, seed=1, epoch=0, rank=r, world=2)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) > 0  # equal counts keep DDP collectives in step
     seen = Counter(tuple(e.tgt) for shard in shards for b in shard for e in b)
     assert not seen - Counter(every)  # disjoint: no pair twice across the ranks

@@ -1,4 +1,5 @@
-"""The training split of local files, tokenised once and memory-mapped (``data.cache``).
+"""The training split of a source that can be cached (local files), tokenised once and
+memory-mapped (``data.cache``).
 
 The first run streams the corpus in chunks (memory bounded by a chunk, not the corpus),
 encodes it with SentencePiece through a per-word cache (``word_encoder``) and writes flat
@@ -9,10 +10,11 @@ a cache is either whole or absent. Later runs, resumes and every DDP rank map th
 when it is collated. The BPE model trained on the same corpus is kept beside it
 (``bpe-<key>/``), so a fresh run on a cached corpus starts without training or encoding.
 
-A key is a hash of everything the arrays depend on: each corpus file's path, size, mtime and
-a hash of its first and last MiB; the reading options; the tokenizer's model bytes; the
-length and ratio filters and dedup. Touching a file gives it a new key. A cache whose files
-do not match the sizes and blake2b digests in its ``meta.json`` is rebuilt with a warning.
+A key is a hash of everything the arrays depend on: the source's ``identity`` (for files, each
+file's path, size, mtime and a hash of its first and last MiB, and the reading options and
+dedup); the tokenizer's model bytes; the length and ratio filters. Touching a file gives it
+a new key. A cache whose files do not match the sizes and blake2b digests in its
+``meta.json`` is rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import numpy as np
 
 from transformer.config import DataConfig
 from transformer.data.batching import Example, chunked, keep_mask, log_dropped
-from transformer.data.corpus import Pair, iter_train_pairs, split_files
+from transformer.data.corpus import Pair
+from transformer.data.sources import Source
 from transformer.data.tokenizer import BPE_SAMPLE_SEED, Tokenizer, build_tokenizer
 from transformer.data.word_encoder import FlatIds
 from transformer.errors import UserError
@@ -42,17 +45,11 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the layout changes: old caches are then simply not found
 CHUNK_PAIRS = 50_000  # pairs read and encoded at a time (~20 MB of text and ids)
-EDGE_BYTES = 1 << 20  # hashed at each end of a corpus file
 SIDES = ("src", "tgt")
 
 
 class CorruptCache(Exception):
     """A cache directory that must not be read."""
-
-
-def uses_cache(cfg: DataConfig) -> bool:
-    """Whether the training split is memory-mapped: local files, data.cache on, not streamed."""
-    return cfg.cache and cfg.source == "files" and not cfg.streaming
 
 
 def cache_root(cfg: DataConfig, run_dir: Path) -> Path:
@@ -61,26 +58,9 @@ def cache_root(cfg: DataConfig, run_dir: Path) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(run_dir).resolve().parent / "cache"
 
 
-def file_identity(path: str) -> dict:
-    """What tells a corpus file apart without reading it all."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{path}: file not found")
-    st = p.stat()
-    h = hashlib.blake2b(digest_size=16)
-    with open(p, "rb") as f:
-        h.update(f.read(EDGE_BYTES))
-        f.seek(max(st.st_size - EDGE_BYTES, 0))
-        h.update(f.read(EDGE_BYTES))
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges": h.hexdigest()}
-
-
-def corpus_identity(cfg: DataConfig) -> dict:
-    """The training files and how they are read into pairs."""
-    reading = ("format", "src_lang", "tgt_lang", "translation_field", "src_field", "tgt_field", "dedup")
-    return {"version": VERSION, "files": [file_identity(p) for p in split_files(cfg, "train")]} | {
-        k: getattr(cfg, k) for k in reading
-    }
+def corpus_identity(source: Source) -> dict:
+    """The training split and how it is read into pairs (``Source.identity``), and the layout."""
+    return {"version": VERSION} | source.identity()
 
 
 def digest(obj: dict) -> str:
@@ -95,31 +75,33 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
+def cached_tokenizer(source: Source, root: Path) -> Tokenizer:
     """The BPE model of this corpus and these tokenizer settings: read from the cache, or
     trained on a sample of the streamed corpus and stored there."""
+    cfg = source.cfg
     settings = {
         "vocab_size": cfg.vocab_size,
         "joint": cfg.joint_vocab,
         "sample": cfg.tokenizer_sample,
         "seed": BPE_SAMPLE_SEED,
     }
-    directory = root / f"bpe-{digest(corpus_identity(cfg) | settings)}"
+    directory = root / f"bpe-{digest(corpus_identity(source) | settings)}"
     tok = Tokenizer.load(directory)
     if tok is not None:
         log.info("reusing the BPE model cached in %s", directory)
         return tok
-    tok = build_tokenizer(iter_train_pairs(cfg), cfg.vocab_size, cfg.joint_vocab, cfg.tokenizer_sample)
+    tok = build_tokenizer(source.iter_train(), cfg.vocab_size, cfg.joint_vocab, cfg.tokenizer_sample)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     tok.save(tmp)
     publish(tmp, directory)
     return tok
 
 
-def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path) -> CachedCorpus:
+def open_corpus(source: Source, tokenizer: Tokenizer, max_len: int, root: Path) -> CachedCorpus:
     """The training split as memory-mapped examples, encoding it first if no valid cache exists."""
+    cfg = source.cfg
     proto = hashlib.sha256(tokenizer.src_proto + b"\0" + tokenizer.tgt_proto).hexdigest()
-    key = corpus_identity(cfg) | {"tokenizer": proto, "max_len": max_len, "max_len_ratio": cfg.max_len_ratio}
+    key = corpus_identity(source) | {"tokenizer": proto, "max_len": max_len, "max_len_ratio": cfg.max_len_ratio}
     directory = root / f"train-{digest(key)}"
     if directory.exists():
         try:
@@ -133,7 +115,7 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path)
     tmp.mkdir(parents=True)
     start = time.time()
     dtype = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 1 << 16 else np.int32
-    n = write_arrays(tmp, encoded_chunks(cfg, tokenizer, max_len), dtype, key)
+    n = write_arrays(tmp, encoded_chunks(source, tokenizer, max_len), dtype, key)
     seconds = time.time() - start
     size = sum(p.stat().st_size for p in tmp.iterdir()) / 2**20
     log.info("encoded %d pairs in %.1f s (%.0f pairs/s): %.1f MiB on disk", n, seconds, n / max(seconds, 1e-9), size)
@@ -141,11 +123,11 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer, max_len: int, root: Path)
     return CachedCorpus(directory)
 
 
-def encoded_chunks(cfg: DataConfig, tokenizer: Tokenizer, max_len: int) -> Iterator[tuple[FlatIds, FlatIds]]:
+def encoded_chunks(source: Source, tokenizer: Tokenizer, max_len: int) -> Iterator[tuple[FlatIds, FlatIds]]:
     """Kept (source, target) ids of the corpus as flat arrays, a chunk at a time; the
     filters' counts are logged at the end, as ``encode_examples`` logs them."""
-    total = too_long = bad_ratio = 0
-    for src, tgt in encode_in_workers(chunked(iter_train_pairs(cfg), CHUNK_PAIRS), tokenizer, cfg):
+    cfg, total, too_long, bad_ratio = source.cfg, 0, 0, 0
+    for src, tgt in encode_in_workers(chunked(source.iter_train(), CHUNK_PAIRS), tokenizer, cfg):
         kept, long = keep_mask(src[1], tgt[1], max_len, cfg.max_len_ratio)
         total, too_long, bad_ratio = (
             total + len(kept),

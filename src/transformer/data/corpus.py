@@ -1,10 +1,8 @@
-"""Parallel corpora as lists of (source, target) strings, from three places:
+"""Reading and cleaning parallel text: plain-text pairs (optionally .gz), TSV and JSON lines
+files, dataset records; whitespace stripped, pairs with an empty side skipped and counted,
+repeats found (data.dedup). The sources (``data/sources.py``) read through these.
 
-- ``builtin``: English number phrases -> German, generated offline (``data/builtin.py``);
-- ``files``: local plain-text pairs (optionally .gz), a TSV, or JSON lines;
-- ``hub``: a Hugging Face ``datasets`` dataset by name (or a local dataset directory).
-
-Every reading error names the file and line. Pairs with an empty side are skipped and counted.
+Every reading error names the file and line.
 """
 
 from __future__ import annotations
@@ -16,17 +14,16 @@ import logging
 from collections.abc import Iterable, Iterator
 from hashlib import blake2b
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from transformer.config import CHOICES, DataConfig, choice
-from transformer.errors import UserError, first_line
+from transformer.config import DataConfig
+from transformer.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
-SPLITS = ("train", "valid", "test")
+EDGE_BYTES = 1 << 20  # hashed at each end of a file by file_identity
 
 
 def open_text(path: str) -> Iterator[tuple[int, str]]:
@@ -71,6 +68,21 @@ def decode_lines(raw: list[bytes], path: str, first: int) -> list[str]:
     if raw[-1].endswith(b"\n"):
         lines.pop()  # the empty string after the block's last newline
     return [line.rstrip("\r") for line in lines] if "\r" in text else lines
+
+
+def file_identity(path: str) -> dict:
+    """What tells a corpus file apart without reading it all: path, size, mtime and a hash of
+    its first and last MiB."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{path}: file not found")
+    st = p.stat()
+    h = blake2b(digest_size=16)
+    with open(p, "rb") as f:
+        h.update(f.read(EDGE_BYTES))
+        f.seek(max(st.st_size - EDGE_BYTES, 0))
+        h.update(f.read(EDGE_BYTES))
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges": h.hexdigest()}
 
 
 def read_text_pair(src_path: str, tgt_path: str) -> Iterator[Pair]:
@@ -128,64 +140,6 @@ def read_jsonl(path: str, cfg: DataConfig) -> Iterator[Pair]:
         yield pair_from_record(record, cfg, f"{path}:{number}")
 
 
-def load_hub(cfg: DataConfig, split_name: str, streaming: bool) -> Any:
-    """``datasets.load_dataset`` for a hub name or a local dataset directory, with a one-line
-    error naming the dataset and split."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split_name, streaming=streaming)
-    except Exception as e:  # datasets raises many types; the user needs the name and the reason
-        raise UserError(f"data.hub_name={cfg.hub_name!r} split {split_name!r}: cannot load ({first_line(e)})") from None
-
-
-def read_hub(cfg: DataConfig, split: str) -> list[Pair]:
-    """A split of a Hugging Face dataset (a hub name, or a local dataset directory)."""
-    split_name = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}[split]
-    ds = load_hub(cfg, split_name, cfg.streaming)
-    where = f"{cfg.hub_name}[{split_name}]"
-    return [pair_from_record(r, cfg, f"{where} row {i}") for i, r in enumerate(ds)]
-
-
-def read_split(cfg: DataConfig, split: str) -> list[Pair]:
-    """Raw pairs of one split, as stored."""
-    if cfg.source == "files":
-        return list(iter_files(cfg, split))
-    if cfg.source == "builtin":
-        from transformer.data.builtin import builtin_splits
-
-        return builtin_splits(cfg.builtin_train, cfg.builtin_valid, cfg.builtin_test, cfg.builtin_seed)[split]
-    if cfg.source == "hub":
-        if not cfg.hub_name:
-            raise UserError("data.hub_name is required when data.source=hub")
-        return read_hub(cfg, split)
-    choice("data", "source", cfg.source)
-    raise UserError(f"data.source={cfg.source!r}: expected one of builtin, files, hub")
-
-
-def split_files(cfg: DataConfig, split: str) -> list[str]:
-    """The local files holding ``split`` (data.source=files), checked to be set."""
-    if cfg.format == "text":
-        src, tgt = getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt")
-        if not src or not tgt:
-            raise UserError(f"data.{split}_src and data.{split}_tgt must be set for data.format=text")
-        return [src, tgt]
-    if cfg.format not in ("tsv", "jsonl"):
-        raise UserError(f"data.format={cfg.format!r}: expected one of {', '.join(CHOICES['data']['format'])}")
-    path = getattr(cfg, f"{split}_file")
-    if not path:
-        raise UserError(f"data.{split}_file must be set for data.format={cfg.format}")
-    return [path]
-
-
-def iter_files(cfg: DataConfig, split: str) -> Iterator[Pair]:
-    """Raw pairs of a split of local files, one at a time (the corpus need not fit in memory)."""
-    paths = split_files(cfg, split)
-    if cfg.format == "text":
-        return read_text_pair(*paths)
-    return read_tsv(paths[0]) if cfg.format == "tsv" else read_jsonl(paths[0], cfg)
-
-
 def iter_clean(pairs: Iterable[Pair], name: str) -> Iterator[Pair]:
     """Strip whitespace, skip pairs with an empty side (counted once the corpus is read),
     fail on an empty corpus."""
@@ -228,34 +182,6 @@ def log_duplicates(keep: np.ndarray, name: str) -> None:
 def reversed_pairs(pairs: Iterable[Pair]) -> list[Pair]:
     """Each pair target -> source (BiT epochs, a corpus entry's ``reverse``)."""
     return [(t, s) for s, t in pairs]
-
-
-def load_train_pairs(cfg: DataConfig) -> list[Pair]:
-    """Clean training pairs in memory, without repeats when data.dedup is set."""
-    pairs = load_split(cfg, "train")
-    if not cfg.dedup:
-        return pairs
-    keep = duplicate_mask(pairs)
-    log_duplicates(keep, f"{cfg.name} train")
-    return list(itertools.compress(pairs, keep))
-
-
-def load_split(cfg: DataConfig, split: str) -> list[Pair]:
-    """Clean pairs of ``split`` (train, valid or test)."""
-    if split not in SPLITS:
-        raise UserError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
-    return clean_pairs(read_split(cfg, split), f"{cfg.name} {split}")
-
-
-def iter_train_pairs(cfg: DataConfig) -> Iterator[Pair]:
-    """Clean training pairs of local files, streamed, without repeats when data.dedup is set
-    (a first pass finds them): the same pairs, in the same order, as ``load_train_pairs``."""
-    name = f"{cfg.name} train"
-    if not cfg.dedup:
-        return iter_clean(iter_files(cfg, "train"), name)
-    keep = duplicate_mask(iter_clean(iter_files(cfg, "train"), name))
-    log_duplicates(keep, name)
-    return itertools.compress(iter_clean(iter_files(cfg, "train"), name), keep)
 
 
 def load_files(src_path: str, ref_path: str | None) -> tuple[list[str], list[str] | None]:

@@ -5,7 +5,8 @@ training examples an epoch draws from each corpus (``data.sampling_temperature``
 An entry starts from its ``preset`` (a data config, ``configs/data/NAME.yaml``) or, without
 one, from the top-level data keys; ``src_lang`` and ``tgt_lang`` come from the entry or its
 preset, never from a default. Tokenizer and batching keys (``SHARED``) are the top-level
-ones for every corpus. Corpora are read into memory (no cache, no streaming).
+ones for every corpus. Corpora are read into memory (no cache, no streaming) by
+``sources.Mixture``, which also checks each entry's ``source``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from transformer.config import CorpusConfig, DataConfig, config_dir, to_dict, validate_section
 from transformer.data.batching import Example, encode_examples
-from transformer.data.corpus import Pair, load_split, load_train_pairs, reversed_pairs
+from transformer.data.corpus import Pair
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError, first_line
 
@@ -73,7 +74,7 @@ def presets() -> list[str]:
     return sorted(p.stem for p in (Path(config_dir()) / "data").glob("*.yaml"))
 
 
-def entry_config(data: Any, raw: Any, i: int) -> CorpusConfig:
+def entry_config(data: DataConfig, raw: Any, i: int) -> CorpusConfig:
     """``data.corpora[i]`` merged onto its preset (or the top-level keys) and the shared keys."""
     where = f"data.corpora[{i}]"
     if not isinstance(raw, Mapping):
@@ -105,7 +106,7 @@ def entry_config(data: Any, raw: Any, i: int) -> CorpusConfig:
     return cfg
 
 
-def corpora(data: Any) -> list[Corpus]:
+def corpora(data: DataConfig) -> list[Corpus]:
     """The run's corpora: data.corpora's entries, or the data config itself when its sources
     are tagged (data.tgt_lang_tag); empty for a plain one-corpus run, which keeps its own path."""
     if data.sampling_temperature <= 0:
@@ -116,26 +117,6 @@ def corpora(data: Any) -> list[Corpus]:
     if configs and data.streaming:
         raise UserError("data.streaming reads one corpus; data.corpora and data.tgt_lang_tag read theirs into memory")
     return [Corpus(c) for c in configs]
-
-
-def corpus_pairs(corpus: Corpus, split: str) -> list[Pair]:
-    """Clean pairs of a split in the corpus's training direction (train: data.dedup applies)."""
-    pairs = load_train_pairs(corpus.cfg) if split == "train" else load_split(corpus.cfg, split)
-    return reversed_pairs(pairs) if corpus.reverse else pairs
-
-
-def split_parts(data: Any, split: str) -> list[tuple[str, str | None, list[Pair]]]:
-    """(pair, tag language, pairs) of ``split`` for each corpus (the language None when sources
-    are not tagged); a plain one-corpus config is one part named ""."""
-    runs = corpora(data)
-    if not runs:
-        return [("", None, load_split(data, split))]
-    return [(c.pair, c.tgt if data.tgt_lang_tag else None, corpus_pairs(c, split)) for c in runs]
-
-
-def target_languages(data: Any, runs: Sequence[Corpus]) -> list[str]:
-    """The tags BPE must hold: every corpus's target language, when sources are tagged."""
-    return sorted({c.tgt for c in runs}) if data.tgt_lang_tag else []
 
 
 def tag_prefix(tokenizer: Tokenizer, tgt_lang: str | None, key: str = "decode.tgt_lang") -> list[int]:
@@ -149,6 +130,18 @@ def tag_prefix(tokenizer: Tokenizer, tgt_lang: str | None, key: str = "decode.tg
     if tgt_lang not in tokenizer.tags:
         known = ", ".join(langs) if langs else "no tagged languages (trained without data.tgt_lang_tag)"
         raise UserError(f"{key}={tgt_lang!r}: the model knows {known}")
+    return [tokenizer.tags[tgt_lang]]
+
+
+def corpus_prefix(tokenizer: Tokenizer, tgt_lang: str | None, pair: str) -> list[int]:
+    """The tag ids opening the sources of a corpus trained into ``tgt_lang`` ([] untagged)."""
+    if tgt_lang is None:
+        return []
+    if tgt_lang not in tokenizer.tags:
+        raise UserError(
+            f"data.tgt_lang_tag: the run's tokenizer has no tag <2{tgt_lang}> for {pair} (it has "
+            f"{', '.join(tokenizer.languages) or 'none'}; trainer.init_from and resume bring their own)"
+        )
     return [tokenizer.tags[tgt_lang]]
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from transformer.config import ModelConfig, setting, validate
+from transformer.data.sources import source_for
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.spec import check_decode_config
 from transformer.errors import UserError
@@ -40,6 +41,7 @@ def setup_runtime(cfg: Any) -> Runtime:
     """Processes, device, precision and threads; cfg.run_dir becomes rank 0's."""
     t = cfg.trainer
     validate(cfg)  # every enumerated key and every range, before anything runs
+    source_for(cfg.data)  # data.source is a registered name, each data.corpora entry too
     buckets = list(cfg.data.length_buckets)
     if buckets and (buckets != sorted(set(buckets)) or buckets[0] < 1):
         raise UserError(f"data.length_buckets={buckets}: expected increasing positive lengths, e.g. [32, 64, 128]")
