@@ -9,7 +9,16 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from transformer.config import DecodeRunConfig, EvaluateConfig, TrainConfig, config_dir
+from transformer.config import (
+    DataConfig,
+    DecodeConfig,
+    DecodeRunConfig,
+    EvaluateConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainerConfig,
+    config_dir,
+)
 from transformer.errors import UserError
 
 CONFIGS = Path(config_dir())
@@ -92,3 +101,24 @@ def test_every_enumerated_key_is_checked_at_start(compose_cfg, tmp_path) -> None
             with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of "):
                 train(cfg)
             assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE
+
+
+SCHEMAS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}
+# a data preset names its corpus in full: data.corpora entries read a preset on its own (preset: multi30k)
+IDENTITY = {"data": {"name", "source", "src_lang", "tgt_lang"}}
+
+
+@pytest.mark.parametrize("group, name", [(g, n) for g, n in group_options() if g in SCHEMAS])
+def test_group_options_state_only_what_differs_from_the_schema(group: str, name: str) -> None:
+    """One default per key: the dataclass holds it, a group option only its own changes, so no
+    value is stated twice (where two copies once drifted apart: trainer.max_steps 10000 vs 100000)."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(SCHEMAS[group]))
+    stated = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml")) or {}
+    repeated = [k for k, v in stated.items() if k not in IDENTITY.get(group, ()) and defaults[k] == v]
+    assert not repeated, f"{group}/{name}.yaml restates the schema's defaults of {repeated}"
+
+
+@pytest.mark.parametrize("group, name", [("model", "base"), ("trainer", "default"), ("decode", "beam")])
+def test_the_schema_defaults_options_state_nothing(group: str, name: str) -> None:
+    """The options that stand for the schema's defaults hold no value of their own."""
+    assert not OmegaConf.load(CONFIGS / group / f"{name}.yaml")

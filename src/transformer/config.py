@@ -264,7 +264,7 @@ class TrainerConfig:
     seed: int = 1  # initial weights, batch order and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 where the CPU (avx512_bf16/AMX) or GPU runs it natively, else fp32 (fp16: CUDA only, with a gradient scaler)
-    max_steps: int = 10000  # optimizer updates
+    max_steps: int = 100000  # optimizer updates
     max_epochs: int = 0  # 0: no limit
     # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
     bidirectional_epochs: int = 0
@@ -286,7 +286,7 @@ class TrainerConfig:
     ema_decay: float = 0.0  # e.g. 0.999; 0: off
     eval_every: int = 1000  # steps between validation loss + BLEU (each also saves a checkpoint)
     save_every: int = 0  # extra checkpoints between evaluations (0: only at evaluations)
-    log_every: int = 50  # steps between training log lines
+    log_every: int = 100  # steps between training log lines
     eval_beam_size: int = 1  # search used for validation BLEU (1: greedy)
     keep_last: int = 3  # step checkpoints kept besides last and best
     keep_every: int = 0  # also keep every step checkpoint at a multiple of this (snapshots; 0: none)
