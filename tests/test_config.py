@@ -88,19 +88,49 @@ def test_wrong_type_fails_at_compose(compose_cfg) -> None:
     assert "Integer" in str(err.value.__cause__)
 
 
+def enumerated_keys() -> list[tuple[str, str, type]]:
+    from transformer.config import SECTIONS, enum_fields
+
+    return [(section, key, kind) for section, schema in SECTIONS.items() for key, kind in enum_fields(schema).items()]
+
+
 def test_every_enumerated_key_is_checked_at_start(compose_cfg, tmp_path) -> None:
-    """A misspelt value of any enumerated key fails before data loads, naming the key."""
-    from transformer.config import CHOICES
+    """A misspelt value of any enumerated key fails before data loads, naming the key and the
+    values it takes: at compose time (an Enum field), or as the run starts (a switch)."""
     from transformer.train.loop import train
 
-    for section, keys in CHOICES.items():
-        for key in keys:
-            cfg = compose_cfg(
-                "train", ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"]
-            )
-            with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of "):
+    assert len(enumerated_keys()) == 13  # data.source aside: checked where sources are named
+    for section, key, kind in enumerated_keys():
+        overrides = ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"]
+        try:
+            cfg = compose_cfg("train", overrides)
+        except ConfigCompositionException as e:
+            message = f"{e}: {e.__cause__}"
+            assert f"full_key: {section}.{key}" in message and f"expected one of [{', '.join(kind)}]" in message
+        else:
+            with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of {', '.join(kind)}$"):
                 train(cfg)
-            assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE
+        assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE
+
+
+def test_enumerated_keys_are_checked_when_a_config_is_built_in_python() -> None:
+    """The dataclasses check their enumerated fields themselves (the Python API, ``replace``),
+    take the YAML's strings (as stored in older checkpoints) and switches given as bools."""
+    from dataclasses import replace
+
+    from transformer.config import Precision, Switch
+
+    for section, key, kind in enumerated_keys():
+        schema = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}[section]
+        with pytest.raises(UserError, match=rf"^{section}.{key}='bogus': expected one of {', '.join(kind)}$"):
+            schema(**{key: "bogus"})
+        member = list(kind)[-1]
+        built = schema(**{key: str(member)})
+        assert getattr(built, key) is member and type(getattr(built, key)) is kind
+    decode = replace(DecodeConfig(), precision="fp32", prepack=False)
+    assert decode.precision is Precision.fp32 and decode.prepack is Switch.false
+    with pytest.raises(UserError, match="decode.precision='fp64'"):
+        replace(decode, precision="fp64")
 
 
 SCHEMAS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}

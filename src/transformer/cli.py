@@ -51,8 +51,8 @@ def decode_config(cfg: DictConfig) -> DecodeConfig:
 def _train(cfg: DictConfig) -> float:
     from transformer.evaluate import train_and_test as train
 
-    if not cfg.run_dir:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    if not cfg.run_dir:  # resolved once: a new config holding Hydra's output directory
+        cfg = OmegaConf.merge(cfg, {"run_dir": HydraConfig.get().runtime.output_dir})
     if cfg.data.monolingual_tgt:  # back-translation first (docs/distillation.md)
         from transformer.config import TrainConfig, typed
         from transformer.distill import back_translated
@@ -90,8 +90,8 @@ def train_main() -> None:
 def _distill(cfg: DictConfig) -> float:
     from transformer.distill import distill
 
-    if not cfg.run_dir:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    if not cfg.run_dir:  # resolved once: a new config holding Hydra's output directory
+        cfg = OmegaConf.merge(cfg, {"run_dir": HydraConfig.get().runtime.output_dir})
     metrics = distill(cfg)
     print(json.dumps(metrics.get("distill", {}), indent=2))
     return metrics["best_valid_bleu"]

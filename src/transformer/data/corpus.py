@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transformer.config import CHOICES, DataConfig, choice
+from transformer.config import DataConfig, DataFormat
 from transformer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,6 @@ def read_split(cfg: DataConfig, split: str) -> list[Pair]:
         if not cfg.hub_name:
             raise UserError("data.hub_name is required when data.source=hub")
         return read_hub(cfg, split)
-    choice("data", "source", cfg.source)
     raise UserError(f"data.source={cfg.source!r}: expected one of builtin, files, hub")
 
 
@@ -171,7 +170,7 @@ def split_files(cfg: DataConfig, split: str) -> list[str]:
             raise UserError(f"data.{split}_src and data.{split}_tgt must be set for data.format=text")
         return [src, tgt]
     if cfg.format not in ("tsv", "jsonl"):
-        raise UserError(f"data.format={cfg.format!r}: expected one of {', '.join(CHOICES['data']['format'])}")
+        raise UserError(f"data.format={cfg.format!r}: expected one of {', '.join(DataFormat)}")
     path = getattr(cfg, f"{split}_file")
     if not path:
         raise UserError(f"data.{split}_file must be set for data.format={cfg.format}")

@@ -19,7 +19,7 @@ import torch
 
 from transformer.config import validate
 from transformer.errors import UserError
-from transformer.serve.settings import ServeConfig, ServeRunConfig, check_serve_config
+from transformer.serve.settings import ServeConfig, ServeRunConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def serve(cfg: ServeRunConfig) -> None:
     from transformer.serve.models import load_models
     from transformer.serve.worker import ProcessDecoder
 
-    validate(cfg, ("",))  # port (config.RANGES)
-    check_serve_config(cfg)
+    validate(cfg, ("", "serve"))  # port and the serve limits (config.RANGES)
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)
     models = load_models(cfg)
