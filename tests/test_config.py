@@ -111,6 +111,10 @@ def test_every_enumerated_key_is_checked_at_start(compose_cfg, tmp_path) -> None
             with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of {', '.join(kind)}$"):
                 train(cfg)
         assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE
+    cfg = compose_cfg("train", ["experiment=tiny", f"run_dir={tmp_path / 'source'}", "data.source=bogus"])
+    with pytest.raises(UserError, match=r"data.source='bogus': expected one of builtin, files, hub$"):
+        train(cfg)
+    assert not (tmp_path / "source" / "spm.model").exists()
 
 
 def test_enumerated_keys_are_checked_when_a_config_is_built_in_python() -> None:

@@ -110,6 +110,7 @@ class Range:
 
 POSITIVE, COUNT, NONNEGATIVE = Range(0, open="low"), Range(1), Range(0)  # > 0; >= 1; >= 0
 PROBABILITY = Range(0, 1, open="high")  # a rate in [0, 1): 1 would drop or smooth everything
+DATA_SOURCES = ("builtin", "files", "hub")  # data.source's values, checked by ``validate``
 SERVE_LIMITS = ("max_batch_tokens", "max_sentences", "max_chars", "max_queue", "max_beam_size", "max_request_cost")
 SERVE_LIMITS += ("max_attention_cells", "batch_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s")
 SERVE_LIMITS += ("max_connections", "max_header_bytes")  # each > 0
@@ -543,5 +544,7 @@ def validate_section(section: str, node: object) -> None:
         value = getattr(node, key, None)
         if isinstance(value, (int, float)) and not allowed.holds(value):
             raise UserError(f"{section + '.' if section else ''}{key}={value} {allowed}")
+    if section == "data" and node.source not in DATA_SOURCES:  # a str: the data sources are named where they live
+        raise UserError(f"data.source={node.source!r}: expected one of {', '.join(DATA_SOURCES)}")
     if section == "trainer" and not all(0 <= beta < 1 for beta in node.betas):
         raise UserError(f"trainer.betas={list(node.betas)} must each be in [0, 1)")
