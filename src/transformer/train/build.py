@@ -39,7 +39,7 @@ class Runtime:
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Processes, device, precision, threads and the run directory (rank 0's)."""
     t = cfg.trainer
-    validate(cfg)  # every enumerated key and every range, before anything runs
+    validate(cfg)  # every range (the enumerated keys: by their types), before anything runs
     buckets = list(cfg.data.length_buckets)
     if buckets and (buckets != sorted(set(buckets)) or buckets[0] < 1):
         raise UserError(f"data.length_buckets={buckets}: expected increasing positive lengths, e.g. [32, 64, 128]")
