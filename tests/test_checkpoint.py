@@ -51,6 +51,26 @@ def test_checkpoint_holds_everything_decode_needs(best: Path) -> None:
     assert model.cfg.src_vocab_size == tokenizer.src_vocab_size
 
 
+def test_configs_are_stored_as_plain_values_and_older_ones_load_typed(best: Path, tmp_path: Path) -> None:
+    """Checkpoints hold configs as plain dicts (enums as their strings, so ``weights_only``
+    loading reads them); one written before the enums, with fewer keys, loads into the schema."""
+    from transformer.config import Activation, ModelConfig, Positional, Precision, TrainConfig, typed
+
+    ckpt = load_checkpoint(best)
+    stored = [*ckpt["model_config"].values(), *ckpt["config"]["trainer"].values(), *ckpt["config"]["decode"].values()]
+    assert all(type(v) in (str, int, float, bool, list, type(None)) for v in stored)
+    older = {k: v for k, v in ckpt["model_config"].items() if k not in ("norm", "decoder_d_ff")}
+    old = tmp_path / "old.pt"
+    atomic_save({**ckpt, "model_config": {**older, "activation": "gelu", "positional": "sinusoidal_fairseq"}}, old)
+    model, _ = model_from_checkpoint(load_checkpoint(old))
+    assert model.cfg.activation is Activation.gelu and model.cfg.positional is Positional.sinusoidal_fairseq
+    assert model.cfg == ModelConfig(**{**older, "activation": "gelu", "positional": "sinusoidal_fairseq"})
+    cfg = typed(ckpt["config"], TrainConfig)  # the run's config as the checkpoint stored it
+    assert (
+        isinstance(cfg.trainer.precision, Precision) and cfg.trainer.precision == ckpt["config"]["trainer"]["precision"]
+    )
+
+
 def test_resolve_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
     assert resolve_checkpoint(str(tiny_run)) == tiny_run / "checkpoints" / "best.pt"
     assert resolve_checkpoint(str(tiny_run), "last.pt") == tiny_run / "checkpoints" / "last.pt"

@@ -9,7 +9,16 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from transformer.config import DecodeRunConfig, EvaluateConfig, TrainConfig, config_dir
+from transformer.config import (
+    DataConfig,
+    DecodeConfig,
+    DecodeRunConfig,
+    EvaluateConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainerConfig,
+    config_dir,
+)
 from transformer.errors import UserError
 
 CONFIGS = Path(config_dir())
@@ -79,16 +88,71 @@ def test_wrong_type_fails_at_compose(compose_cfg) -> None:
     assert "Integer" in str(err.value.__cause__)
 
 
+def enumerated_keys() -> list[tuple[str, str, type]]:
+    from transformer.config import SECTIONS, enum_fields
+
+    return [(section, key, kind) for section, schema in SECTIONS.items() for key, kind in enum_fields(schema).items()]
+
+
 def test_every_enumerated_key_is_checked_at_start(compose_cfg, tmp_path) -> None:
-    """A misspelt value of any enumerated key fails before data loads, naming the key."""
-    from transformer.config import CHOICES
+    """A misspelt value of any enumerated key fails before data loads, naming the key and the
+    values it takes: at compose time (an Enum field), or as the run starts (a switch)."""
     from transformer.train.loop import train
 
-    for section, keys in CHOICES.items():
-        for key in keys:
-            cfg = compose_cfg(
-                "train", ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"]
-            )
-            with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of "):
+    assert len(enumerated_keys()) == 13  # data.source aside: checked where sources are named
+    for section, key, kind in enumerated_keys():
+        overrides = ["experiment=tiny", f"run_dir={tmp_path / section / key}", f"{section}.{key}=bogus"]
+        try:
+            cfg = compose_cfg("train", overrides)
+        except ConfigCompositionException as e:
+            message = f"{e}: {e.__cause__}"
+            assert f"full_key: {section}.{key}" in message and f"expected one of [{', '.join(kind)}]" in message
+        else:
+            with pytest.raises(UserError, match=rf"{section}.{key}='bogus': expected one of {', '.join(kind)}$"):
                 train(cfg)
-            assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE
+        assert not (tmp_path / section / key / "spm.model").exists()  # failed before BPE
+    cfg = compose_cfg("train", ["experiment=tiny", f"run_dir={tmp_path / 'source'}", "data.source=bogus"])
+    with pytest.raises(UserError, match=r"data.source='bogus': expected one of builtin, files, hub$"):
+        train(cfg)
+    assert not (tmp_path / "source" / "spm.model").exists()
+
+
+def test_enumerated_keys_are_checked_when_a_config_is_built_in_python() -> None:
+    """The dataclasses check their enumerated fields themselves (the Python API, ``replace``),
+    take the YAML's strings (as stored in older checkpoints) and switches given as bools."""
+    from dataclasses import replace
+
+    from transformer.config import Precision, Switch
+
+    for section, key, kind in enumerated_keys():
+        schema = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}[section]
+        with pytest.raises(UserError, match=rf"^{section}.{key}='bogus': expected one of {', '.join(kind)}$"):
+            schema(**{key: "bogus"})
+        member = list(kind)[-1]
+        built = schema(**{key: str(member)})
+        assert getattr(built, key) is member and type(getattr(built, key)) is kind
+    decode = replace(DecodeConfig(), precision="fp32", prepack=False)
+    assert decode.precision is Precision.fp32 and decode.prepack is Switch.false
+    with pytest.raises(UserError, match="decode.precision='fp64'"):
+        replace(decode, precision="fp64")
+
+
+SCHEMAS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}
+# a data preset names its corpus in full: data.corpora entries read a preset on its own (preset: multi30k)
+IDENTITY = {"data": {"name", "source", "src_lang", "tgt_lang"}}
+
+
+@pytest.mark.parametrize("group, name", [(g, n) for g, n in group_options() if g in SCHEMAS])
+def test_group_options_state_only_what_differs_from_the_schema(group: str, name: str) -> None:
+    """One default per key: the dataclass holds it, a group option only its own changes, so no
+    value is stated twice (where two copies once drifted apart: trainer.max_steps 10000 vs 100000)."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(SCHEMAS[group]))
+    stated = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml")) or {}
+    repeated = [k for k, v in stated.items() if k not in IDENTITY.get(group, ()) and defaults[k] == v]
+    assert not repeated, f"{group}/{name}.yaml restates the schema's defaults of {repeated}"
+
+
+@pytest.mark.parametrize("group, name", [("model", "base"), ("trainer", "default"), ("decode", "beam")])
+def test_the_schema_defaults_options_state_nothing(group: str, name: str) -> None:
+    """The options that stand for the schema's defaults hold no value of their own."""
+    assert not OmegaConf.load(CONFIGS / group / f"{name}.yaml")

@@ -27,7 +27,7 @@ from transformer.errors import UserError  # noqa: E402
 from transformer.export import export  # noqa: E402
 from transformer.import_hf import import_directory, import_hf  # noqa: E402
 from transformer.train import loop  # noqa: E402
-from transformer.train.init import apply_init_from  # noqa: E402
+from transformer.train.init import init_from  # noqa: E402
 
 MAX_LEN = 24  # generated tokens including EOS (HF max_length = MAX_LEN + 1 with the start token)
 SENTENCES = [
@@ -234,9 +234,10 @@ def test_model_overrides_that_contradict_the_checkpoint_are_an_error(marian, tmp
     _, checkpoint = marian
     cfg = fine_tune(tmp_path, checkpoint, "model.d_model=64", "model.dropout=0.2")
     with pytest.raises(UserError, match="model.d_model=64 contradicts trainer.init_from"):
-        apply_init_from(cfg, ["model.d_model=64"])
-    apply_init_from(cfg, ["model.dropout=0.2"])  # regularisation may change
-    assert (cfg.model.d_model, cfg.model.dropout, cfg.model.activation) == (32, 0.2, "silu")
+        init_from(cfg, ["model.d_model=64"])
+    _, model = init_from(cfg, ["model.dropout=0.2"])  # regularisation may change
+    assert (model.d_model, model.dropout, model.activation) == (32, 0.2, "silu")
+    assert cfg.model.d_model == 64  # the run's config is rebuilt with the checkpoint's model, never edited
 
 
 def broken(directory: Path, tmp_path: Path, edit) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from transformer.config import ModelConfig
+from transformer.config import ENUMS, ModelConfig
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import UserError, first_line
 from transformer.model import Transformer, build_model
@@ -45,7 +45,8 @@ def load_checkpoint(path: Path | str, mmap: bool = False) -> dict:
             f"(a file cut short by a crash, or another kind of file)"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(ENUMS)):  # configs saved with their enum members
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(
             f"{path}: not a readable checkpoint: a PyTorch archive whose contents are damaged or foreign ({first_line(e)})"

@@ -7,41 +7,83 @@ documentation (``transformer-train --help`` lists the groups).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import typing
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from transformer.errors import UserError
 
 T = TypeVar("T")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SWITCHES = ("auto", "true", "false")
-# every enumerated key, checked by ``validate`` when a command starts
-CHOICES = {
-    "model": {
-        "activation": ("relu", "gelu", "silu", "swiglu", "geglu"),
-        "positional": ("sinusoidal", "sinusoidal_fairseq", "learned", "rope"),
-        "norm": ("layernorm", "rmsnorm"),
-    },
-    "data": {"format": ("text", "tsv", "jsonl")},  # data.source: the registered names (data/sources.py)
-    "trainer": {
-        "schedule": ("inverse_sqrt", "cosine", "noam", "constant"),
-        "precision": PRECISIONS,
-        "onednn_linear": SWITCHES,
-        "deferred_metrics": SWITCHES,
-    },
-    "decode": {
-        "precision": PRECISIONS,
-        "prepack": SWITCHES,
-        "quantize": ("auto", "none", "int8"),
-        "lp_style": ("gnmt", "average", "none"),
-        "early_stop": ("exact", "fairseq"),
-    },
-}
+E = TypeVar("E", bound=StrEnum)
+
+
+# The enumerated settings: a config field of one of these types takes the member's name
+# (= its value) in YAML and on the command line; OmegaConf rejects any other at compose time,
+# naming the key and the allowed values, and the dataclass rejects it when built in Python.
+Activation = StrEnum("Activation", "relu gelu silu swiglu geglu", module=__name__)
+Positional = StrEnum("Positional", "sinusoidal sinusoidal_fairseq learned rope", module=__name__)
+Norm = StrEnum("Norm", "layernorm rmsnorm", module=__name__)
+DataFormat = StrEnum("DataFormat", "text tsv jsonl", module=__name__)
+Schedule = StrEnum("Schedule", "inverse_sqrt cosine noam constant", module=__name__)
+Precision = StrEnum("Precision", "auto fp32 bf16 fp16", module=__name__)
+Quantize = StrEnum("Quantize", "auto none int8", module=__name__)
+LengthPenalty = StrEnum("LengthPenalty", "gnmt average none", module=__name__)
+EarlyStop = StrEnum("EarlyStop", "exact fairseq", module=__name__)
+
+
+class Switch(StrEnum):
+    """auto | true | false. Its fields are declared ``str`` with ``switch()``: YAML and the
+    command line hand ``true``/``false`` over as bools, which OmegaConf's enum nodes refuse."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+
+# every enumerated setting's type: checkpoint loading (weights_only) accepts them in a config someone saved with asdict
+ENUMS = (Activation, Positional, Norm, DataFormat, Schedule, Precision, Quantize, LengthPenalty, EarlyStop, Switch)
+
+
+def switch() -> str:
+    """A Switch field (``auto`` by default), checked and made a Switch by ``Checked``."""
+    return field(default="auto", metadata={"enum": Switch})
+
+
+def enum_value(kind: type[E], value: object, key: str) -> E:
+    """``value`` as a member of ``kind`` (a Switch also from a bool or any case), else one error
+    line naming ``key`` and the allowed values."""
+    text = str(value).lower() if kind is Switch else value
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{key}={value!r}: expected one of {', '.join(kind)}") from None
+
+
+@functools.cache
+def enum_fields(schema: type) -> dict[str, type[StrEnum]]:
+    """The enumerated fields of a schema dataclass and their enum types."""
+    hints = typing.get_type_hints(schema)
+    kinds = {f.name: f.metadata.get("enum", hints[f.name]) for f in fields(schema)}
+    return {name: kind for name, kind in kinds.items() if isinstance(kind, type) and issubclass(kind, StrEnum)}
+
+
+class Checked:
+    """A schema dataclass whose enumerated fields are checked and made members of their enum
+    when it is built (by OmegaConf.to_object, ``replace`` or by hand), so a config in the code
+    always holds valid members; ``section`` prefixes the key in the error."""
+
+    section: ClassVar[str] = ""  # not a key: the prefix of this section's keys in error lines
+
+    def __post_init__(self) -> None:
+        for name, kind in enum_fields(type(self)).items():
+            setattr(self, name, enum_value(kind, getattr(self, name), f"{self.section}.{name}"))
 
 
 @dataclass(frozen=True)
@@ -68,6 +110,9 @@ class Range:
 
 POSITIVE, COUNT, NONNEGATIVE = Range(0, open="low"), Range(1), Range(0)  # > 0; >= 1; >= 0
 PROBABILITY = Range(0, 1, open="high")  # a rate in [0, 1): 1 would drop or smooth everything
+SERVE_LIMITS = ("max_batch_tokens", "max_sentences", "max_chars", "max_queue", "max_beam_size", "max_request_cost")
+SERVE_LIMITS += ("max_attention_cells", "batch_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s")
+SERVE_LIMITS += ("max_connections", "max_header_bytes")  # each > 0
 # every numeric key with a range, checked by ``validate`` when a command starts (before any data or BPE work);
 # section "" holds a command's own top-level keys (transformer-serve's port)
 RANGES: dict[str, dict[str, Range]] = {
@@ -136,13 +181,20 @@ RANGES: dict[str, dict[str, Range]] = {
         "top_k": NONNEGATIVE,
         "top_p": Range(0, 1, open="low"),
     },
+    "serve": {  # transformer-serve's limits (serve/settings.py ServeConfig)
+        **dict.fromkeys(SERVE_LIMITS, POSITIVE),
+        **dict.fromkeys(("max_wait_ms", "restart_backoff_s", "worker_max_rss_mb", "drain_timeout_s"), NONNEGATIVE),
+        **dict.fromkeys(("threads", "retry_after_s"), NONNEGATIVE),
+    },
     "": {"port": Range(1, 65535)},
 }
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Shapes of the encoder-decoder Transformer (Vaswani et al. 2017)."""
+
+    section: ClassVar[str] = "model"  # not a key: the prefix of this section's keys in error lines
 
     d_model: int = 512  # width of embeddings and residual stream
     n_heads: int = 8  # attention heads; d_model must divide evenly
@@ -157,12 +209,14 @@ class ModelConfig:
     tgt_word_dropout: float = 0.0  # whole decoder-input token embeddings zeroed in training (--dropout-trg)
     # relu | gelu | silu (x * sigmoid(x): OPUS-MT's swish) | swiglu | geglu: gated, silu(x W1) * (x W3) W2 (geglu:
     # gelu), W1 and W3 both d_ff wide as given (1.5x the parameters of relu; for equal ones set d_ff to 2/3 of it)
-    activation: str = "relu"
+    activation: Activation = Activation.relu
     norm_first: bool = False  # False: post-norm (the paper); True: pre-norm with final norms
-    norm: str = "layernorm"  # layernorm | rmsnorm (x / rms(x) * weight: no mean, no bias), every block and final norm
+    norm: Norm = (
+        Norm.layernorm
+    )  # layernorm | rmsnorm (x / rms(x) * weight: no mean, no bias), every block and final norm
     # sinusoidal (Marian) | sinusoidal_fairseq (M2M100: from position pad_id + 1) | learned | rope (rotary:
     # queries and keys of self-attention rotated by their position, nothing added to the embeddings)
-    positional: str = "sinusoidal"
+    positional: Positional = Positional.sinusoidal
     max_positions: int = 1024  # longest sequence (in subwords, with BOS/EOS) the model accepts
     share_embeddings: bool = True  # one embedding for source and target (needs a joint vocabulary)
     tie_output: bool = True  # output projection shares the target embedding matrix
@@ -178,15 +232,17 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the parallel corpus comes from and how it is tokenized and batched."""
+
+    section: ClassVar[str] = "data"  # not a key: the prefix of this section's keys in error lines
 
     name: str = "builtin"  # a label for logs and run cards
     source: str = "builtin"  # builtin | files | hub
     src_lang: str = "en"  # source language code (the key inside translation dicts)
     tgt_lang: str = "de"  # target language code
     # files: paths per split. Plain text pairs (src/tgt, optionally .gz), or one TSV/JSONL file.
-    format: str = "text"  # text | tsv | jsonl
+    format: DataFormat = DataFormat.text  # text | tsv | jsonl
     train_src: str | None = None  # text: training source file, one sentence a line
     train_tgt: str | None = None  # text: training target file, aligned line by line
     valid_src: str | None = None  # text: validation source file
@@ -258,13 +314,15 @@ class CorpusConfig(DataConfig):
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Checked):
     """The optimisation loop."""
+
+    section: ClassVar[str] = "trainer"  # not a key: the prefix of this section's keys in error lines
 
     seed: int = 1  # initial weights, batch order and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 where the CPU (avx512_bf16/AMX) or GPU runs it natively, else fp32 (fp16: CUDA only, with a gradient scaler)
-    max_steps: int = 10000  # optimizer updates
+    precision: Precision = Precision.auto  # auto | fp32 | bf16 | fp16; auto: bf16 where the CPU (avx512_bf16/AMX) or GPU runs it natively, else fp32 (fp16: CUDA only, with a gradient scaler)
+    max_steps: int = 100000  # optimizer updates
     max_epochs: int = 0  # 0: no limit
     # BiT: the first N epochs also train every pair reversed (target -> source); joint vocabulary only
     bidirectional_epochs: int = 0
@@ -275,7 +333,7 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW beta1, beta2
     eps: float = 1e-9  # AdamW epsilon
     weight_decay: float = 0.0  # AdamW decoupled weight decay (not on biases, norms, embeddings)
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | noam | constant
+    schedule: Schedule = Schedule.inverse_sqrt  # inverse_sqrt | cosine | noam | constant
     warmup_steps: int = 4000  # linear warmup to trainer.lr
     min_lr: float = 0.0  # floor of the cosine schedule
     label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy (0: plain NLL)
@@ -286,7 +344,7 @@ class TrainerConfig:
     ema_decay: float = 0.0  # e.g. 0.999; 0: off
     eval_every: int = 1000  # steps between validation loss + BLEU (each also saves a checkpoint)
     save_every: int = 0  # extra checkpoints between evaluations (0: only at evaluations)
-    log_every: int = 50  # steps between training log lines
+    log_every: int = 100  # steps between training log lines
     eval_beam_size: int = 1  # search used for validation BLEU (1: greedy)
     keep_last: int = 3  # step checkpoints kept besides last and best
     keep_every: int = 0  # also keep every step checkpoint at a multiple of this (snapshots; 0: none)
@@ -296,8 +354,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (with data.length_buckets it meets a few shapes: docs/gpu.md)
     # auto | true | false: loss, token counts and the finite check stay on the device, read at log steps only (the
     # host never waits for the GPU; a non-finite update is skipped by the fused AdamW, counted at the next log line)
-    deferred_metrics: str = "auto"  # auto: true on CUDA
-    onednn_linear: str = "auto"  # auto | true | false: fp32 CPU linear layers on oneDNN instead of MKL; auto times both per layer shape at start-up
+    deferred_metrics: str = switch()  # auto: true on CUDA
+    onednn_linear: str = switch()  # auto | true | false: fp32 CPU linear layers on oneDNN instead of MKL; auto times both per layer shape at start-up
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
     # CPU with the system allocator (TRANSFORMER_ALLOCATOR=system, or no mimalloc): glibc keeps
     # freed memory for reuse (no page faults on big tensors; ~10% faster); unused under mimalloc
@@ -314,25 +372,27 @@ class TrainerConfig:
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Checked):
     """Search settings shared by decode, evaluate and validation."""
+
+    section: ClassVar[str] = "decode"  # not a key: the prefix of this section's keys in error lines
 
     beam_size: int = 5  # 1: greedy
     n_best: int = 1  # hypotheses returned per sentence (at most beam_size)
     length_penalty: float = 1.0  # GNMT alpha (lp_style=gnmt) or exponent (lp_style=average)
-    lp_style: str = "gnmt"  # gnmt | average | none
+    lp_style: LengthPenalty = LengthPenalty.gnmt  # gnmt | average | none
     max_len_a: float = 1.5  # hypotheses stop at a * source length + b subwords
     max_len_b: int = 10  # see max_len_a
     min_len: int = 0  # EOS is forbidden before this many subwords
     # exact: stop once no live beam can still win; fairseq: once beam_size hypotheses finished
-    early_stop: str = "exact"
+    early_stop: EarlyStop = EarlyStop.exact
     batch_tokens: int = 4096  # source tokens per decoding batch
-    prepack: str = "auto"  # auto | true | false: CPU fp32 search on a copy with linear weights packed for oneDNN; auto times both per layer shape
+    prepack: str = switch()  # auto | true | false: CPU fp32 search on a copy with linear weights packed for oneDNN; auto times both per layer shape
     # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 where native (avx512_bf16/AMX CPU, CUDA), else fp32
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     # auto | none | int8 (CPU: int8 x int8 linear layers, output projection too); auto: int8 only when
     # decode.max_bleu_loss > 0 allows int8's bound (decode/fast.py INT8_BLEU_LOSS) and it times faster here
-    quantize: str = "auto"
+    quantize: Quantize = Quantize.auto
     # auto | none | PATH of a vocabulary shortlist (transformer-shortlist); auto: the shortlist.pt beside the
     # checkpoint, only when decode.max_bleu_loss > 0 covers the BLEU loss it measured on the validation split
     shortlist: str = "auto"
@@ -417,6 +477,14 @@ class DecodeRunConfig:
     attention_head: int = -1  # head for plot_attention (-1: mean over heads)
 
 
+SECTIONS: dict[str, type[Checked]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "decode": DecodeConfig,
+}  # the sections of the commands' configs holding enumerated keys
+
+
 def register_configs() -> None:
     """Register schemas so YAML files are validated against them."""
     cs = ConfigStore.instance()
@@ -434,7 +502,7 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def typed(cfg: Any, schema: type[T]) -> T:
+def typed(cfg: DictConfig | dict | T, schema: type[T]) -> T:
     """The composed config as its dataclasses (``OmegaConf.to_object``): the one boundary
     between Hydra's nodes and the code, crossed once by each entry point."""
     from omegaconf import OmegaConf
@@ -444,33 +512,25 @@ def typed(cfg: Any, schema: type[T]) -> T:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: object) -> dict:
     """A plain dict of a dataclass or OmegaConf node, for checkpoints and logs."""
     from omegaconf import OmegaConf
 
     if isinstance(cfg, dict):
         return cfg
-    return OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # enums as their names: torch.load reads them
 
 
-def choice(section: str, key: str, value: Any) -> str:
-    """``value`` of ``section.key`` if it is one of CHOICES (switches as lower-case words:
-    YAML may hand over a bool), else one error line naming the key."""
-    allowed = CHOICES[section][key]
-    text = str(value).lower() if allowed is SWITCHES else value
-    if text not in allowed:
-        raise UserError(f"{section}.{key}={value!r}: expected one of {', '.join(allowed)}")
-    return text
-
-
-def setting(value: Any, key: str) -> str:
-    """The enumerated setting ``key`` (section.name, e.g. decode.prepack) checked against CHOICES."""
+def setting(value: object, key: str) -> StrEnum:
+    """``value`` of the enumerated key ``key`` (section.name, e.g. decode.prepack) as its enum's
+    member: for values that reach the code outside a schema dataclass (a function's argument)."""
     section, name = key.split(".")
-    return choice(section, name, value)
+    return enum_value(enum_fields(SECTIONS[section])[name], value, key)
 
 
-def validate(cfg: Any, sections: tuple[str, ...] = tuple(RANGES)) -> None:
-    """Check every enumerated value and every range of a composed config (or of the sections
+def validate(cfg: object, sections: tuple[str, ...] = tuple(RANGES)) -> None:
+    """Check every range of a composed config (or of the sections
     it has; "": its top-level keys) at start-up, so a typo or an impossible value fails before
     data loads, naming the key, instead of at the first step or deep inside PyTorch."""
     for section in sections:
@@ -479,10 +539,9 @@ def validate(cfg: Any, sections: tuple[str, ...] = tuple(RANGES)) -> None:
             validate_section(section, node)
 
 
-def validate_section(section: str, node: Any) -> None:
-    """The enumerated and ranged keys of one section (a ModelConfig, DecodeConfig, ... or its node)."""
-    for key in CHOICES.get(section, ()):
-        choice(section, key, getattr(node, key))
+def validate_section(section: str, node: object) -> None:
+    """The ranged keys of one section (a ModelConfig, DecodeConfig, ... or its node; the enumerated
+    ones are checked by their types)."""
     for key, allowed in RANGES.get(section, {}).items():
         value = getattr(node, key, None)
         if isinstance(value, (int, float)) and not allowed.holds(value):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import sacrebleu
+from omegaconf import DictConfig
 
 from transformer.config import DataConfig, DecodeConfig, TrainConfig, typed
 from transformer.data.corpus import load_files
@@ -111,7 +112,7 @@ def evaluate(
     return result
 
 
-def train_and_test(cfg: Any) -> dict:
+def train_and_test(cfg: TrainConfig | DictConfig) -> dict:
     """transformer-train's recipe: train (train/loop.py), then score the test split with the
     best or averaged checkpoint and ``cfg.decode`` (skipped with evaluate_test=false)."""
 

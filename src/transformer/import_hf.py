@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from omegaconf import MISSING
 from torch import Tensor
 
 from transformer.checkpoint import FORMAT, atomic_save
-from transformer.config import ModelConfig
+from transformer.config import ModelConfig, to_dict
 from transformer.data.tokenizer import MappedTokenizer, Tokenizer
 from transformer.errors import UserError, first_line
 from transformer.hf_layout import M2M100, MARIAN, embedding_names, weight_names
@@ -307,7 +307,7 @@ def import_directory(directory: str | Path, src_lang: str | None = None, tgt_lan
     return {
         "format": FORMAT,
         "model": state,
-        "model_config": asdict(cfg),
+        "model_config": to_dict(cfg),
         "tokenizer": tokenizer.to_state(),
         "imported_from": str(directory),
     }

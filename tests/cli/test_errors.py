@@ -252,9 +252,10 @@ def test_each_bad_setting_is_named_before_any_work(tiny_cfg, override: str, mess
 def test_every_range_names_its_key() -> None:
     """Each key of config.RANGES exists in its section's schema, so the table cannot name a key that is gone."""
     from transformer.config import RANGES, DecodeConfig, TrainerConfig
-    from transformer.serve.settings import ServeRunConfig
+    from transformer.serve.settings import ServeConfig, ServeRunConfig
 
     schemas = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "decode": DecodeConfig}
+    schemas |= {"serve": ServeConfig}
     for section, keys in RANGES.items():
         fields = vars(schemas[section]()) if section else vars(ServeRunConfig())
         assert set(keys) <= set(fields), section

@@ -89,7 +89,8 @@ def run_plain_command(
                     given[key] = [given[key]]
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), given))
         except OmegaConfBaseException as e:
-            raise UserError(f"{first_line(e)} (usage: {usage.splitlines()[0].removeprefix('usage: ')})") from None
+            key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""  # an enum's error names it below
+            raise UserError(f"{key}{first_line(e)} (usage: {usage.splitlines()[0].removeprefix('usage: ')})") from None
         task(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

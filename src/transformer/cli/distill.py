@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transformer.cli import hydra_entry
 from transformer.runtime import use_fast_allocator
@@ -16,8 +16,8 @@ def command(cfg: DictConfig) -> float:
     """The command's body: the student's validation BLEU is what Hydra sweepers optimise."""
     from transformer.distill import distill
 
-    if not cfg.run_dir:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    if not cfg.run_dir:  # resolved once: a new config holding Hydra's output directory
+        cfg = OmegaConf.merge(cfg, {"run_dir": HydraConfig.get().runtime.output_dir})
     metrics = distill(cfg)
     print(json.dumps(metrics.get("distill", {}), indent=2))
     return metrics["best_valid_bleu"]

@@ -7,7 +7,7 @@ import json
 import os
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transformer.cli import hydra_entry
 from transformer.runtime import use_fast_allocator
@@ -17,8 +17,8 @@ def command(cfg: DictConfig) -> float:
     """The command's body: the validation BLEU it returns is what Hydra sweepers optimise."""
     from transformer.evaluate import train_and_test
 
-    if not cfg.run_dir:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    if not cfg.run_dir:  # resolved once: a new config holding Hydra's output directory
+        cfg = OmegaConf.merge(cfg, {"run_dir": HydraConfig.get().runtime.output_dir})
     if cfg.data.monolingual_tgt:  # back-translation first (docs/distillation.md)
         from transformer.config import TrainConfig, typed
         from transformer.distill import back_translated

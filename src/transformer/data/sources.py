@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from transformer.config import CHOICES, DataConfig, TrainerConfig
+from transformer.config import DataConfig, DataFormat, TrainerConfig
 from transformer.data.corpus import (
     Pair,
     clean_pairs,
@@ -240,8 +240,8 @@ class Files(Source):
         c, files = self.cfg, self.named_files(split)
         if c.format == "text" and not all(files):
             raise UserError(f"data.{split}_src and data.{split}_tgt must be set for data.format=text")
-        if c.format not in ("text", "tsv", "jsonl"):
-            raise UserError(f"data.format={c.format!r}: expected one of {', '.join(CHOICES['data']['format'])}")
+        if c.format not in tuple(DataFormat):
+            raise UserError(f"data.format={c.format!r}: expected one of {', '.join(DataFormat)}")
         if not all(files):
             raise UserError(f"data.{split}_file must be set for data.format={c.format}")
         return [f for f in files if f]

@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.config import CHOICES, ModelConfig, validate_section
+from transformer.config import ModelConfig, validate_section
 from transformer.errors import UserError
 from transformer.model.attention import CrossAttention, SelfAttention, rotary_table
 from transformer.model.cache import DecoderCache, LayerCache
 from transformer.vocab import PAD, Specials
 
-POSITIONAL = CHOICES["model"]["positional"]
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # CHOICES["model"]["activation"]; silu: OPUS-MT's swish
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # config.Activation; silu: OPUS-MT's swish
 GATED = {"swiglu": F.silu, "geglu": F.gelu}  # the gated feed-forward activations (Shazeer 2020)
 
 

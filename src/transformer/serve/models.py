@@ -112,8 +112,6 @@ def load_models(cfg: ServeRunConfig, weights: bool = True) -> list[ServedModel]:
     ``weights=False`` where workers decode (``decodes_in_worker``)."""
     if bool(cfg.checkpoint) == bool(cfg.models):
         raise UserError("give checkpoint=RUN_DIR_OR_PT or models={name: RUN, ...} (exactly one of them)")
-    if cfg.serve.engine not in ("torch", "ctranslate2"):
-        raise UserError(f"serve.engine={cfg.serve.engine!r}: expected torch or ctranslate2")
     try:
         check_decode_config(cfg.decode)
     except UserError as e:

@@ -20,7 +20,7 @@ import torch
 
 from transformer.config import validate
 from transformer.errors import UserError
-from transformer.serve.settings import ServeConfig, ServeRunConfig, check_serve_config
+from transformer.serve.settings import ServeConfig, ServeRunConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def serve(cfg: ServeRunConfig) -> None:
     from transformer.serve.models import decodes_in_worker, load_models
     from transformer.serve.worker import ProcessDecoder
 
-    validate(cfg, ("",))  # port (config.RANGES)
-    check_serve_config(cfg)
+    validate(cfg, ("", "serve"))  # port and the serve limits (config.RANGES)
     check_address(cfg.host, cfg.port)
     if cfg.serve.threads > 0:
         torch.set_num_threads(cfg.serve.threads)

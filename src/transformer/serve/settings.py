@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
 
-from transformer.config import DecodeConfig
-from transformer.errors import UserError
+from transformer.config import Checked, DecodeConfig
 
 USAGE = """usage: transformer-serve checkpoint=RUN_DIR_OR_PT | models={en-de: RUN1, de-en: RUN2} [host=127.0.0.1 port=8000 device=auto decode.KEY=.. serve.KEY=..]
 
@@ -26,9 +27,16 @@ USAGE = """usage: transformer-serve checkpoint=RUN_DIR_OR_PT | models={en-de: RU
 See docs/serving.md."""
 
 
+class Engine(StrEnum):
+    torch = "torch"
+    ctranslate2 = "ctranslate2"
+
+
 @dataclass
-class ServeConfig:
-    """Batching and limits of the server."""
+class ServeConfig(Checked):
+    """Batching and limits of the server (their ranges: config.RANGES["serve"])."""
+
+    section: ClassVar[str] = "serve"  # not a key: the prefix of this section's keys in error lines
 
     batching: bool = True  # false: the worker decodes one request at a time (the baseline of scripts/bench_serve.py)
     # source subwords x beam_size (x n_best when sampling) per batch the worker collects across requests
@@ -64,7 +72,7 @@ class ServeConfig:
         default_factory=list
     )  # origins browsers may call from, e.g. [https://x.org] (empty: none)
     # torch | ctranslate2: search in CTranslate2 on a conversion cached beside the checkpoint (docs/fast-decoding.md)
-    engine: str = "torch"
+    engine: Engine = Engine.torch
 
 
 @dataclass
@@ -79,30 +87,3 @@ class ServeRunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)  # decode defaults; a request may override some
     serve: ServeConfig = field(default_factory=ServeConfig)  # batching and limits
     log_level: str = "info"  # uvicorn's log level (warning: no access log)
-
-
-POSITIVE = (
-    "max_batch_tokens",
-    "max_sentences",
-    "max_chars",
-    "max_queue",
-    "max_beam_size",
-    "max_request_cost",
-    "max_attention_cells",
-    "batch_timeout_s",
-    "header_timeout_s",
-    "body_timeout_s",
-    "keep_alive_s",
-    "max_connections",
-    "max_header_bytes",
-)
-
-
-def check_serve_config(cfg: ServeRunConfig) -> None:
-    """Name the first setting out of its range, before any model is loaded."""
-    for key in POSITIVE:
-        if getattr(cfg.serve, key) <= 0:
-            raise UserError(f"serve.{key}={getattr(cfg.serve, key)} must be > 0")
-    for key in ("max_wait_ms", "restart_backoff_s", "worker_max_rss_mb", "drain_timeout_s", "threads", "retry_after_s"):
-        if getattr(cfg.serve, key) < 0:
-            raise UserError(f"serve.{key}={getattr(cfg.serve, key)} must be >= 0")

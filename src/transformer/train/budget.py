@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from transformer.config import TrainerConfig
 from transformer.errors import UserError
 from transformer.train.optim import phase_anchor
 
@@ -70,7 +71,7 @@ class Plan:
         """Whether ``step`` is an evaluation (or save) step of this plan."""
         return every > 0 and (step - self.revised_at) % every == 0
 
-    def schedule(self, t: Any) -> Any:
+    def schedule(self, t: TrainerConfig) -> TrainerConfig:
         """The trainer config ``t`` (a TrainerConfig) with this plan's settings: a copy."""
         keys = ("max_steps", "warmup_steps", "eval_every", "save_every", "max_minutes")
         return replace(t, **{k: getattr(self, k) for k in keys})
@@ -86,7 +87,7 @@ class Plan:
         )
 
 
-def plan_schedule(t: Any, budget_minutes: float, costs: Costs) -> Plan:
+def plan_schedule(t: TrainerConfig, budget_minutes: float, costs: Costs) -> Plan:
     """Scale ``t``'s schedule (a TrainerConfig) to ``budget_minutes`` given ``costs``."""
     if budget_minutes < 0:
         raise UserError(f"trainer.time_budget_minutes={budget_minutes} must be >= 0 (0: off)")
@@ -115,7 +116,7 @@ def plan_schedule(t: Any, budget_minutes: float, costs: Costs) -> Plan:
     )
 
 
-def revise(plan: Plan, t: Any, step: int, before: float, after: float) -> Plan:
+def revise(plan: Plan, t: TrainerConfig, step: int, before: float, after: float) -> Plan:
     """The plan after the evaluation at ``step``, which ran from ``before`` to ``after``
     seconds of training: the pace since the last revision (saves and logging included) and
     this evaluation's time fit the updates left, and the evaluations left, into the time left.

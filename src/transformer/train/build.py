@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from transformer.config import ModelConfig, setting, validate
+from transformer.config import ModelConfig, Switch, TrainConfig, validate
 from transformer.data.sources import source_for
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.spec import check_decode_config
@@ -33,14 +32,15 @@ class Runtime:
     dist: Dist
     device: torch.device
     precision: str  # fp32 | bf16 | fp16, ``auto`` resolved
-    onednn: str  # auto | true | false
+    onednn: Switch  # trainer.onednn_linear
     deferred: bool  # trainer.deferred_metrics, auto resolved
+    run_dir: str  # rank 0's (Hydra names run directories by the clock)
 
 
-def setup_runtime(cfg: Any) -> Runtime:
-    """Processes, device, precision and threads; cfg.run_dir becomes rank 0's."""
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Processes, device, precision, threads and the run directory (rank 0's)."""
     t = cfg.trainer
-    validate(cfg)  # every enumerated key and every range, before anything runs
+    validate(cfg)  # every range (the enumerated keys: by their types), before anything runs
     source_for(cfg.data)  # data.source is a registered name, each data.corpora entry too
     buckets = list(cfg.data.length_buckets)
     if buckets and (buckets != sorted(set(buckets)) or buckets[0] < 1):
@@ -52,16 +52,14 @@ def setup_runtime(cfg: Any) -> Runtime:
         dist,
         device,
         resolve_precision(t.precision, device, "trainer.precision"),
-        setting(t.onednn_linear, "trainer.onednn_linear"),
-        {"auto": device.type == "cuda", "true": True, "false": False}[
-            setting(t.deferred_metrics, "trainer.deferred_metrics")
-        ],
+        t.onednn_linear,
+        {Switch.auto: device.type == "cuda", Switch.true: True, Switch.false: False}[t.deferred_metrics],
+        share(cfg.run_dir, dist),
     )
     autocast(device, rt.precision)  # fp16 on a CPU fails now, not after data loading
     check_decode_config(cfg.decode)
     if not dist.main:
         logging.getLogger("transformer").setLevel(logging.WARNING)  # one rank tells the story
-    cfg.run_dir = share(cfg.run_dir, dist)  # Hydra names run directories by the clock: take rank 0's
     if t.keep_freed_memory and device.type == "cpu" and active_allocator() == "system":
         keep_freed_memory()
     return rt
@@ -81,13 +79,12 @@ def compiled(net: nn.Module, buckets: list[int]) -> nn.Module:
 
 
 def setup_model(
-    cfg: Any, tokenizer: Tokenizer, rt: Runtime, init: tuple[Path, dict] | None = None
+    cfg: TrainConfig, tokenizer: Tokenizer, rt: Runtime, init: tuple[Path, dict] | None = None
 ) -> tuple[ModelConfig, Transformer, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
     """(model config, model, what the loop calls, optimizer, scaler); the same initial weights
     on every rank: random, or trainer.init_from's (``init``)."""
     t = cfg.trainer
-    model_cfg = replace(cfg.model)  # the vocabulary sizes are filled in on a copy
-    model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
+    model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size)
     torch.manual_seed(t.seed)
     model = build_model(model_cfg).to(rt.device)
     if init is not None:

@@ -9,14 +9,13 @@ naming the key. Regularisation (the dropout rates) may be changed for the new ru
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from transformer.checkpoint import load_checkpoint, resolve_checkpoint
-from transformer.config import ModelConfig
+from transformer.config import ModelConfig, TrainConfig
 from transformer.errors import UserError, first_line
 
 REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "src_word_dropout", "tgt_word_dropout")
@@ -39,28 +38,27 @@ def model_keys(overrides: Sequence[str]) -> list[str]:
     return keys
 
 
-def apply_init_from(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Path, dict] | None:
-    """Load ``trainer.init_from`` and make ``cfg.model`` its model config; returns (path,
-    checkpoint), or None without init_from. ``overrides``: the command line (default: Hydra's)."""
+def init_from(cfg: TrainConfig, overrides: Sequence[str] | None = None) -> tuple[tuple[Path, dict] | None, ModelConfig]:
+    """(path, checkpoint) of ``trainer.init_from`` and the model config the run takes: the
+    checkpoint's, with the regularisation ``overrides`` gave (default: Hydra's command line);
+    without init_from, (None, cfg.model). The run's config is rebuilt with it, never edited."""
     target = cfg.trainer.init_from
     if not target:
-        return None
+        return None, cfg.model
     path = resolve_checkpoint(str(target))
     ckpt = load_checkpoint(path)
-    saved = asdict(ModelConfig(**ckpt["model_config"]))  # older checkpoints: new keys get their defaults
+    saved = ModelConfig(**ckpt["model_config"])  # older checkpoints: new keys get their defaults
     given = model_keys(command_line_overrides() if overrides is None else overrides)
     for key in given:
-        if key in REGULARISATION or key not in saved:
+        if key in REGULARISATION or not hasattr(saved, key):
             continue
-        if getattr(cfg.model, key) != saved[key]:
+        if getattr(cfg.model, key) != getattr(saved, key):
             raise UserError(
-                f"model.{key}={getattr(cfg.model, key)} contradicts trainer.init_from={target}, whose model has {key}={saved[key]} "
-                "(the model config comes from the checkpoint: drop the override)"
+                f"model.{key}={getattr(cfg.model, key)} contradicts trainer.init_from={target}, whose model has "
+                f"{key}={getattr(saved, key)} (the model config comes from the checkpoint: drop the override)"
             )
-    for key, value in saved.items():
-        if key not in given or key not in REGULARISATION:
-            setattr(cfg.model, key, value)
-    return path, ckpt
+    kept = {key: getattr(cfg.model, key) for key in given if key in REGULARISATION}
+    return (path, ckpt), replace(saved, **kept)
 
 
 def load_init_weights(model: nn.Module, init: tuple[Path, dict]) -> None:

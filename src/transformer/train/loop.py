@@ -15,11 +15,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from transformer.checkpoint import CHECKPOINT_DIR
 from transformer.config import TrainConfig, to_dict, typed
@@ -29,12 +29,12 @@ from transformer.hardware import detect
 from transformer.rundir import write_results
 from transformer.runtime import active_allocator
 from transformer.train import budget
-from transformer.train.build import setup_model, setup_runtime
+from transformer.train.build import Runtime, setup_model, setup_runtime
 from transformer.train.calibrate import plan_budget
 from transformer.train.distributed import all_rng_states, finish_distributed, seed_everything, share
 from transformer.train.ema import EMA, averaged
 from transformer.train.examples import RunData
-from transformer.train.init import apply_init_from
+from transformer.train.init import init_from
 from transformer.train.loggers import RunInfo, logger_classes
 from transformer.train.optim import NO_ANCHOR
 from transformer.train.resume import changes_record, check_resume
@@ -59,16 +59,17 @@ TestFn = Callable[[Path, torch.device], dict]  # scores the final checkpoint on 
 class Trainer:
     """State of one run: the model, optimizer, data and where it stands."""
 
-    def __init__(self, cfg: TrainConfig | Any, started: float | None = None):
-        self.cfg = cfg = typed(cfg, TrainConfig)  # a no-op for train()'s, which is typed already
+    def __init__(self, cfg: TrainConfig | DictConfig, started: float | None = None):
+        cfg = typed(cfg, TrainConfig)
         loggers = logger_classes(cfg.trainer.loggers)  # an unknown name stops here, before any work
         started = budget.clock() if started is None else started
         rt = setup_runtime(cfg)
         self.dist, self.device, self.precision = rt.dist, rt.device, rt.precision
+        resume = find_resume(cfg.trainer.resume)
+        init, model = init_from(cfg)  # init_from's checkpoint and the model config it brings; resume wins over it
+        self.cfg = cfg = replace(cfg, run_dir=rt.run_dir, model=model)  # the run's config, resolved once
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
-        resume = find_resume(cfg.trainer.resume)
-        init = apply_init_from(cfg)  # cfg.model becomes the checkpoint's; resume wins over it
         changes = check_resume(cfg, resume)  # a change that breaks exactness stops here, before the data
         self.data = RunData(cfg, self.dist, resume or init)
         self.tokenizer = self.data.tokenizer
@@ -76,7 +77,7 @@ class Trainer:
             cfg, self.tokenizer, rt, None if resume else init
         )
         self.tally = Tally(self.device) if rt.deferred else None  # trainer.deferred_metrics
-        self.setup_state(resume, started)
+        self.setup_state(resume, started, rt)
         resumed_at, total = self.progress.step if resume else None, self.schedule.max_steps
         run = RunInfo(self.run_dir, resumed_at, total, cfg.trainer.progress, to_dict(cfg))
         self.runlog = RunLog(loggers, run, enabled=self.dist.main)
@@ -85,7 +86,7 @@ class Trainer:
 
     # setup -------------------------------------------------------------------------
 
-    def setup_state(self, resume: tuple[Path, dict] | None, started: float) -> None:
+    def setup_state(self, resume: tuple[Path, dict] | None, started: float, rt: Runtime) -> None:
         """Progress from the checkpoint resumed (or zero), dropout seeds, the budget's plan."""
         t = self.cfg.trainer
         self.progress = Progress()
@@ -101,7 +102,8 @@ class Trainer:
         self.schedule = t  # the trainer config, or a copy with the budget's plan in it
         if t.time_budget_minutes:
             if self.progress.plan is None:
-                self.progress.plan = plan_budget(self, started)
+                parts = (self.model, self.optimizer, self.scaler)
+                self.progress.plan = plan_budget(self.cfg, self.data, parts, self.train_step, rt, started)
             self.plan = budget.Plan.from_dict(self.progress.plan)
             self.schedule = self.plan.schedule(t)
         size = "streamed" if self.data.streaming else f"{len(self.data.train_examples)}"
@@ -284,14 +286,14 @@ class Trainer:
         return {}
 
 
-def train(cfg: TrainConfig | Any, test: TestFn | None = None) -> dict:
+def train(cfg: TrainConfig | DictConfig, test: TestFn | None = None) -> dict:
     """Train with a composed config (a ``TrainConfig``, or Hydra's node of one); returns the run's
     metrics, with ``test``'s scores of the final checkpoint (``transformer.train`` passes evaluate's)."""
     cfg = typed(cfg, TrainConfig)
     if not cfg.run_dir:
         raise UserError("run_dir must be set (the CLI sets it to Hydra's output directory)")
     if cfg.trainer.resume and Path(cfg.trainer.resume).is_dir():
-        cfg.run_dir = str(Path(cfg.trainer.resume).expanduser())
+        cfg = replace(cfg, run_dir=str(Path(cfg.trainer.resume).expanduser()))
     with hold_run_dir(cfg.run_dir, main=os.environ.get("RANK", "0") == "0"):  # one training at a time writes here
         metrics = train_holding_lock(cfg, test)
     finish_distributed()

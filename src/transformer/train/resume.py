@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformer.config import to_dict
+from transformer.config import TrainConfig, to_dict
 from transformer.errors import UserError
 from transformer.rundir import RESUME_CHANGES
 
@@ -75,7 +75,7 @@ def is_free(key: str, now: dict[str, Any]) -> bool:
     return key in FREE
 
 
-def changed_settings(saved: dict, cfg: Any, planned: dict | None = None) -> dict[str, tuple[Any, Any]]:
+def changed_settings(saved: dict, cfg: TrainConfig, planned: dict | None = None) -> dict[str, tuple[Any, Any]]:
     """``key -> (old, new)`` for each setting of ``cfg`` that differs from the ``saved``
     config and may not change freely. Keys the checkpoint lacks (an older version) and
     the trainer keys a time budget's ``planned`` (reapplied from the checkpoint) are skipped."""
@@ -92,7 +92,7 @@ def listed(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
 
 
-def check_resume(cfg: Any, resume: tuple[Path, dict] | None) -> dict[str, tuple[Any, Any]]:
+def check_resume(cfg: TrainConfig, resume: tuple[Path, dict] | None) -> dict[str, tuple[Any, Any]]:
     """The changes ``trainer.resume_allow`` accepts; a UserError listing any other change
     from the checkpoint's config, or naming an allowed key that does not exist."""
     if resume is None:

@@ -22,7 +22,7 @@ from transformer.checkpoint import (
     newest_valid_checkpoint,
     resolve_checkpoint,
 )
-from transformer.config import to_dict
+from transformer.config import ModelConfig, TrainConfig, TrainerConfig, to_dict
 from transformer.errors import UserError, first_line
 from transformer.train.distributed import Dist, rng_state, set_rng_state
 from transformer.train.ema import EMA
@@ -66,13 +66,13 @@ def find_resume(target: str | None) -> tuple[Path, dict] | None:
 def training_checkpoint(
     *,
     model: Any,
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     tokenizer: Any,
     optimizer: Any,
     scaler: Any,
     progress: Progress,
     rngs: list[dict],
-    cfg: Any,
+    cfg: TrainConfig,
     ema: EMA | None = None,
 ) -> dict:
     """Everything a resumed run needs, and what decoding needs (model, its config, tokenizer).
@@ -83,7 +83,7 @@ def training_checkpoint(
         "format": FORMAT,
         "model": model.state_dict() if ema is None else ema.state_dict(model),
         **trained,
-        "model_config": vars(model_cfg).copy(),
+        "model_config": to_dict(model_cfg),  # plain values (enums as strings): weights_only loading reads them
         "tokenizer": tokenizer.to_state(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -94,7 +94,7 @@ def training_checkpoint(
     }
 
 
-def write_checkpoints(ckpt: dict, ckpt_dir: Path, step: int, best: bool, t: Any) -> None:
+def write_checkpoints(ckpt: dict, ckpt_dir: Path, step: int, best: bool, t: TrainerConfig) -> None:
     """last.pt and a step checkpoint, best.pt when best; keep the newest trainer.keep_last
     step checkpoints (or trainer.average_last, if more) and those at multiples of
     trainer.keep_every."""

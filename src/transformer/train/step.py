@@ -4,11 +4,11 @@ losses summed over ranks, clipping, the learning rate of the schedule and the st
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from transformer.config import TrainerConfig
 from transformer.data.batching import Batch
 from transformer.errors import UserError
 from transformer.runtime import autocast
@@ -68,7 +68,7 @@ def update(
     scaler: torch.amp.GradScaler,
     batches: list[Batch],
     *,
-    t: Any,
+    t: TrainerConfig,
     precision: str,
     step: int,
     d_model: int,

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from transformer.config import TrainerConfig
 from transformer.errors import UserError
 from transformer.train.distributed import Dist, highest
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 STOPS = ("", "steps", "time", "signal")  # the answers of stop_reason, mildest first
 
 
-def stop_reason(t: Any, step: int, elapsed: float, signalled: bool, dist: Dist, device: torch.device) -> str:
+def stop_reason(t: TrainerConfig, step: int, elapsed: float, signalled: bool, dist: Dist, device: torch.device) -> str:
     """Why to stop after ``step``, ``elapsed`` seconds into training ("" to go on). Under DDP
     every rank gets the same answer, since a signal or the clock may reach them apart."""
     if signalled:

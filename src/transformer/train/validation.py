@@ -7,12 +7,11 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import sacrebleu
 import torch
 
-from transformer.config import DecodeConfig
+from transformer.config import DecodeConfig, TrainConfig
 from transformer.data.batching import Example, collate, token_batches
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.batching import translate_ids
@@ -43,7 +42,7 @@ def valid_loss(
     return total / max(count, 1)
 
 
-def eval_decode_config(cfg: Any) -> DecodeConfig:
+def eval_decode_config(cfg: TrainConfig) -> DecodeConfig:
     """The search of validation BLEU: cfg.decode with trainer.eval_beam_size, one hypothesis."""
     return replace(cfg.decode, beam_size=cfg.trainer.eval_beam_size, n_best=1, sampling=False)
 
@@ -89,7 +88,7 @@ def samples_text(sources: Sequence[str], references: Sequence[str], hypotheses: 
 def validate(
     model: Transformer,
     data: RunData,
-    cfg: Any,
+    cfg: TrainConfig,
     progress: Progress,
     runlog: RunLog,
     device: torch.device,
