@@ -186,6 +186,7 @@ def test_back_translation_needs_a_reverse_model(tmp_path: Path) -> None:
         distill.back_translated(cfg)
 
 
+@pytest.mark.slow
 def test_distill_command_names_a_missing_or_wrong_teacher(cli, tmp_path: Path) -> None:
     missing = cli("distill", "experiment=tiny", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(

@@ -58,6 +58,7 @@ ORDERS = [  # the package first; a submodule first (its package runs first); a d
 ]
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_are_the_modules_whatever_the_import_order() -> None:
     check = (
         "\nimport types, transformer.train, transformer.evaluate\n"

@@ -58,6 +58,7 @@ def test_version(command: str, command_line, capsys: pytest.CaptureFixture) -> N
     assert command_line(command, "--version", capsys=capsys) == (0, f"transformer {transformer.__version__}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(SCRIPTS))
 def test_help(command: str, command_line, capsys: pytest.CaptureFixture) -> None:
     status, out = command_line(command, "--help", capsys=capsys)

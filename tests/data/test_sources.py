@@ -66,7 +66,7 @@ def digits_cfg(cfg: DictConfig, *, steps: int = 10) -> DictConfig:
 
 
 def test_a_source_registered_outside_the_package_trains_and_is_scored(tiny_cfg: DictConfig) -> None:
-    from transformer import train
+    from transformer.evaluate import train_and_test as train
 
     cfg = digits_cfg(tiny_cfg)
     source = corpus_source(DataConfig(source="digits", builtin_valid=20, builtin_test=20))

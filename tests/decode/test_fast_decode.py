@@ -185,6 +185,7 @@ def ct2_translator(trained: Path):
 DECODE_CT2 = DecodeConfig(lp_style="average", early_stop="fairseq", beam_size=3)  # what CTranslate2 also does
 
 
+@pytest.mark.slow
 def test_ct2_engine_answers_what_transformer_decode_does(ct2_translator, trained: Path, valid, cli, tmp_path) -> None:
     sources = [s for s, _ in valid[:40]]
     source = tmp_path / "source.txt"

@@ -135,6 +135,7 @@ def test_a_logger_from_an_entry_point(tmp_path: Path, monkeypatch: pytest.Monkey
         logger_class("cvs")
 
 
+@pytest.mark.slow
 def test_an_unknown_logger_is_one_error_before_any_work(tmp_path: Path, cli) -> None:
     with pytest.raises(UserError, match=r"^trainer.loggers: no logger named 'tensorbord'; known: .*tensorboard"):
         loop.train(tiny(tmp_path / "run", *STEPS, "trainer.loggers=[jsonl,tensorbord]"))
@@ -230,6 +231,7 @@ def wandb_history(path: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
