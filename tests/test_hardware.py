@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import compose_config
+from tiny import tiny_config
 from training import train_quietly
 from transformer import hardware
-from transformer.config import ModelConfig, setting
+from transformer.config import setting
 from transformer.errors import UserError
 from transformer.hardware import Hardware, read_cpu_flags, resolve_precision
 from transformer.model import build_model
@@ -78,17 +79,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
 
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=1,
-        n_decoder_layers=1,
-        d_ff=64,
-        dropout=0.0,
-        src_vocab_size=300,
-        tgt_vocab_size=300,
-    )
-    return build_model(cfg)
+    return build_model(tiny_config(300, n_encoder_layers=1, n_decoder_layers=1, max_positions=1024))
 
 
 def logits_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -13,25 +13,17 @@ from transformer.vocab import EOS, PAD
 VOCAB = 24
 
 
+def tiny_config(vocab: int = VOCAB, **overrides) -> ModelConfig:
+    """The tests' one tiny shape (2+2 layers of width 32, no dropout); ``overrides`` change any key."""
+    base = dict(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, dropout=0.0, max_positions=64)
+    return ModelConfig(**{**base, "src_vocab_size": vocab, "tgt_vocab_size": vocab, **overrides})
+
+
 def tiny_model(norm_first: bool = False, seed: int = 0, vocab: int = VOCAB, **overrides) -> Transformer:
     """A 2+2-layer model in eval mode; pre-norm uses fairseq positions (what M2M100 exports)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        d_ff=64,
-        dropout=0.0,
-        norm_first=norm_first,
-        positional="sinusoidal_fairseq" if norm_first else "sinusoidal",
-        max_positions=64,
-        src_vocab_size=vocab,
-        tgt_vocab_size=vocab,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return build_model(cfg).eval()
+    positional = "sinusoidal_fairseq" if norm_first else "sinusoidal"
+    return build_model(tiny_config(vocab, **{"norm_first": norm_first, "positional": positional, **overrides})).eval()
 
 
 def eos_prone(model: Transformer, boost: float) -> Transformer:

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from conftest import compose_config
 from serve_live import free_port
+from tiny import tiny_config
 from transformer.checkpoint import load_checkpoint
-from transformer.config import ModelConfig
 from transformer.data.batching import Example
 from transformer.model import build_model
 from transformer.train import loop, step
@@ -125,19 +125,7 @@ def assert_learns_with_fp32_weights(run_dir: Path, *overrides: str) -> None:
 
 def toy_model(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(
-        ModelConfig(
-            d_model=32,
-            n_heads=2,
-            n_encoder_layers=1,
-            n_decoder_layers=1,
-            d_ff=64,
-            dropout=dropout,
-            max_positions=64,
-            src_vocab_size=40,
-            tgt_vocab_size=40,
-        )
-    )
+    return build_model(tiny_config(40, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, dropout=dropout))
 
 
 def toy_examples(n: int, rng: random.Random) -> list[Example]:

@@ -5,11 +5,11 @@ decoding against teacher forcing, and learning by overfitting one small batch.""
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import pytest
 import torch
 
+from tiny import tiny_config as shared_tiny_config
 from transformer.config import ModelConfig
 from transformer.model import Transformer, build_model
 from transformer.model.attention import sdpa
@@ -22,18 +22,8 @@ VOCAB = 20
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    cfg = ModelConfig(
-        d_model=16,
-        n_heads=2,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        d_ff=32,
-        dropout=0.0,
-        max_positions=32,
-        src_vocab_size=VOCAB,
-        tgt_vocab_size=VOCAB,
-    )
-    return replace(cfg, **overrides)
+    """Narrower than tests/tiny.py's: width 16, 2 heads, 32 positions, a vocabulary of 20."""
+    return shared_tiny_config(VOCAB, **{"d_model": 16, "n_heads": 2, "d_ff": 32, "max_positions": 32, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
