@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from transformer import Translator
 from transformer.config import DecodeConfig
-from transformer.decode.translator import pack_models, resolve_decode
+from transformer.decode.prepare import pack_models, resolve_decode
 from transformer.errors import UserError
 from transformer.evaluate import evaluate, train_and_test
 from transformer.runtime import autocast

@@ -19,7 +19,7 @@ from tiny import eos_prone, padded, random_sources, tiny_model, tiny_tokenizer  
 from transformer.checkpoint import FORMAT  # noqa: E402
 from transformer.cli.export import main  # noqa: E402
 from transformer.config import DecodeConfig  # noqa: E402
-from transformer.decode.translator import translate_ids  # noqa: E402
+from transformer.decode.batching import translate_ids  # noqa: E402
 from transformer.errors import UserError  # noqa: E402
 from transformer.export import convert_ct2, to_hf  # noqa: E402
 from transformer.vocab import BOS, EOS, PAD  # noqa: E402

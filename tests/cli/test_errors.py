@@ -263,7 +263,7 @@ def test_every_range_names_its_key() -> None:
 
 def test_decode_settings_out_of_range_are_refused() -> None:
     from transformer.config import DecodeConfig
-    from transformer.decode.translator import check_decode_config
+    from transformer.decode.spec import check_decode_config
 
     for key, value, message in [("top_p", 2.0, "must be in (0, 1]"), ("max_len_a", -1.0, "must be >= 0")]:
         with pytest.raises(UserError, match=re.escape(f"decode.{key}={value} {message}")):

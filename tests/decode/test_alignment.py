@@ -15,8 +15,8 @@ from test_search import TinyModel
 from transformer import Translator
 from transformer.config import DecodeConfig
 from transformer.decode.alignment import pharaoh, word_indices, word_pairs
+from transformer.decode.batching import translate_ids
 from transformer.decode.search import EOS, PAD, beam_search, greedy_search, sample
-from transformer.decode.translator import translate_ids
 from transformer.errors import UserError
 
 SENTENCES = ["twenty-one", "I have three red apples.", "the nineteen small dogs"]

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from tiny import VOCAB, eos_prone, padded, random_sources, tiny_model, tiny_tokenizer
 from transformer.config import DecodeConfig
+from transformer.decode.batching import translate_ids
+from transformer.decode.scorer import ModelScorer
 from transformer.decode.search import beam_search, greedy_search, length_penalty
-from transformer.decode.translator import ModelScorer, Translator, translate_ids
+from transformer.decode.translator import Translator
 from transformer.model import Transformer
 from transformer.vocab import BOS, EOS
 

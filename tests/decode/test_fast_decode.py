@@ -17,9 +17,10 @@ from transformer import Translator
 from transformer.checkpoint import load_model
 from transformer.config import DataConfig, DecodeConfig
 from transformer.data.sources import load_split
+from transformer.decode.batching import translate_ids
 from transformer.decode.fast import INT8_BLEU_LOSS, resolve_shortlist
+from transformer.decode.prepare import resolve_decode
 from transformer.decode.shortlist import beside, build_shortlist, load_shortlist
-from transformer.decode.translator import resolve_decode, translate_ids
 from transformer.errors import UserError
 from transformer.evaluate import score
 from transformer.model.prepack import PackedLinear

@@ -21,8 +21,9 @@ from tiny import VOCAB, padded, random_sources, tiny_model, tiny_tokenizer
 from training import losses, tiny
 from transformer.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from transformer.config import DecodeConfig, ModelConfig
+from transformer.decode.batching import translate_ids
+from transformer.decode.scorer import ModelScorer
 from transformer.decode.search import beam_search, greedy_search
-from transformer.decode.translator import ModelScorer, translate_ids
 from transformer.errors import UserError
 from transformer.model.attention import rotary_table, rotate
 from transformer.model.transformer import FeedForward, RMSNorm

@@ -98,7 +98,7 @@ def test_a_logger_registered_outside_receives_every_record(tmp_path: Path, recor
 def test_only_rank_0_builds_loggers(tmp_path: Path, recorder: type[Recorder]) -> None:
     other_rank = RunLog([Recorder], RunInfo(tmp_path, config={"trainer": {"max_steps": 1}}), enabled=False)
     other_rank.log("train", {"step": 1, "loss": 1.0}, "text")
-    other_rank.tick()
+    other_rank.advance()
     other_rank.close()
     assert recorder.calls == []
 

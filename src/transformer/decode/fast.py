@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.config import DecodeConfig, setting
+from transformer.config import DecodeConfig
 from transformer.decode.shortlist import Shortlist, beside, load_shortlist
 from transformer.errors import UserError
 from transformer.hardware import best_seconds
@@ -35,7 +35,7 @@ INT8_BLEU_LOSS = 0.3  # the BLEU int8 search may lose against fp32 (tests/decode
 
 def resolve_quantize(cfg: DecodeConfig, device: torch.device, model: nn.Module) -> str:
     """``none`` or ``int8`` for ``cfg.quantize`` (``cfg.precision`` already resolved)."""
-    quantize = setting(cfg.quantize, "decode.quantize")
+    quantize = cfg.quantize
     if quantize == "int8" and (device.type != "cpu" or cfg.precision != "fp32"):
         raise UserError(
             f"decode.quantize=int8 runs on CPU in fp32 (here: device {device.type}, decode.precision={cfg.precision})"

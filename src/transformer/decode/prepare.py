@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from transformer.config import DecodeConfig, setting
+from transformer.config import DecodeConfig
 from transformer.decode.fast import resolve_quantize
 from transformer.hardware import resolve_precision
 from transformer.model import Transformer
@@ -22,9 +22,9 @@ def resolve_decode(cfg: DecodeConfig, device: torch.device, model: Transformer |
     """``cfg`` with ``auto`` settled for this device: precision (bf16 where native), quantize
     (``fast.resolve_quantize``, timed on ``model``; int8 computes the rest in fp32) and prepack
     (``true``/``false``, or ``auto`` kept for a per-shape timing in ``pack_models``)."""
-    int8 = setting(cfg.quantize, "decode.quantize") == "int8" and cfg.precision == "auto"
+    int8 = cfg.quantize == "int8" and cfg.precision == "auto"
     precision = "fp32" if int8 else resolve_precision(cfg.precision, device, "decode.precision")
-    cfg = replace(cfg, precision=precision, prepack=setting(cfg.prepack, "decode.prepack"))
+    cfg = replace(cfg, precision=precision)
     quantize = resolve_quantize(cfg, device, model) if model is not None or cfg.quantize != "auto" else "none"
     return replace(cfg, quantize=quantize, precision="fp32" if quantize == "int8" else precision)
 

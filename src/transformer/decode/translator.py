@@ -13,20 +13,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# names moved out of this module in the split stay importable from here (marked "re-exported")
 from transformer.checkpoint import load_model, model_from_checkpoint
 from transformer.config import DecodeConfig
 from transformer.data.multilingual import tag_prefix
 from transformer.data.tokenizer import Tokenizer
 from transformer.decode.alignment import forced_attention, source_words, target_words, word_pairs
-from transformer.decode.batching import fit_source, translate_ids  # noqa: F401 (re-exported)
+from transformer.decode.batching import translate_ids
 from transformer.decode.fast import resolve_shortlist
-from transformer.decode.guides import check_guides, check_prefixes, line_guides, prefix_ids, target_ids  # noqa: F401 (re-exported)
-from transformer.decode.prepare import pack_models, packs_weights, prepare_models, resolve_decode  # noqa: F401 (re-exported)
+from transformer.decode.guides import line_guides, prefix_ids, target_ids
+from transformer.decode.prepare import packs_weights, prepare_models, resolve_decode
 from transformer.decode.rules import Hypothesis
-from transformer.decode.scorer import ModelScorer, make_scorer  # noqa: F401 (re-exported)
 from transformer.decode.shortlist import Shortlist
-from transformer.decode.spec import check_decode_config  # noqa: F401 (re-exported)
 from transformer.errors import UserError
 from transformer.model import Transformer
 from transformer.runtime import resolve_device

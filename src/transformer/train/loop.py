@@ -164,7 +164,7 @@ class Trainer:
         self.progress.elapsed = budget.clock() - start
         self.window["tokens"] += stats["tokens"]
         step = self.progress.step
-        self.runlog.tick()
+        self.runlog.advance()
         if step % t.log_every == 0 or step == 1:
             stats = stats if self.tally is None else self.settle(stats)
             now = time.time()
@@ -200,7 +200,7 @@ class Trainer:
         self.plan = budget.Plan.from_dict(share(revised, self.dist))
         self.progress.plan = {**(self.progress.plan or {}), **self.plan.to_dict()}
         self.schedule = self.plan.schedule(t)
-        self.runlog.retotal(self.plan.max_steps)
+        self.runlog.replan(self.plan.max_steps)
         log.info("%s", self.plan.line())
 
     def end_epoch(self) -> str:

@@ -37,12 +37,12 @@ class RunLog:
             if text is not None:
                 logger.text(f"{group}/translations", text, record["step"])
 
-    def tick(self) -> None:
+    def advance(self) -> None:
         """One optimizer update done."""
         for logger in self.loggers:
             logger.advance()
 
-    def retotal(self, total: int) -> None:
+    def replan(self, total: int) -> None:
         """A new planned number of updates (the time budget revised its plan)."""
         for logger in self.loggers:
             logger.replan(total)
