@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import typing
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from transformer.errors import UserError
 
@@ -289,9 +290,9 @@ class DataConfig(Checked):
     length_buckets: list[int] = field(default_factory=list)
     valid_max_sentences: int = 0  # cap on validation sentences used for BLEU during training (0: all)
     # multilingual (README "Multilingual training")
-    # several corpora in one run: a list of CorpusConfig entries (a data config's keys, each with its
-    # src_lang and tgt_lang); empty: this config is the one corpus. Tokenizer and batching keys stay here.
-    corpora: list[Any] = field(default_factory=list)
+    # several corpora in one run: each entry (a CorpusEntry) sets data keys on top of its preset, with its
+    # src_lang and tgt_lang; empty: this config is the one corpus. Tokenizer and batching keys stay here.
+    corpora: list[CorpusEntry] = field(default_factory=list)
     tgt_lang_tag: bool = False  # prepend the target-language tag (<2de>) to every source; BPE keeps the tags whole
     # data.corpora: corpus i is drawn with probability p_i ~ n_i^(1/T) (1: as its size; larger: flatter)
     sampling_temperature: float = 1.0
@@ -304,6 +305,10 @@ class DataConfig(Checked):
     bt_ratio: float = 1.0  # back-translated pairs mixed in per original pair (at most all of them; 1.0: as many)
     bt_tag: str = "<BT>"  # opens every back-translated source (Caswell et al. 2019), one BPE piece; "" for none
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.corpora = [corpus_entry(entry, i) for i, entry in enumerate(self.corpora)]
+
 
 @dataclass
 class CorpusConfig(DataConfig):
@@ -311,6 +316,47 @@ class CorpusConfig(DataConfig):
 
     preset: str | None = None  # start from this data config (configs/data: builtin, files, hub, multi30k)
     reverse: bool = False  # train the corpus target -> source (tgt_lang -> src_lang), e.g. the built-in one de -> en
+
+
+# One data.corpora entry as composed: every key of CorpusConfig with its type, unset (MISSING) unless
+# the entry sets it, so Hydra checks an entry's keys and values while an explicit null stays apart from
+# "not given" (the preset's value). The fields are init=False because OmegaConf leaves unset ones out
+# of the object only there; entry_keys reads what an entry sets.
+_entry_hints = typing.get_type_hints(CorpusConfig, localns={"CorpusEntry": None})  # corpora: not an entry's key
+CorpusEntry = make_dataclass(
+    "CorpusEntry",
+    [
+        (f.name, _entry_hints[f.name], field(default=MISSING, init=False))
+        for f in fields(CorpusConfig)
+        if f.name != "corpora"
+    ],
+)
+
+
+def corpus_entry(entry: object, i: int) -> CorpusEntry:
+    """``data.corpora[i]`` as a CorpusEntry: as composed, or from a mapping built in Python, whose
+    keys must be data keys (one error line naming the entry otherwise)."""
+    if isinstance(entry, CorpusEntry):
+        return entry
+    if not isinstance(entry, Mapping):
+        raise UserError(
+            f"data.corpora[{i}]: expected a mapping of data keys such as {{src_lang: en, tgt_lang: de}}, got {entry!r}"
+        )
+    made = CorpusEntry()
+    names = {f.name for f in fields(made)}
+    for key, value in entry_keys(entry).items():
+        if key not in names:
+            raise UserError(f"data.corpora[{i}]: {key!r} is not a data key")
+        setattr(made, key, value)
+    return made
+
+
+def entry_keys(entry: object) -> dict:
+    """The keys a data.corpora entry sets: a mapping as written, or a composed CorpusEntry."""
+    if isinstance(entry, DictConfig):
+        return {k: entry[k] for k in entry if not OmegaConf.is_missing(entry, k)}
+    items = entry.items() if isinstance(entry, Mapping) else ((f.name, getattr(entry, f.name)) for f in fields(entry))
+    return {k: v for k, v in items if not (isinstance(v, str) and v == MISSING)}
 
 
 @dataclass
@@ -505,8 +551,6 @@ def config_dir() -> str:
 def typed(cfg: DictConfig | dict | T, schema: type[T]) -> T:
     """The composed config as its dataclasses (``OmegaConf.to_object``): the one boundary
     between Hydra's nodes and the code, crossed once by each entry point."""
-    from omegaconf import OmegaConf
-
     if isinstance(cfg, schema):
         return cfg
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
@@ -514,12 +558,14 @@ def typed(cfg: DictConfig | dict | T, schema: type[T]) -> T:
 
 def to_dict(cfg: object) -> dict:
     """A plain dict of a dataclass or OmegaConf node, for checkpoints and logs."""
-    from omegaconf import OmegaConf
-
     if isinstance(cfg, dict):
         return cfg
     node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # enums as their names: torch.load reads them
+    out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # enums as their names: torch.load reads them
+    for section in (out, out.get("data")):  # a DataConfig or a whole config: corpus entries as written
+        if isinstance(section, dict) and isinstance(section.get("corpora"), list):
+            section["corpora"] = [entry_keys(e) if isinstance(e, dict) else e for e in section["corpora"]]
+    return out
 
 
 def setting(value: object, key: str) -> StrEnum:

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 from conftest import compose_config
 from training import QUICK, TINY_MODEL
+from transformer.config import DataConfig, to_dict
 from transformer.data.builtin import builtin_splits
 from transformer.data.multilingual import corpora, corpus_shares, epoch_indices, tag_prefix
 from transformer.data.sources import source_for
@@ -125,11 +127,9 @@ def test_entries_start_from_the_top_level_keys_or_a_preset_and_share_the_tokeniz
     [
         (["data.corpora=[{tgt_lang:de}]"], r"^data.corpora\[0\]: no src_lang; each corpus names its languages"),
         (["data.corpora=[{src_lang:en,tgt_lang:de},{src_lang:de}]"], r"^data.corpora\[1\]: no tgt_lang"),
-        (["data.corpora=[{src_lang:en,tgt_lang:de,bogus:1}]"], r"^data.corpora\[0\]: .*bogus"),
         (["data.corpora=[{src_lang:en,tgt_lang:de,vocab_size:9}]"], r"^data.corpora\[0\].vocab_size: shared by every"),
         (["data.corpora=[{src_lang:en,tgt_lang:de,source:bogus}]"], r"^data.corpora\[0\]: data.source='bogus'"),
         (["data.corpora=[{preset:bogus,src_lang:en,tgt_lang:de}]"], r"preset='bogus': expected one of builtin, files"),
-        (["data.corpora=[en]"], r"^data.corpora\[0\]: expected a mapping"),
         (["data.sampling_temperature=0"], r"^data.sampling_temperature=0.0 must be > 0$"),
         ([BOTH_WAYS, "data.streaming=true"], r"^data.streaming reads one corpus"),
     ],
@@ -138,6 +138,42 @@ def test_bad_corpus_entries_fail_in_one_line(overrides: list[str], match: str) -
     with pytest.raises(UserError, match=match) as err:
         source_for(data_cfg(*overrides))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "cause"),
+    [
+        ("data.corpora=[{src_lang:en,tgt_lang:de,bogus:1}]", "Key 'bogus' not in 'CorpusEntry'"),
+        ("data.corpora=[{src_lang:en,tgt_lang:de,reverse:maybe}]", "Value 'maybe' is not a valid bool"),
+        ("data.corpora=[en]", "full_key: data.corpora[0]"),
+    ],
+)
+def test_entries_are_checked_by_the_schema_when_composed(override: str, cause: str) -> None:
+    with pytest.raises(ConfigCompositionException, match="data.corpora") as err:
+        data_cfg(override)
+    assert cause in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("en", r"^data.corpora\[0\]: expected a mapping"),
+        ({"src_lang": "en", "tgt_lang": "de", "bogus": 1}, r"^data.corpora\[0\]: .*bogus"),
+    ],
+)
+def test_entries_built_in_python_are_checked_in_one_line(entry: object, match: str) -> None:
+    with one_line_error(match) as err:
+        corpora(DataConfig(corpora=[entry]))
+    assert "\n" not in str(err.value)
+
+
+def test_an_explicit_null_in_an_entry_differs_from_a_key_not_given() -> None:
+    d = data_cfg(
+        "data.corpora=[{preset:hub,src_lang:en,tgt_lang:de},{preset:hub,src_lang:en,tgt_lang:de,translation_field:null}]"
+    )
+    given, nulled = corpora(d)
+    assert (given.cfg.translation_field, nulled.cfg.translation_field) == ("translation", None)
+    assert to_dict(d)["corpora"][1] == {"preset": "hub", "src_lang": "en", "tgt_lang": "de", "translation_field": None}
 
 
 def test_bidirectional_epochs_and_corpora_do_not_mix(tmp_path: Path) -> None:

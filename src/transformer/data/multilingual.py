@@ -11,16 +11,15 @@ ones for every corpus. Corpora are read into memory (no cache, no streaming) by
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from transformer.config import CorpusConfig, DataConfig, config_dir, to_dict, validate_section
+from transformer.config import CorpusConfig, DataConfig, config_dir, entry_keys, to_dict, validate_section
 from transformer.data.batching import Example, encode_examples
 from transformer.data.corpus import Pair
 from transformer.data.tokenizer import Tokenizer
@@ -74,11 +73,11 @@ def presets() -> list[str]:
     return sorted(p.stem for p in (Path(config_dir()) / "data").glob("*.yaml"))
 
 
-def entry_config(data: DataConfig, raw: Any, i: int) -> CorpusConfig:
-    """``data.corpora[i]`` merged onto its preset (or the top-level keys) and the shared keys."""
+def entry_config(data: DataConfig, entry: object, i: int) -> CorpusConfig:
+    """``data.corpora[i]`` (a CorpusEntry, or its node before ``typed``) merged onto its preset
+    (or the top-level keys) and the shared keys."""
     where = f"data.corpora[{i}]"
-    if not isinstance(raw, Mapping):
-        raise UserError(f"{where}: expected a mapping of data keys such as {{src_lang: en, tgt_lang: de}}, got {raw!r}")
+    raw = entry_keys(entry)
     if shared := sorted(set(raw) & set(SHARED)):
         raise UserError(f"{where}.{shared[0]}: shared by every corpus; set data.{shared[0]} instead")
     top = to_dict(data)
