@@ -5,7 +5,9 @@ student's shape keys."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,14 @@ import torch
 from conftest import compose_config
 from tiny import tiny_model
 from transformer import distill
-from transformer.config import DataConfig, TrainConfig, typed
+from transformer.checkpoint import resolve_checkpoint
+from transformer.config import DataConfig, DistillConfig, Quantize, TrainConfig, typed
 from transformer.data.builtin import builtin_splits
 from transformer.data.corpus import read_tsv
 from transformer.data.sources import load_train_pairs
 from transformer.data.synthetic import with_synthetic
 from transformer.data.tokenizer import Tokenizer
+from transformer.decode.shortlist import load_shortlist
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.train import loop
@@ -147,14 +151,41 @@ def test_tiny_teacher_to_student_killed_in_translation_and_resumed(tiny_run: Pat
 
     rows = json.loads((run / "distill.json").read_text())
     assert rows == metrics["distill"]
-    for name in ("teacher", "student"):
+    assert list(rows) == ["teacher", "student", "student int8+shortlist"]  # the student as deployed too
+    assert rows["student int8+shortlist"]["parameters"] == rows["student"]["parameters"]
+    assert (run / "student" / "checkpoints" / "shortlist.pt").is_file()
+    for name in rows:
         for search, beam in (("beam", cfg.decode.beam_size), ("greedy", 1)):
             r = rows[name][search]
             assert r["beam_size"] == beam and 0 <= r["bleu"] <= 100 and r["sentences_per_s"] > 0
     assert rows["teacher"]["parameters"] == sum(p.numel() for p in teacher.models[0].parameters())
     assert rows["student"]["beam"]["speedup"] > 0
     table = (run / "distill.md").read_text()
-    assert "| teacher |" in table and "| student |" in table and "greedy 1" in table
+    assert "| teacher |" in table and "| student |" in table and "| student int8+shortlist |" in table
+    assert "greedy 1" in table
+
+
+def test_the_deploy_row_decodes_the_student_in_int8_with_its_shortlist_built_beside_it(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    cfg = typed(distill_config(tmp_path / "distill", tiny_run), DistillConfig)
+    student = tmp_path / "student.pt"
+    shutil.copy(resolve_checkpoint(str(tiny_run)), student)
+    name, decode = distill.deployed(cfg, student)
+    assert (name, decode.quantize, decode.shortlist) == (
+        "student int8+shortlist",
+        Quantize.int8,
+        str(tmp_path / "shortlist.pt"),
+    )
+    table = load_shortlist(
+        tmp_path / "shortlist.pt", torch.load(student, weights_only=False)["model_config"]["tgt_vocab_size"]
+    )
+    assert table.bleu_loss is not None  # measured on the validation split
+    assert replace(decode, quantize=cfg.decode.quantize, shortlist=cfg.decode.shortlist) == cfg.decode  # only those
+    only_int8 = replace(cfg, distill=replace(cfg.distill, shortlist=False))
+    assert distill.deployed(only_int8, student)[0] == "student int8"
+    neither = replace(cfg, distill=replace(cfg.distill, shortlist=False, quantize=Quantize.none))
+    assert distill.deployed(neither, student) is None
 
 
 def test_back_translation_makes_tagged_pairs_the_tokenizer_keeps_whole(tiny_run: Path, tmp_path: Path) -> None:

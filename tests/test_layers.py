@@ -26,6 +26,7 @@ LAYERS = [
     (
         "transformer.evaluate",
         "transformer.distill",
+        "transformer.shortlist",
         "transformer.report",
         "transformer.sweep",
         "transformer.export",

@@ -15,11 +15,11 @@ Stages, each resumable by running the same command again:
    with a share ``data.original_ratio`` of the original ones, and back-translations at
    ``data.bt_ratio``); its own time budget is ``trainer.time_budget_minutes``. A student run
    that was stopped resumes from its last checkpoint.
-3. compare: teacher and student on the test split with the beam and greedily: BLEU, chrF,
-   sentences per second and size, in ``distill.json`` and a table in ``distill.md``.
-
-Building the student's int8 form and shortlist is not a stage yet: it waits for the
-decoder's quantisation and shortlist (docs/distillation.md).
+3. deploy: the student's vocabulary shortlist, built from its training pairs beside its
+   checkpoint (``distill.shortlist``; its validation BLEU loss is measured and stored).
+4. compare: teacher, student, and the student as deployed (``decode.quantize=distill.quantize``
+   with the shortlist) on the test split with the beam and greedily: BLEU, chrF, sentences per
+   second and size, in ``distill.json`` and a table in ``distill.md``.
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from transformer.checkpoint import CHECKPOINT_DIR, resolve_checkpoint
-from transformer.config import DecodeConfig, DistillConfig, DistillSettings, TrainConfig, typed
+from transformer.config import DecodeConfig, DistillConfig, DistillSettings, Quantize, TrainConfig, typed
 from transformer.data.cache import cache_root
 from transformer.data.corpus import file_identity, open_text
 from transformer.data.sources import load_train_pairs
+from transformer.decode.shortlist import beside
 from transformer.decode.translator import Translator
 from transformer.errors import UserError
 from transformer.evaluate import evaluate, train_and_test
 from transformer.report import write_run_report
 from transformer.rundir import atomic_write
+from transformer.shortlist import ShortlistConfig, run_shortlist
 
 log = logging.getLogger(__name__)
 Translate = Callable[[list[str]], list[str]]
@@ -206,14 +208,14 @@ def model_size(translator: Translator) -> dict:
     return {"parameters": n, "fp32_mb": round(n * 4 / 2**20, 2)}
 
 
-def scored_searches(name: str, paths: Sequence[str], key: str, cfg: DistillConfig) -> dict:
+def scored_searches(name: str, paths: Sequence[str], key: str, cfg: DistillConfig, decode: DecodeConfig) -> dict:
     """One model (or ensemble) on the test split with the beam and greedily: scores and speed."""
     row: dict[str, Any] = {"checkpoints": [str(p) for p in checkpoint_files(paths, key)]}
-    for search, beam in (("beam", cfg.decode.beam_size), ("greedy", 1)):
-        translator, files = translator_of(paths, key, replace(cfg.decode, beam_size=beam, n_best=1), cfg.trainer.device)
+    for search, beam in (("beam", decode.beam_size), ("greedy", 1)):
+        translator, files = translator_of(paths, key, replace(decode, beam_size=beam, n_best=1), cfg.trainer.device)
         row |= model_size(translator)
         start = time.perf_counter()
-        out = Path(cfg.run_dir) / f"{name}.{search}.hyp.txt"
+        out = Path(cfg.run_dir) / f"{name.replace(' ', '-')}.{search}.hyp.txt"
         result = evaluate(
             str(files[0]), data=cfg.data, decode=translator.config, output=str(out), translator=translator
         )
@@ -228,15 +230,35 @@ def scored_searches(name: str, paths: Sequence[str], key: str, cfg: DistillConfi
     return row
 
 
+def deployed(cfg: DistillConfig, student: Path) -> tuple[str, DecodeConfig] | None:
+    """The student as deployed: its row's name and decode settings (distill.quantize, and the
+    shortlist, built beside the checkpoint unless one is there); None when neither is asked for."""
+    settings = cfg.distill
+    if settings.quantize == Quantize.none and not settings.shortlist:
+        return None
+    decode, parts = replace(cfg.decode, quantize=settings.quantize), [str(settings.quantize)]
+    if settings.shortlist:
+        table = beside(student)
+        if not table.is_file():
+            run_shortlist(ShortlistConfig(checkpoint=str(student), output=str(table)))
+        decode, parts = replace(decode, shortlist=str(table)), [*parts, "shortlist"]
+    return "student " + "+".join(p for p in parts if p != "none"), decode
+
+
 def compare(cfg: DistillConfig, student: Path) -> dict:
-    """Teacher and student side by side; the student's speed-up over the teacher's beam."""
+    """Teacher, student and the student as deployed side by side; the speed-up over the teacher's beam."""
+    teacher = [cfg.teacher, *cfg.ensemble]
     rows = {
-        "teacher": scored_searches("teacher", [cfg.teacher, *cfg.ensemble], "teacher", cfg),
-        "student": scored_searches("student", [str(student)], "student", cfg),
+        "teacher": scored_searches("teacher", teacher, "teacher", cfg, cfg.decode),
+        "student": scored_searches("student", [str(student)], "student", cfg, cfg.decode),
     }
+    if deploy := deployed(cfg, student):
+        rows[deploy[0]] = scored_searches(deploy[0], [str(student)], "student", cfg, deploy[1])
     teacher_beam = rows["teacher"]["beam"]["sentences_per_s"]
-    for search in ("beam", "greedy"):
-        rows["student"][search]["speedup"] = round(rows["student"][search]["sentences_per_s"] / teacher_beam, 2)
+    for name, row in rows.items():
+        for search in ("beam", "greedy"):
+            if name != "teacher":
+                row[search]["speedup"] = round(row[search]["sentences_per_s"] / teacher_beam, 2)
     return rows
 
 
