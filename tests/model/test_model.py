@@ -177,6 +177,31 @@ def test_incremental_decoding_equals_teacher_forcing() -> None:
 
 
 @torch.no_grad()
+def test_cached_steps_write_in_place_and_copy_the_past_only_to_grow_or_reorder() -> None:
+    model = tiny_model()
+    memory, mask = model.encode(random_ids(2, 5, 1))
+    cache = model.start_cache(memory, mask)
+    buffers: list[torch.Tensor] = []  # every buffer the cache used, held so none is freed and reused
+
+    def changed() -> bool:
+        k = cache.layers[0].k
+        new = all(k is not b for b in buffers)
+        buffers.append(k)
+        return new
+
+    steps = []
+    for t in range(28):  # greedy: no reordering, the buffer doubles when full
+        model.decode_step(random_ids(2, 1, t), cache)
+        steps.append(changed())
+    assert [t + 1 for t, new in enumerate(steps) if new] == [1, 3, 7, 15]  # room for 2, 6, 14, 30
+    for t in range(3):  # beams: every reordering is applied by one copy at the next append
+        cache = model.select_cache(cache, torch.tensor([1, 0]))
+        assert cache.layers[0].index is not None
+        model.decode_step(random_ids(2, 1, t), cache)
+        assert cache.layers[0].index is None and changed()
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("layer", [0, -1])
 def test_step_alignment_equals_forced_cross_attention(layer: int) -> None:
     """decode_step's alignment (N, S) is the chosen layer's cross-attention for the newest

@@ -54,21 +54,6 @@ def sdpa(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
-def extend(past: Tensor, new: Tensor, index: Tensor | None) -> Tensor:
-    """Cached keys or values past (N0, H, t, Dh), at rows ``index`` (N,) if given, followed
-    by new (N, H, T, Dh) along time. One copy: search's beam reordering rides on the
-    append (``torch.cat`` after ``index_select`` copied twice and was 7x slower)."""
-    n, h, t_new, dh = new.shape
-    t = past.size(2)
-    out = new.new_empty(n, h, t + t_new, dh)
-    if index is None:
-        out[:, :, :t] = past
-    else:
-        torch.index_select(past, 0, index, out=out[:, :, :t])
-    out[:, :, t:] = new
-    return out
-
-
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     """Softmax(QK^T/sqrt(d)) spelled out, for pictures and tests; search uses SDPA."""
     scores = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5  # (B, H, Tq, Tk)
@@ -113,18 +98,17 @@ class SelfAttention(nn.Module):
         self, x: Tensor, mask: Tensor | None = None, cache: LayerCache | None = None, rotary: Tensor | None = None
     ) -> Tensor:
         """x (B, T, D). mask (B, 1, 1, T) for padded keys. With ``cache``, x holds only the
-        newest positions and their K/V are appended to cache.k, cache.v, after picking the
-        cached rows at cache.index when a reordering is pending. ``rotary`` (2, T, Dh): the
+        newest positions and their K/V are appended to the cache (LayerCache.append), which
+        picks the cached rows at cache.index first when a reordering is pending. ``rotary`` (2, T, Dh): the
         rotary table of x's positions (model.positional=rope); keys are cached rotated."""
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
         if rotary is not None:
             q, k = rotate(q, rotary), rotate(k, rotary)
         causal = self.causal
         if cache is not None:
-            if cache.k is not None:
-                k, v = extend(cache.k, k, cache.index), extend(cache.v, v, cache.index)
-                causal = causal and q.size(2) > 1
-            cache.k, cache.v, cache.index = k, v, None
+            if cache.length:
+                causal = causal and q.size(2) > 1  # one new position attends to all of the past
+            k, v = cache.append(k, v)
         if causal and q.size(2) != k.size(2):
             raise ValueError("causal attention over a cache takes one new position at a time")
         y = sdpa(q, k, v, mask, causal and mask is None, self.dropout if self.training else 0.0)
