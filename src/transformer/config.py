@@ -8,6 +8,7 @@ documentation (``transformer-train --help`` lists the groups).
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -331,6 +332,12 @@ CorpusEntry = make_dataclass(
         if f.name != "corpora"
     ],
 )
+
+
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """The keys the user must still give (``???``), sorted; a data.corpora entry's unset keys
+    are not among them: those are left to its preset."""
+    return sorted(k for k in OmegaConf.missing_keys(cfg) if not re.search(r"\bcorpora\[\d+\]\.", k))
 
 
 def corpus_entry(entry: object, i: int) -> CorpusEntry:

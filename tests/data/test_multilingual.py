@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from conftest import compose_config
 from training import QUICK, TINY_MODEL
-from transformer.config import DataConfig, to_dict
+from transformer.config import DataConfig, missing_keys, to_dict
 from transformer.data.builtin import builtin_splits
 from transformer.data.multilingual import corpora, corpus_shares, epoch_indices, tag_prefix
 from transformer.data.sources import source_for
@@ -165,6 +166,12 @@ def test_entries_built_in_python_are_checked_in_one_line(entry: object, match: s
     with one_line_error(match) as err:
         corpora(DataConfig(corpora=[entry]))
     assert "\n" not in str(err.value)
+
+
+def test_keys_an_entry_leaves_to_its_preset_are_not_keys_to_give() -> None:
+    cfg = compose_config("train", ["experiment=tiny", BOTH_WAYS, "data.hub_name='???'"])
+    assert OmegaConf.is_missing(cfg.data.corpora[0], "vocab_size")  # unset in the entry: the top level's
+    assert missing_keys(cfg) == ["data.hub_name"]
 
 
 def test_an_explicit_null_in_an_entry_differs_from_a_key_not_given() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from transformer.config import DecodeConfig, config_dir, register_configs
+from transformer.config import DecodeConfig, config_dir, missing_keys, register_configs
 from transformer.errors import UserError, first_line
 
 
@@ -54,7 +54,7 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> None:
 
     def guarded(cfg: DictConfig) -> Any:
         try:
-            if missing := sorted(OmegaConf.missing_keys(cfg)):  # e.g. transformer-decode without checkpoint=
+            if missing := missing_keys(cfg):  # e.g. transformer-decode without checkpoint=
                 raise UserError(f"{', '.join(missing)} must be given ({missing[0]}=...; see --help)")
             return task(cfg)
         except UserError as e:
