@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
 
 from training import losses, poison_losses, tiny, toy_examples, toy_model, train_records, weights
 from transformer.checkpoint import load_checkpoint
@@ -168,6 +167,8 @@ def test_tally_counts_runs_of_nonfinite_updates() -> None:
 def compiled_graphs(monkeypatch: pytest.MonkeyPatch, buckets: tuple[int, ...]) -> int:
     """Graphs dynamo builds for 12 training batches of changing rows and lengths, compiled as
     the trainer compiles (build.compiled); each batch's loss equals the eager model's."""
+    from torch._dynamo.testing import CompileCounter  # here: importing dynamo costs every test run seconds
+
     torch._dynamo.reset()
     counter = CompileCounter()
     monkeypatch.setattr(torch, "compile", lambda net, **kw: COMPILE(net, backend=counter, **kw))

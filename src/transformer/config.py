@@ -484,10 +484,9 @@ class DistillSettings:
     # time budget of the translation stage: it stops after the chunk that passes it (0: none)
     translate_minutes: float = 0.0
     compare: bool = True  # last stage: teacher and student on the test split, beam and greedy, BLEU, chrF and speed
-    # the comparison's deploy row: the student decoded with this decode.quantize and, with shortlist, its
-    # vocabulary shortlist (built beside its checkpoint by transformer-shortlist's code); none and false: no row
+    # the comparison's deploy row: the student decoded with decode.quantize=this (none: fp32) and its shortlist
     quantize: Quantize = Quantize.int8
-    shortlist: bool = True
+    shortlist: bool = True  # build the student's vocabulary shortlist beside its checkpoint; use it in the deploy row
 
 
 @dataclass

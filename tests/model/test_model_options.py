@@ -193,9 +193,12 @@ def checkpoint_weights(run_dir: Path, name: str, key: str = "model") -> dict[str
     return load_checkpoint(run_dir / "checkpoints" / name)[key]
 
 
-@pytest.mark.parametrize("option", list(TRAIN_OPTIONS))
+@pytest.mark.parametrize(  # every option at once in make test; each on its own in make test-all
+    "option", ["all", *(pytest.param(option, marks=pytest.mark.slow) for option in TRAIN_OPTIONS)]
+)
 def test_interrupted_training_resumes_exactly(tmp_path: Path, option: str) -> None:
-    common = [*TRAIN_OPTIONS[option], *FP32, "model.dropout=0.1", "trainer.log_every=1"]
+    options = sum(TRAIN_OPTIONS.values(), []) if option == "all" else TRAIN_OPTIONS[option]
+    common = [*options, *FP32, "model.dropout=0.1", "trainer.log_every=1"]
     common += ["trainer.eval_every=1000", "trainer.schedule=constant"]
     full, split = tmp_path / "full", tmp_path / "split"
     loop.train(tiny(full, *common, "trainer.max_steps=12"))
@@ -203,9 +206,10 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path, option: str) -> No
     loop.train(tiny(split, *common, "trainer.max_steps=12", f"trainer.resume={split}"))
     assert losses(split) == losses(full)
     a, b = load_checkpoint(full / "checkpoints/last.pt"), load_checkpoint(split / "checkpoints/last.pt")
-    for key in ("model", "train_model") if option == "ema" else ("model",):
+    ema = option in ("ema", "all")
+    for key in ("model", "train_model") if ema else ("model",):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    assert ("train_model" in a) == (option == "ema")
+    assert ("train_model" in a) == ema
     for key, value in (o.removeprefix("model.").split("=") for o in common if o.startswith("model.")):
         assert str(a["model_config"][key]).lower() == value  # the option reached the model
 

@@ -304,7 +304,8 @@ def test_tensorboard_logs(averaged_run: Path) -> None:
     assert any("valid/translations" in t for t in tags["tensors"])
 
 
-@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.slow  # compiling takes seconds even with the eager backend: make test-all runs both
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_compile_saves_plain_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """Dynamo traces the model either way; only the slow case generates code (~1 min on 2 cores)."""
     compile_ = torch.compile
