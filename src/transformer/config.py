@@ -574,7 +574,7 @@ def to_dict(cfg: object) -> dict:
     out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # enums as their names: torch.load reads them
     for section in (out, out.get("data")):  # a DataConfig or a whole config: corpus entries as written
         if isinstance(section, dict) and isinstance(section.get("corpora"), list):
-            section["corpora"] = [entry_keys(e) if isinstance(e, dict) else e for e in section["corpora"]]
+            section["corpora"] = [entry_keys(e) for e in section["corpora"]]
     return out
 
 

@@ -236,13 +236,14 @@ def deployed(cfg: DistillConfig, student: Path) -> tuple[str, DecodeConfig] | No
     settings = cfg.distill
     if settings.quantize == Quantize.none and not settings.shortlist:
         return None
-    decode, parts = replace(cfg.decode, quantize=settings.quantize), [str(settings.quantize)]
+    decode = replace(cfg.decode, quantize=settings.quantize)
+    forms = [] if settings.quantize == Quantize.none else [str(settings.quantize)]
     if settings.shortlist:
         table = beside(student)
         if not table.is_file():
             run_shortlist(ShortlistConfig(checkpoint=str(student), output=str(table)))
-        decode, parts = replace(decode, shortlist=str(table)), [*parts, "shortlist"]
-    return "student " + "+".join(p for p in parts if p != "none"), decode
+        decode, forms = replace(decode, shortlist=str(table)), [*forms, "shortlist"]
+    return "student " + "+".join(forms), decode
 
 
 def compare(cfg: DistillConfig, student: Path) -> dict:
@@ -255,10 +256,9 @@ def compare(cfg: DistillConfig, student: Path) -> dict:
     if deploy := deployed(cfg, student):
         rows[deploy[0]] = scored_searches(deploy[0], [str(student)], "student", cfg, deploy[1])
     teacher_beam = rows["teacher"]["beam"]["sentences_per_s"]
-    for name, row in rows.items():
+    for row in list(rows.values())[1:]:  # the students
         for search in ("beam", "greedy"):
-            if name != "teacher":
-                row[search]["speedup"] = round(row[search]["sentences_per_s"] / teacher_beam, 2)
+            row[search]["speedup"] = round(row[search]["sentences_per_s"] / teacher_beam, 2)
     return rows
 
 
