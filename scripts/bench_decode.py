@@ -6,7 +6,9 @@ and the same limits (max 1.5 * source + 10 tokens, PAD and BOS never generated, 
 log-prob / length, a sentence stops once `beam` hypotheses finished), and all outputs are
 detokenized by our tokenizer, so the table compares search and model execution only.
 Each (system, beam) runs in its own subprocess with the same thread count, so its peak
-memory is its own. Prints a markdown table with speed ratios against HF.
+memory is its own. Our rows run under the allocator our commands run under (mimalloc,
+`allocator.use_fast_allocator`), HF's under the system one, as each is run out of the box.
+Prints a markdown table with speed ratios against HF.
 
     python scripts/bench_decode.py                                 # runs/multi30k on Multi30k test2016
     python scripts/bench_decode.py --checkpoint runs/x --limit 300 --beam 5
@@ -38,6 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from transformer.allocator import active_allocator, allocator_env, mimalloc_library  # noqa: E402
 from transformer.config import DataConfig, DecodeConfig  # noqa: E402
 from transformer.data.batching import (
     pad,  # noqa: E402
@@ -216,6 +219,7 @@ def run_one(args) -> dict:
         "rss_increase_mib": max(peak - before, 0.0),
         "gpu_peak_mib": gpu_mib,
         "bleu": score(hyps, references)["bleu"],
+        "allocator": active_allocator(),
         **split,
     }
 
@@ -345,7 +349,8 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
                 + (["--profile"] if args.profile else [])
                 + [f"--device={args.device}"]
             )
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            env = allocator_env(os.environ, mimalloc_library()) if system.startswith("ours") else None
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -463,7 +468,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         rows = benchmark(args, Path(tmp))
     print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads")
-    print(f"hardware: {class_line()}\n")
+    allocators = ", ".join(sorted({f"{r['system']} {r.get('allocator', 'system')}" for r in rows}))
+    print(f"hardware: {class_line()}; allocators: {allocators}\n")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -8,7 +8,7 @@ Ours is set up by the trainer's own code (train/build.py: --compile as trainer.c
 metrics, so the host never waits for the GPU). Steps are timed together, one
 synchronisation before and after; each
 configuration runs in its own subprocess so peak memory is its own. On CPU, ours runs with
-the allocator setting our trainer applies (``runtime.keep_freed_memory``) and, in fp32, its
+the allocator setting our trainer applies (``allocator.keep_freed_memory``) and, in fp32, its
 oneDNN linear layers where they time faster (``trainer.onednn_linear=auto``; --mkl: without); HF as it ships, or with
 the same allocator setting under --same-allocator. Prints a markdown table: target tokens/s,
 ms/step, peak RSS (CPU) or peak allocated memory (CUDA), and MFU against a matmul peak
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from transformer.allocator import keep_freed_memory
 from transformer.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig, config_dir
 from transformer.data.batching import Example, collate, encode_examples, token_batches
 from transformer.data.sources import load_split
@@ -43,7 +44,7 @@ from transformer.data.tokenizer import Tokenizer, build_tokenizer
 from transformer.errors import UserError
 from transformer.hardware import class_line, emulate_isa
 from transformer.model.kernels import linear_on_packed, pack_weight
-from transformer.runtime import autocast, keep_freed_memory
+from transformer.runtime import autocast
 from transformer.train.build import Runtime, setup_model
 from transformer.train.distributed import Dist
 from transformer.train.step import update

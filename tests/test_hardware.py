@@ -130,7 +130,7 @@ def test_results_name_the_hardware_and_precision(tmp_path: Path, monkeypatch: py
 
 
 def test_allocator_env_preloads_mimalloc_once() -> None:
-    from transformer.runtime import allocator_env
+    from transformer.allocator import allocator_env
 
     lib = "/x/libmimalloc.so"
     assert allocator_env({}, lib)["LD_PRELOAD"] == lib
@@ -149,11 +149,11 @@ def test_allocator_env_preloads_mimalloc_once() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_use_fast_allocator_reruns_the_process_under_mimalloc() -> None:
-    from transformer.runtime import mimalloc_library
+    from transformer.allocator import mimalloc_library
 
     if mimalloc_library() is None:
         pytest.skip("cmeel-mimalloc is not installed")
-    code = "from transformer.runtime import use_fast_allocator, active_allocator; use_fast_allocator(); print(active_allocator())"
+    code = "from transformer.allocator import use_fast_allocator, active_allocator; use_fast_allocator(); print(active_allocator())"
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TRANSFORMER_ALLOCATOR")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["mimalloc"], run.stderr

@@ -19,6 +19,7 @@ LAYERS = [
         "transformer.hardware",
         "transformer.rundir",
         "transformer.runtime",
+        "transformer.allocator",
     ),
     ("transformer.model", "transformer.data"),
     ("transformer.checkpoint", "transformer.hf_layout", "transformer.import_hf"),

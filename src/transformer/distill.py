@@ -209,11 +209,12 @@ def model_size(translator: Translator) -> dict:
 
 
 def scored_searches(name: str, paths: Sequence[str], key: str, cfg: DistillConfig, decode: DecodeConfig) -> dict:
-    """One model (or ensemble) on the test split with the beam and greedily: scores and speed."""
-    row: dict[str, Any] = {"checkpoints": [str(p) for p in checkpoint_files(paths, key)]}
+    """One model (or ensemble) on the test split with the beam and greedily: scores and speed
+    (one translator: the checkpoints read, and packed or quantised, once for both)."""
+    translator, files = translator_of(paths, key, decode, cfg.trainer.device)
+    row: dict[str, Any] = {"checkpoints": [str(p) for p in files], **model_size(translator)}
     for search, beam in (("beam", decode.beam_size), ("greedy", 1)):
-        translator, files = translator_of(paths, key, replace(decode, beam_size=beam, n_best=1), cfg.trainer.device)
-        row |= model_size(translator)
+        translator.config = replace(decode, beam_size=beam, n_best=1)
         start = time.perf_counter()
         out = Path(cfg.run_dir) / f"{name.replace(' ', '-')}.{search}.hyp.txt"
         result = evaluate(

@@ -12,7 +12,7 @@ import torch
 from tiny import tiny_config as shared_tiny_config
 from transformer.config import ModelConfig
 from transformer.model import Transformer, build_model
-from transformer.model.attention import sdpa
+from transformer.model.attention import FEW_QUERIES, few_queries, sdpa
 from transformer.model.onednn_linear import OneDNNLinear, train_linears_on_onednn
 from transformer.model.prepack import PackedLinear, packed_for_cpu
 from transformer.model.transformer import Dropout
@@ -332,6 +332,23 @@ def test_reduced_precision_attention_backend_matches_fp32(causal: bool) -> None:
         outs[dtype] = (y.float(), qkv[0].grad.float())
     for a, b in zip(outs[torch.float32], outs[torch.bfloat16]):
         torch.testing.assert_close(b, a, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("queries", [1, 5, FEW_QUERIES, FEW_QUERIES + 1])
+def test_few_query_attention_spelled_out_equals_sdpa(queries: int) -> None:
+    """A search step's masked attention over few queries is spelled out (faster on CPU): same
+    values as SDPA's kernel; with gradients, causal or over more queries, SDPA is used."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 2, queries, 8, generator=g)
+    k, v = (torch.randn(6, 2, 9, 8, generator=g) for _ in range(2))
+    mask = torch.rand(6, 1, 1, 9, generator=g) > 0.4
+    mask[..., 0] = True
+    with torch.inference_mode():
+        assert few_queries(q, mask, False, 0.0) == (queries <= FEW_QUERIES)
+        assert not few_queries(q, mask, True, 0.0) and not few_queries(q, None, False, 0.0)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(sdpa(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
+    assert not few_queries(q.requires_grad_(), mask, False, 0.0)  # training keeps the fused kernel
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -8,8 +8,8 @@ import json
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from transformer.allocator import use_fast_allocator
 from transformer.cli import hydra_entry
-from transformer.runtime import use_fast_allocator
 
 
 def command(cfg: DictConfig) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from transformer.allocator import use_fast_allocator
 from transformer.cli import decode_config, hydra_entry, quiet_logging
 
 
@@ -33,6 +34,8 @@ def command(cfg: DictConfig) -> dict:
 
 
 def main() -> None:
+    """The transformer-evaluate command, under mimalloc as transformer-decode (cli/decode.py)."""
+    use_fast_allocator()
     hydra_entry("evaluate", command)
 
 

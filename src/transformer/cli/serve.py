@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from transformer.allocator import use_fast_allocator
 from transformer.cli import run_plain_command
-from transformer.runtime import use_fast_allocator
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -41,8 +41,9 @@ def decode_rows(
         rows.link()
         log_probs = apply_limits(log_probs, t, spec.min_len, rows.max_len, specials)  # (N, V)
         log_probs = force_prefix(log_probs, t, rows.prefix, rows.prefix_len)
-        dead = ~torch.isfinite(log_probs).any(dim=1)  # (N,) nothing possible: finish now
-        choice = torch.where(dead, specials.eos, choose(log_probs.masked_fill(dead[:, None], 0.0)))  # (N,)
+        dead = ~torch.isfinite(log_probs.amax(dim=1))  # (N,) nothing possible: finish now
+        options = log_probs.masked_fill(dead[:, None], 0.0) if bool(dead.any()) else log_probs
+        choice = torch.where(dead, specials.eos, choose(options))  # (N,)
         rows.grow(choice, log_probs.gather(1, choice[:, None]))
         done = choice == specials.eos  # (N,)
         if bool(done.any()):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transformer.allocator import active_allocator, keep_freed_memory
 from transformer.config import ModelConfig, Switch, TrainConfig, validate
 from transformer.data.sources import source_for
 from transformer.data.tokenizer import Tokenizer
@@ -20,7 +21,7 @@ from transformer.hardware import resolve_precision
 from transformer.model import Transformer, build_model
 from transformer.model.kernels import onednn_shapes
 from transformer.model.onednn_linear import train_linears_on_onednn
-from transformer.runtime import active_allocator, autocast, keep_freed_memory
+from transformer.runtime import autocast
 from transformer.train.distributed import Dist, setup_distributed, share
 from transformer.train.init import load_init_weights
 from transformer.train.optim import build_optimizer

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from transformer.allocator import active_allocator
 from transformer.checkpoint import CHECKPOINT_DIR
 from transformer.config import TrainConfig, to_dict, typed
 from transformer.data.batching import Example, chunked, collate
 from transformer.errors import UserError
 from transformer.hardware import detect
 from transformer.rundir import write_results
-from transformer.runtime import active_allocator
 from transformer.train import budget
 from transformer.train.build import Runtime, setup_model, setup_runtime
 from transformer.train.calibrate import plan_budget
