@@ -69,3 +69,15 @@ def test_train_and_evaluate_are_the_modules_whatever_the_import_order() -> None:
     for first in ORDERS:  # each order in a fresh interpreter: only the first import of a module counts
         done = subprocess.run([sys.executable, "-c", first + check], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (first, done.stderr[-2000:])
+
+
+def test_the_package_and_the_commands_import_no_torch() -> None:
+    """A console command re-executes itself under mimalloc (allocator.use_fast_allocator) after
+    importing its module: that must not cost an ``import torch`` (~3.5 s on 2 cores) twice."""
+    commands = ", ".join(f"transformer.cli.{c}" for c in ("train", "decode", "evaluate", "serve", "distill"))
+    code = f"import sys, transformer, {commands}; print(sorted(m for m in ('torch', 'transformer.decode') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    code = "from transformer import Translator; print(Translator.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "transformer.decode.translator"
