@@ -46,12 +46,14 @@ FEW_QUERIES = 16
 
 
 def few_queries(q: Tensor, mask: Tensor | None, causal: bool, dropout: float) -> bool:
-    """Whether ``sdpa`` spells the attention out (see FEW_QUERIES)."""
+    """Whether ``sdpa`` spells the attention out (see FEW_QUERIES). The query count is read
+    last: under torch.compile, comparing a dynamic size would add a guard, and a graph per
+    side of it, to training's graphs (grad mode and compiling decide first)."""
     return (
         q.device.type == "cpu"
         and mask is not None
+        and not (causal or dropout or torch.is_grad_enabled() or torch.compiler.is_compiling())
         and q.size(-2) <= FEW_QUERIES
-        and not (causal or dropout or torch.is_grad_enabled())
     )
 
 
