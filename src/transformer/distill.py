@@ -210,8 +210,10 @@ def model_size(translator: Translator) -> dict:
 
 def scored_searches(name: str, paths: Sequence[str], key: str, cfg: DistillConfig, decode: DecodeConfig) -> dict:
     """One model (or ensemble) on the test split with the beam and greedily: scores and speed
-    (one translator: the checkpoints read, and packed or quantised, once for both)."""
+    (one translator: the checkpoints read, and packed or quantised, once for both and before
+    the clock starts)."""
     translator, files = translator_of(paths, key, decode, cfg.trainer.device)
+    translator.search_models(decode)
     row: dict[str, Any] = {"checkpoints": [str(p) for p in files], **model_size(translator)}
     for search, beam in (("beam", decode.beam_size), ("greedy", 1)):
         translator.config = replace(decode, beam_size=beam, n_best=1)
