@@ -299,7 +299,9 @@ class Transformer(nn.Module):
         if align_layer is not None and not -n_layers <= align_layer < n_layers:
             raise UserError(f"alignment layer {align_layer}: the model has {n_layers} decoder layers")
         return DecoderCache(
-            memory_kv=[layer.cross_attn.memory_kv(memory) for layer in self.decoder],
+            # contiguous once here: a view of the fused K/V projection cannot be batched by
+            # matmul without a copy, which every step then made again (greedy: ~7% of its time)
+            memory_kv=[tuple(t.contiguous() for t in layer.cross_attn.memory_kv(memory)) for layer in self.decoder],
             layers=[LayerCache() for _ in self.decoder],
             mask=src_mask,
             align_layer=None if align_layer is None else align_layer % n_layers,
