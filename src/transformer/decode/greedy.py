@@ -20,10 +20,11 @@ def decode_rows(
     src: Tensor,
     spec: SearchSpec,
     copies: int,
-    choose: Callable[[Tensor], Tensor],
+    choose: Callable[[Tensor], Tensor] | None,
     prefix: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
-    """Each sentence gets `copies` independent rows; `choose` picks each row's next token.
+    """Each sentence gets `copies` independent rows; `choose` picks each row's next token
+    (None: the most probable, read from the same pass over the log-probs that finds dead rows).
 
     A row stops when it emits EOS and is dropped from the batch; its score is its log-prob
     (no length penalty). A row left with no possible token (the scorer gave them all
@@ -41,9 +42,11 @@ def decode_rows(
         rows.link()
         log_probs = apply_limits(log_probs, t, spec.min_len, rows.max_len, specials)  # (N, V)
         log_probs = force_prefix(log_probs, t, rows.prefix, rows.prefix_len)
-        dead = ~torch.isfinite(log_probs.amax(dim=1))  # (N,) nothing possible: finish now
-        options = log_probs.masked_fill(dead[:, None], 0.0) if bool(dead.any()) else log_probs
-        choice = torch.where(dead, specials.eos, choose(options))  # (N,)
+        best, choice = log_probs.max(dim=1)
+        dead = ~torch.isfinite(best)  # (N,) nothing possible: finish now
+        if choose is not None:
+            choice = choose(log_probs.masked_fill(dead[:, None], 0.0) if bool(dead.any()) else log_probs)
+        choice = torch.where(dead, specials.eos, choice)  # (N,)
         rows.grow(choice, log_probs.gather(1, choice[:, None]))
         done = choice == specials.eos  # (N,)
         if bool(done.any()):
@@ -79,8 +82,4 @@ def greedy_with(
     scorer: Scorer, src: Tensor, spec: SearchSpec, prefix: Sequence[Sequence[int]] | None = None
 ) -> list[list[Hypothesis]]:
     """`greedy_search` under ``spec``."""
-    return decode_rows(scorer, src, spec, 1, argmax, prefix)
-
-
-def argmax(log_probs: Tensor) -> Tensor:
-    return log_probs.argmax(dim=1)
+    return decode_rows(scorer, src, spec, 1, None, prefix)
