@@ -51,6 +51,7 @@ def few_queries(q: Tensor, mask: Tensor | None, causal: bool, dropout: float) ->
     side of it, to training's graphs (grad mode and compiling decide first)."""
     return (
         q.device.type == "cpu"
+        and q.dtype == torch.float32  # bf16 keeps the math backend's fp32 accumulation (measured in fp32 only)
         and mask is not None
         and not (causal or dropout or torch.is_grad_enabled() or torch.compiler.is_compiling())
         and q.size(-2) <= FEW_QUERIES
