@@ -327,6 +327,7 @@ def benchmark_hf(args, work: Path) -> list[dict]:
 def run_all(args, export_dir, work: Path) -> list[dict]:
     """Every (system, beam) in its own subprocess."""
     rows = []
+    ours_env = allocator_env(os.environ, mimalloc_library())  # our commands' allocator (None: as this process)
     for beam in args.beam:
         for system in args.systems:
             cmd = (
@@ -349,7 +350,7 @@ def run_all(args, export_dir, work: Path) -> list[dict]:
                 + (["--profile"] if args.profile else [])
                 + [f"--device={args.device}"]
             )
-            env = allocator_env(os.environ, mimalloc_library()) if system.startswith("ours") else None
+            env = ours_env if system.startswith("ours") else None
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
                 sys.exit(f"{system} beam {beam} failed:\n{done.stderr}")
@@ -468,7 +469,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         rows = benchmark(args, Path(tmp))
     print(f"\n{rows[0]['sentences']} sentences from {args.src}; checkpoint {args.checkpoint}; {args.threads} threads")
-    allocators = ", ".join(sorted({f"{r['system']} {r.get('allocator', 'system')}" for r in rows}))
+    allocators = ", ".join(sorted({f"{r['system']} {r['allocator']}" for r in rows}))
     print(f"hardware: {class_line()}; allocators: {allocators}\n")
     print(table(rows))
     if args.json:
