@@ -14,7 +14,7 @@ from tiny import VOCAB, eos_prone, padded, random_sources, tiny_model, tiny_toke
 from transformer.config import DecodeConfig
 from transformer.decode.batching import translate_ids
 from transformer.decode.scorer import ModelScorer
-from transformer.decode.search import beam_search, greedy_search, length_penalty
+from transformer.decode.search import beam_search, greedy_search, length_penalty, sample
 from transformer.decode.translator import Translator
 from transformer.model import Transformer
 from transformer.vocab import BOS, EOS
@@ -118,3 +118,45 @@ def test_translator_returns_input_order():
     hyps = translator.hypotheses(sentences)
     assert [h[0].text for h in hyps] == one_by_one
     assert all(len(h) == 2 and h[0].score >= h[1].score for h in hyps)
+
+
+class _Widened:
+    """A shortlisted scorer's steps spread over the whole vocabulary, -inf off the list: the
+    reference the narrow search (one column per candidate) must equal."""
+
+    def __init__(self, narrow: ModelScorer) -> None:
+        self.narrow = narrow
+        self.start, self.select = narrow.start, narrow.select
+
+    def step(self, state, prefix):
+        log_probs, state = self.narrow.step(state, prefix)
+        full = log_probs.new_full((log_probs.size(0), VOCAB), float("-inf"))
+        return full.index_copy_(1, self.narrow.vocab, log_probs), state
+
+
+@pytest.mark.parametrize(
+    "search, settings",
+    [
+        (greedy_search, {}),
+        (greedy_search, {"prefix": [[9], [], [11, 5]]}),
+        (beam_search, {"beam_size": 4, "n_best": 3}),
+        (beam_search, {"beam_size": 3, "prefix": [[], [9, 9], [5]], "min_len": 2}),
+        (beam_search, {"beam_size": 3, "constraints": [[[13, 5]], [], [[9]]]}),
+        (sample, {"n": 3, "top_k": 4}),
+    ],
+)
+def test_a_shortlisted_search_over_its_columns_equals_one_over_the_masked_vocabulary(search, settings):
+    model = eos_prone(tiny_model(), 3.0)
+    src = padded(random_sources([6, 4, 9]))
+    vocab = torch.tensor([BOS, EOS, 5, 7, 9, 11, 13, 17, 20])  # BOS on the list: still never generated
+    if search is sample:
+        settings = {**settings, "generator": torch.Generator().manual_seed(3)}
+    with torch.inference_mode():
+        narrow = search(ModelScorer(model, vocab=vocab), src, max_len_limit=20, **settings)
+        if search is sample:
+            settings["generator"].manual_seed(3)
+        wide = search(_Widened(ModelScorer(model, vocab=vocab)), src, max_len_limit=20, **settings)
+    assert [[h.tokens for h in hyps] for hyps in narrow] == [[h.tokens for h in hyps] for hyps in wide]
+    assert all(set(h.tokens) <= set(vocab[1:].tolist()) for hyps in narrow for h in hyps)
+    for n, w in zip(narrow, wide):
+        assert [h.score for h in n] == pytest.approx([h.score for h in w], abs=1e-5)

@@ -13,8 +13,8 @@ from torch import Tensor
 from transformer.decode.finalize import Finished
 from transformer.decode.ranking import Candidates, first_live, rank
 from transformer.decode.rows import Rows
-from transformer.decode.rules import NEG_INF, Hypothesis, apply_limits, force_prefix
-from transformer.decode.scorer import Scorer
+from transformer.decode.rules import NEG_INF, Columns, Hypothesis, apply_limits, force_prefix
+from transformer.decode.scorer import Scorer, columns
 from transformer.decode.spec import SearchSpec
 
 
@@ -31,15 +31,15 @@ def _widen(rows: Rows, log_probs: Tensor, k: int, running: int) -> tuple[Rows, T
     return rows, log_probs[copies]
 
 
-def _beam_rules(rows: Rows, log_probs: Tensor, t: int, spec: SearchSpec) -> Tensor:
-    """This step's log-probs (N, V) under the search's rules, in place: lengths (`apply_limits`),
+def _beam_rules(rows: Rows, log_probs: Tensor, t: int, spec: SearchSpec, cols: Columns) -> Tensor:
+    """This step's log-probs (N, C) under the search's rules, in place: lengths (`apply_limits`),
     forced prefixes, and EOS held back from rows whose constraints are not all met until
     the length limit forces it."""
-    log_probs = apply_limits(log_probs, t, spec.min_len, rows.max_len, spec.specials)
-    log_probs = force_prefix(log_probs, t, rows.prefix, rows.prefix_len)
+    log_probs = apply_limits(log_probs, t, spec.min_len, rows.max_len, cols)
+    log_probs = force_prefix(log_probs, t, rows.prefix, rows.prefix_len, cols)
     if rows.constraints is not None:
         unmet = torch.tensor([not c.done for c in rows.constraints], device=log_probs.device)
-        log_probs[unmet & (t + 1 < rows.max_len), spec.specials.eos] = NEG_INF
+        log_probs[unmet & (t + 1 < rows.max_len), cols.eos] = NEG_INF
     return log_probs
 
 
@@ -74,13 +74,14 @@ def beam_search_with(
         raise ValueError(f"unknown early_stop {spec.early_stop!r} (exact | fairseq)")
     rows = Rows.start(scorer, src, spec, prefix, constraints)
     finished = Finished.start(src.size(0), spec.n_best, src.device)
+    cols = columns(scorer, spec.specials)
     t = 0
     while rows.origin.numel() > 0:
         log_probs, rows.state = scorer.step(rows.state, rows.tokens)
         rows.link()
         rows, log_probs = _widen(rows, log_probs, spec.beam_size, finished.running)
-        log_probs = _beam_rules(rows, log_probs, t, spec)  # (N, V)
-        cands = rank(rows, log_probs, spec.beam_size, finished.running, spec.specials)
+        log_probs = _beam_rules(rows, log_probs, t, spec, cols)  # (N, C)
+        cands = rank(rows, log_probs, spec.beam_size, finished.running, cols)
         finished.add(rows, cands, t, spec)
         rows = _advance(rows, cands, finished, t + 1, spec)
         t += 1

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from transformer.decode.rows import Rows
 from transformer.decode.rules import Hypothesis, apply_limits, force_prefix
-from transformer.decode.scorer import Scorer
+from transformer.decode.scorer import Scorer, columns
 from transformer.decode.spec import SearchSpec
 
 
@@ -23,14 +23,16 @@ def decode_rows(
     choose: Callable[[Tensor], Tensor] | None,
     prefix: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
-    """Each sentence gets `copies` independent rows; `choose` picks each row's next token
-    (None: the most probable, read from the same pass over the log-probs that finds dead rows).
+    """Each sentence gets `copies` independent rows; `choose` picks each row's next token's
+    column (None: the most probable, read from the same pass over the log-probs that finds
+    dead rows).
 
     A row stops when it emits EOS and is dropped from the batch; its score is its log-prob
     (no length penalty). A row left with no possible token (the scorer gave them all
     probability 0) ends with EOS at log-prob -inf.
     """
-    batch, specials = src.size(0), spec.specials
+    batch, eos = src.size(0), spec.specials.eos
+    cols = columns(scorer, spec.specials)
     rows = Rows.start(scorer, src, spec, prefix)
     if copies > 1:
         rows = rows.select(torch.arange(batch, device=src.device).repeat_interleave(copies))
@@ -40,15 +42,16 @@ def decode_rows(
     while rows.origin.numel() > 0:
         log_probs, rows.state = scorer.step(rows.state, rows.tokens)
         rows.link()
-        log_probs = apply_limits(log_probs, t, spec.min_len, rows.max_len, specials)  # (N, V)
-        log_probs = force_prefix(log_probs, t, rows.prefix, rows.prefix_len)
+        log_probs = apply_limits(log_probs, t, spec.min_len, rows.max_len, cols)  # (N, C)
+        log_probs = force_prefix(log_probs, t, rows.prefix, rows.prefix_len, cols)
         best, choice = log_probs.max(dim=1)
         dead = ~torch.isfinite(best)  # (N,) nothing possible: finish now
         if choose is not None:
             choice = choose(log_probs.masked_fill(dead[:, None], 0.0) if bool(dead.any()) else log_probs)
-        choice = torch.where(dead, specials.eos, choice)  # (N,)
-        rows.grow(choice, log_probs.gather(1, choice[:, None]))
-        done = choice == specials.eos  # (N,)
+        choice = torch.where(dead, cols.eos, choice)  # (N,) columns
+        token = cols.token(choice)
+        rows.grow(token, log_probs.gather(1, choice[:, None]))
+        done = token == eos  # (N,)
         if bool(done.any()):
             _finish_rows(rows, done, results)
             rows = rows.select((~done).nonzero().flatten())

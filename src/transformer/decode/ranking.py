@@ -11,8 +11,7 @@ from torch import Tensor
 
 from transformer.decode.constraints import ConstraintState, allocate
 from transformer.decode.rows import Rows
-from transformer.decode.rules import NEG_INF
-from transformer.vocab import Specials
+from transformer.decode.rules import NEG_INF, Columns
 
 
 @dataclass
@@ -25,19 +24,21 @@ class Candidates:
     token_lp: Tensor  # log-prob of the token alone
 
 
-def rank(rows: Rows, log_probs: Tensor, k: int, running: int, specials: Specials) -> Candidates:
+def rank(rows: Rows, log_probs: Tensor, k: int, running: int, cols: Columns) -> Candidates:
     """Each of the ``running`` sentences' best 2k extensions by running log-prob, without a
     pass over all width * V of them: a sentence's best 2k are among the best 2k tokens of each
-    of its rows. Under constraints they are ranked again by `_allocate`."""
+    of its rows. Under constraints they are ranked again by `_allocate`. ``log_probs`` (N, C)
+    has the columns ``cols``; the candidates hold target ids."""
     width = rows.tokens.size(0) // running
-    row_top, row_token = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
+    row_top, row_column = log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)  # (N, c)
+    row_token = cols.token(row_column)
     token_lp = row_top.view(running, -1)  # (B', width * c)
     per_row = row_top.size(1)
     candidates = rows.scores.view(running, width).repeat_interleave(per_row, dim=1) + token_lp
     top, flat = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (B', 2k)
     row = flat // per_row + torch.arange(running, device=top.device)[:, None] * width
     cands = Candidates(top, row, row_token.view(running, -1).gather(1, flat), token_lp.gather(1, flat))
-    return cands if rows.constraints is None else _allocate(rows, rows.constraints, cands, log_probs, k, specials)
+    return cands if rows.constraints is None else _allocate(rows, rows.constraints, cands, log_probs, k, cols)
 
 
 def first_live(is_eos: Tensor, beam: int) -> Tensor:
@@ -57,7 +58,7 @@ def _options(
     log_probs: Tensor,
     i: int,
     best_token: list[int],
-    eos: int,
+    cols: Columns,
 ) -> list[tuple[float, int, int, float]]:
     """Running sentence i's extensions to rank under constraints, each (row, token) once, as
     (running log-prob, row, token, token log-prob): its plain candidates, and for each live
@@ -70,8 +71,8 @@ def _options(
             found[(row, token)] = (score, lp)
     width = rows.tokens.size(0) // cands.score.size(0)
     for row in range(i * width, (i + 1) * width):
-        wanted = sorted(states[row].next_tokens() | {best_token[row], eos})
-        lps = log_probs[row, wanted]
+        wanted = sorted(states[row].next_tokens() | {best_token[row], cols.specials.eos})
+        lps = log_probs[row, cols.column(torch.tensor(wanted, device=log_probs.device))]
         for token, score, lp in zip(wanted, (rows.scores[row] + lps).tolist(), lps.tolist()):
             if score > NEG_INF:
                 found.setdefault((row, token), (score, lp))
@@ -79,7 +80,7 @@ def _options(
 
 
 def _allocate(
-    rows: Rows, states: list[ConstraintState], cands: Candidates, log_probs: Tensor, k: int, specials: Specials
+    rows: Rows, states: list[ConstraintState], cands: Candidates, log_probs: Tensor, k: int, cols: Columns
 ) -> Candidates:
     """Ranking under constraints (B', C): every sentence with constraints ranks its `_options`
     by dynamic beam allocation (`constraints.allocate`), banked by the constraint tokens
@@ -90,17 +91,17 @@ def _allocate(
     running = cands.score.size(0)
     width = rows.tokens.size(0) // running
     plain = [c.tolist() for c in (cands.score, cands.row, cands.token, cands.token_lp)]
-    best_token = log_probs.argmax(dim=1).tolist()
+    best_token = cols.token(log_probs.argmax(dim=1)).tolist()
     ranked = []
     for i in range(running):
         if states[i * width].total == 0:
             ranked.append(list(zip(*(c[i] for c in plain))))
             continue
-        options = _options(rows, states, cands, log_probs, i, best_token, specials.eos)
+        options = _options(rows, states, cands, log_probs, i, best_token, cols)
         banks = [states[row].advance(token).count for _, row, token, _ in options]
         ranked.append([options[j] for j in allocate([o[0] for o in options], banks, len(options))])
     columns = max(len(r) for r in ranked) + k
-    padded = [r + [(NEG_INF, i * width, specials.pad, NEG_INF)] * (columns - len(r)) for i, r in enumerate(ranked)]
+    padded = [r + [(NEG_INF, i * width, cols.specials.pad, NEG_INF)] * (columns - len(r)) for i, r in enumerate(ranked)]
     fields = [[[option[f] for option in r] for r in padded] for f in range(4)]  # per field: (B', C)
     dtypes = (cands.score.dtype, torch.long, torch.long, cands.token_lp.dtype)
     return Candidates(*(torch.tensor(f, dtype=d, device=cands.score.device) for f, d in zip(fields, dtypes)))

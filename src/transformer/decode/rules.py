@@ -26,6 +26,9 @@ Conventions shared by all searches (`greedy`, `sampling`, `beam`):
   excluded); the positions travel with their hypothesis through beam reordering.
 * Impossible choices carry ``float('-inf')``, never a large negative constant, so a
   hypothesis that would need one is recognised as dead rather than merely unlikely.
+* A step's log-probs have one column per target id, or, under a vocabulary shortlist, one
+  per candidate (``Columns``): searches rank columns, rows keep ids, and these rules find
+  the columns of the ids they touch there.
 """
 
 from __future__ import annotations
@@ -49,6 +52,43 @@ class Hypothesis:
     token_log_probs: list[float]
     constraints_met: bool = True  # False: the length limit ended it before all its constraints appeared
     alignment: list[int] | None = None  # per token (EOS too): the source position its step attended most
+
+
+@dataclass(frozen=True)
+class Columns:
+    """What the columns of a step's log-probs stand for: every target id in order (``ids``
+    None), or a shortlist's candidates, sorted ids (K,) that hold EOS and every forced or
+    constrained token (``fast.required_tokens``); with the special ids' columns, found once."""
+
+    specials: Specials
+    ids: Tensor | None
+    eos: int
+    forced_bos: int  # -1: none
+    never_generated: tuple[int, ...]  # the columns of those of ``specials.never_generated`` present
+
+    @classmethod
+    def of(cls, specials: Specials, ids: Tensor | None = None) -> Columns:
+        """The columns of the candidates ``ids`` (None: of the whole vocabulary)."""
+
+        def column_of(token: int) -> int:  # -1: not among the candidates (or no token)
+            if ids is None or token < 0:
+                return token
+            hit = (ids == token).nonzero().flatten()
+            return int(hit[0]) if hit.numel() else -1
+
+        eos, forced_bos = column_of(specials.eos), column_of(specials.forced_bos)
+        if eos < 0 or forced_bos < 0 <= specials.forced_bos:
+            raise ValueError("the candidate ids must hold EOS and the forced first token")
+        never = tuple(c for c in map(column_of, specials.never_generated) if c >= 0)
+        return cls(specials, ids, eos, forced_bos, never)
+
+    def token(self, column: Tensor) -> Tensor:
+        """The target ids of ``column`` (any shape)."""
+        return column if self.ids is None else self.ids[column]
+
+    def column(self, token: Tensor) -> Tensor:
+        """The columns of target ids ``token`` (any shape), all among the candidates."""
+        return token if self.ids is None else torch.searchsorted(self.ids, token)
 
 
 def max_lengths(src_lengths: Tensor, a: float, b: int, limit: int) -> Tensor:
@@ -81,18 +121,18 @@ def src_lengths(src: Tensor, specials: Specials) -> Tensor:
     return (src != specials.pad).sum(dim=1)  # (B,)
 
 
-def apply_limits(log_probs: Tensor, t: int, min_len: int, max_len: Tensor, specials: Specials = Specials()) -> Tensor:
+def apply_limits(log_probs: Tensor, t: int, min_len: int, max_len: Tensor, columns: Columns) -> Tensor:
     """Apply the rules of the search, in place, to the log-probs for the (t+1)-th token.
 
     max_len (N,) per row. Only whole columns and forced rows are touched (no pass over
     all N x V values), except for a forced first token; nothing is renormalised.
     """
-    eos_id = specials.eos
-    for token in specials.never_generated:
-        log_probs[:, token] = NEG_INF
-    if t == 0 and specials.forced_bos >= 0:
+    eos_id = columns.eos
+    for column in columns.never_generated:
+        log_probs[:, column] = NEG_INF
+    if t == 0 and columns.forced_bos >= 0:
         log_probs.fill_(NEG_INF)
-        log_probs[:, specials.forced_bos] = 0.0
+        log_probs[:, columns.forced_bos] = 0.0
     if t < min_len:
         log_probs[:, eos_id] = NEG_INF
     force = t + 1 >= max_len  # (N,) last allowed position: EOS only
@@ -127,14 +167,14 @@ def prefix_tensor(prefix: Sequence[Sequence[int]] | None, max_len: Tensor) -> tu
     return ids.view(batch, width), lengths
 
 
-def force_prefix(log_probs: Tensor, t: int, prefix: Tensor, lengths: Tensor) -> Tensor:
+def force_prefix(log_probs: Tensor, t: int, prefix: Tensor, lengths: Tensor, columns: Columns) -> Tensor:
     """Rows still inside their prefix (N, P) may only take its next token, at that token's own
     log-prob (so forced tokens count in the score, as CTranslate2's target_prefix does)."""
     if t >= prefix.size(1):
         return log_probs
     forced = (t < lengths).nonzero().flatten()
     if forced.numel() > 0:
-        token = prefix[forced, t]
+        token = columns.column(prefix[forced, t])
         kept = log_probs[forced, token]
         log_probs[forced] = NEG_INF
         log_probs[forced, token] = kept

@@ -17,13 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer.decode.fast import output_rows
-from transformer.decode.rules import NEG_INF
+from transformer.decode.rules import Columns
 from transformer.model import Transformer
 from transformer.model.cache import DecoderCache
+from transformer.vocab import Specials
 
 
 class Scorer(Protocol):
-    """Anything that scores next tokens: one model (cached or uncached) or an ensemble."""
+    """Anything that scores next tokens: one model (cached or uncached) or an ensemble.
+
+    A scorer may have ``vocab``, sorted target ids (K,) (a shortlist's candidates): its steps
+    then score those ids only, one column each (``columns``); without it, every id."""
 
     def start(self, src: Tensor) -> Any:
         """Encode src (B, S) LongTensor padded with PAD; return an opaque decoder state with B rows."""
@@ -34,8 +38,8 @@ class Scorer(Protocol):
 
     def step(self, state: Any, prefix: Tensor) -> tuple[Tensor, Any]:
         """prefix (N, t) LongTensor: every row starts with BOS and holds the t tokens so far.
-        Returns (log_probs (N, V) float32, normalised log-softmax over the target vocabulary,
-        new state); search owns the returned tensor and may modify it in place. A cached
+        Returns (log_probs (N, C) float32, normalised log-softmax over the target vocabulary,
+        one column per id, or per id of ``vocab``; new state); search owns the returned tensor and may modify it in place. A cached
         implementation uses only prefix[:, -1] and appends to its key/value cache; an
         uncached one reruns the whole prefix. After `select`, the state corresponds to the
         selected rows' prefixes."""
@@ -56,6 +60,7 @@ class Ensemble:
         if not scorers:
             raise ValueError("an ensemble needs at least one scorer")
         self.scorers = list(scorers)
+        self.vocab = getattr(self.scorers[0], "vocab", None)  # make_scorer gives them all the same
 
     def start(self, src: Tensor) -> list[Any]:
         return [s.start(src) for s in self.scorers]
@@ -73,6 +78,11 @@ class Ensemble:
         return torch.stack([s.attention(st) for s, st in zip(self.scorers, state)]).mean(dim=0)
 
 
+def columns(scorer: Scorer, specials: Specials) -> Columns:
+    """What the columns of ``scorer``'s log-probs stand for (a scorer without ``vocab``: every id)."""
+    return Columns.of(specials, getattr(scorer, "vocab", None))
+
+
 def attended(scorer: Scorer, state: Any, src_real: Tensor) -> Tensor:
     """Per row (N,), the source position of the newest step's largest cross-attention among
     the real source tokens `src_real` (N, S) (not PAD or EOS, as fairseq's hard alignments)."""
@@ -83,7 +93,7 @@ class ModelScorer:
     """One model as a search scorer; with ``align_layer``, cached steps also keep that decoder
     layer's cross-attention for alignments (negative counts from the end, clamped to the first).
     With ``vocab`` (K,) sorted target ids (a shortlist's candidates), the output projection and
-    the softmax run over those rows only, every other token gets -inf."""
+    the softmax run over those rows only, and a step's log-probs have one column per candidate."""
 
     def __init__(
         self, model: Transformer, cached: bool = True, align_layer: int | None = None, vocab: Tensor | None = None
@@ -108,11 +118,7 @@ class ModelScorer:
             hidden = self.model.decode_step(prefix[:, -1:], state)  # (N, D)
         else:
             hidden = self.model.decode(prefix, state["memory"], state["mask"])[:, -1]
-        log_probs = F.log_softmax(self.project(hidden).float(), dim=-1)
-        if self.vocab is None:
-            return log_probs, state
-        full = log_probs.new_full((log_probs.size(0), self.model.cfg.tgt_vocab_size), NEG_INF)
-        return full.index_copy_(1, self.vocab, log_probs), state
+        return F.log_softmax(self.project(hidden).float(), dim=-1), state
 
     def attention(self, state: DecoderCache | dict) -> Tensor:
         if not isinstance(state, DecoderCache) or state.alignment is None:

@@ -7,7 +7,8 @@ strongly in the training data (by the Dice coefficient of their sentence counts,
 2 c(s, t) / (c(s) + c(t)), which ranks translations above merely frequent words), and the
 ``frequent`` most frequent target tokens, kept for every batch. A batch's candidates are the
 union of its source tokens' entries, the frequent tokens, EOS and any forced prefix or
-constraint tokens; the softmax is taken over them, every other token gets -inf.
+constraint tokens; the softmax and search run over them only (``rules.Columns``), so no other
+token can be produced.
 ``transformer-shortlist`` builds the table and stores it beside the checkpoint.
 """
 
