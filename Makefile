@@ -7,7 +7,7 @@ RUN ?= runs/builtin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: help setup train lint test test-all docs docs-serve wheel-check multi30k multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data gpu-check clean
+.PHONY: help setup train lint test test-all docs docs-serve wheel-check multi30k multi30k-v2 multi30k-student bench-train bench-decode bench-soak bench-serve bench-chaos bench-data gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ wheel-check: $(BIN)/mkdocs  ## build the wheel, install it in a clean venv, trai
 
 multi30k: setup  ## the tuned Multi30k recipe: train (<= 60 min on 2 cores), then test2016 BLEU
 	$(BIN)/transformer-train experiment=multi30k_en_de run_dir=runs/multi30k hydra.run.dir=runs/multi30k
+
+multi30k-v2: setup  ## the Multi30k recipe with SwiGLU and rotary positions (not exportable to HF/CTranslate2)
+	$(BIN)/transformer-train experiment=multi30k_en_de_v2 run_dir=runs/multi30k-v2 hydra.run.dir=runs/multi30k-v2
 
 multi30k-student: setup  ## distil runs/multi30k (make multi30k) into a 6+1 student, then compare them
 	$(BIN)/transformer-distill teacher=runs/multi30k experiment=multi30k_student run_dir=runs/multi30k-student hydra.run.dir=runs/multi30k-student
