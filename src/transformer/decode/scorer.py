@@ -39,9 +39,9 @@ class Scorer(Protocol):
     def step(self, state: Any, prefix: Tensor) -> tuple[Tensor, Any]:
         """prefix (N, t) LongTensor: every row starts with BOS and holds the t tokens so far.
         Returns (log_probs (N, C) float32, normalised log-softmax over the target vocabulary,
-        one column per id, or per id of ``vocab``; new state); search owns the returned tensor and may modify it in place. A cached
-        implementation uses only prefix[:, -1] and appends to its key/value cache; an
-        uncached one reruns the whole prefix. After `select`, the state corresponds to the
+        one column per id, or per id of ``vocab``; new state); search owns the returned
+        tensor and may modify it in place. A cached implementation uses only prefix[:, -1]
+        and appends to its key/value cache; an uncached one reruns the whole prefix. After `select`, the state corresponds to the
         selected rows' prefixes."""
 
     def attention(self, state: Any) -> Tensor:
